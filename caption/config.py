@@ -1,0 +1,253 @@
+"""One YAML per run, loaded into nested frozen dataclasses, overridable from the command line.
+
+    cfg = load_config("configs/shapes.yaml", ["--batch_size", "10", "--learning_rate", "5e-4"])
+
+The YAML has sections (`data`, `featurize`, `model`, `train`); a flag names a field by its
+own name (`--batch_size`) when that name is unique among the sections a command uses, or
+by `--section.field`. Unknown keys in the YAML or on the command line are errors. Help text
+sits on the field (`metadata={"help": ...}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from caption.model import DecoderConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or flag and the problem."""
+
+
+def _f(default, help: str):  # noqa: A002 - the name dataclasses users expect
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    input_json: str = _f("data/shapes/dataset.json", "Karpathy-format split file (dataset_coco.json)")
+    images_root: str = _f("", "folder the split file's filepath/filename are relative to; default: the JSON's folder")
+    features: str = _f("features/shapes", "features folder holding one subfolder per split")
+    format: str = _f("zarr", "feature store backend: zarr or wds")
+    restval_in_train: bool = _f(True, "the train split also takes Karpathy's restval images")
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    backbone: str = _f("resnet101", "resnet18|resnet34|resnet50|resnet101|resnet152")
+    layer: str = _f("layer4", "last ResNet stage kept: layer4 (stride 32) or layer3 (stride 16)")
+    weights: str = _f("imagenet", "imagenet (torchvision's cache), none (random init, BatchNorm re-estimated) or a path")
+    image_size: int = _f(448, "square input side; the grid is adaptive-pooled to grid x grid if it is not already")
+    grid: int = _f(14, "output grid side (14 gives L = 196 locations)")
+    batch_size: int = _f(32, "images per forward pass")
+    num_workers: int = _f(4, "DataLoader workers decoding and resizing images")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
+    strict: bool = _f(False, "stop at the first image that cannot be decoded instead of recording it")
+    limit: int = _f(0, "featurize only the first N images of the split (0: all)")
+    calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics")
+    shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar")
+    shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard")
+    codec: str = _f("zstd", "zarr compression: zstd (chosen by bench/store.py), blosc-zstd, lz4 or none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    id: str = _f("", "run name, appended to checkpoint_path when set")
+    checkpoint_path: str = _f("runs/shapes", "run folder: config, vocab, checkpoints, logs")
+    init_from: str = _f("", "start from this run's `best` decoder weights and vocabulary")
+    resume: bool = _f(False, "continue from the run folder's `last` state")
+    seed: int = _f(123, "random seed")
+    batch_size: int = _f(10, "images per batch per process (each brings seq_per_img captions)")
+    seq_per_img: int = _f(5, "captions per image in a batch; the grid is read once for all")
+    max_epochs: int = _f(30, "epochs to train")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
+    learning_rate: float = _f(4e-4, "Adam learning rate")
+    learning_rate_decay_start: int = _f(-1, "epoch the step decay starts (-1: never)")
+    learning_rate_decay_every: int = _f(3, "epochs between decays")
+    learning_rate_decay_rate: float = _f(0.8, "multiplier per decay")
+    optim_alpha: float = _f(0.9, "Adam beta1")
+    optim_beta: float = _f(0.999, "Adam beta2")
+    optim_epsilon: float = _f(1e-8, "Adam epsilon")
+    weight_decay: float = _f(0.0, "Adam weight decay")
+    grad_clip: float = _f(2.0, "clip the gradient's global norm to this (0: off)")
+    alpha_c: float = _f(1.0, "lambda of the doubly stochastic attention regularizer (paper Eq. 14)")
+    max_length: int = _f(16, "captions are cut at this many words")
+    word_count_threshold: int = _f(5, "words seen this many times or fewer become <unk>")
+    count_splits: str = _f("train", "splits whose captions build the vocabulary: train or all")
+    scheduled_sampling_start: int = _f(-1, "epoch scheduled sampling starts (-1: never)")
+    scheduled_sampling_increase_every: int = _f(5, "epochs between increases")
+    scheduled_sampling_increase_prob: float = _f(0.05, "increase per step of the schedule")
+    scheduled_sampling_max_prob: float = _f(0.25, "ceiling of the sampling probability")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (the launcher's --mixed_precision wins when given)")
+    gradient_accumulation_steps: int = _f(1, "batches per optimizer step")
+    num_workers: int = _f(2, "DataLoader workers")
+    shuffle_buffer: int = _f(1000, "wds: sample shuffle buffer")
+    save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)")
+    val_images_use: int = _f(5000, "validation images scored (-1: all)")
+    log_every: int = _f(25, "steps between logged losses")
+    self_critical_after: int = _f(-1, "epoch to switch to self-critical training (-1: never)")
+    sc_sample_n: int = _f(5, "SCST: samples per image; >1 uses their mean reward as baseline (new SC)")
+    sc_baseline: str = _f("mean", "SCST baseline: greedy (Rennie et al.) or mean of the other samples")
+    finetune: bool = _f(False, "train the backbone's upper blocks from images with the decoder")
+    finetune_layers: list = _f(["layer4"], "backbone stages that train when finetune is on")
+    cnn_learning_rate: float = _f(1e-5, "learning rate of the fine-tuned backbone blocks")
+    cnn_weight_decay: float = _f(0.0, "weight decay of the fine-tuned backbone blocks")
+    finetune_start: int = _f(0, "step from which the backbone trains (before it: frozen)")
+    freeze_bn: bool = _f(True, "keep BatchNorm statistics and affine weights frozen while fine-tuning")
+    activation_checkpointing: bool = _f(False, "recompute backbone activations in backward to save memory")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = ("data", "featurize", "model", "train")
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {s: hints[s] for s in SECTIONS}
+
+
+def _coerce(value, typ, where: str):
+    """YAML or command-line value -> the field's type, with a one-line error."""
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where}: cannot parse {value!r}") from None
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        return "" if value is None else str(value)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if isinstance(typ, types.UnionType) or origin is typing.Union:  # pragma: no cover - no such fields yet
+        return value
+    return value
+
+
+def _build(section_type: type, values: dict, where: str):
+    hints = typing.get_type_hints(section_type)
+    known = {f.name for f in fields(section_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return section_type(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def from_dict(d: dict | None, where: str = "config") -> Config:
+    """A Config from a nested dict (a parsed YAML); unknown sections or keys are errors."""
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    types_ = _section_types()
+    return Config(**{s: _build(types_[s], d.get(s) or {}, f"{where}: {s}") for s in SECTIONS})
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: malformed YAML: {str(e).splitlines()[0]}") from None
+
+
+def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """Add `--field` (when unique among `sections`) and `--section.field` for every field."""
+    types_ = _section_types()
+    counts: dict[str, int] = {}
+    for s in sections:
+        for f in fields(types_[s]):
+            counts[f.name] = counts.get(f.name, 0) + 1
+    for s in sections:
+        group = parser.add_argument_group(f"{s} (YAML section `{s}:`)")
+        for f in fields(types_[s]):
+            names = [f"--{s}.{f.name}"]
+            if counts[f.name] == 1:
+                names.insert(0, f"--{f.name}")
+            group.add_argument(*names, dest=f"{s}.{f.name}", default=None, metavar=f.name.upper(),
+                               help=f.metadata.get("help", ""))
+
+
+def apply_overrides(cfg: Config, ns: argparse.Namespace) -> Config:
+    """Replace fields given on the command line (dest `section.field`), typed like the YAML."""
+    types_ = _section_types()
+    updates: dict[str, dict] = {}
+    for dest, value in vars(ns).items():
+        if "." not in dest or value is None:
+            continue
+        s, name = dest.split(".", 1)
+        hint = typing.get_type_hints(types_[s])[name]
+        updates.setdefault(s, {})[name] = _coerce(value, hint, f"--{name}")
+    return replace(cfg, **{s: replace(getattr(cfg, s), **u) for s, u in updates.items()})
+
+
+def parse(argv: list[str] | None, parser: argparse.ArgumentParser, sections: tuple[str, ...],
+          default_config: str = "configs/shapes.yaml") -> tuple[Config, argparse.Namespace]:
+    """Parse `--config` plus overrides; unknown flags are a ConfigError naming them."""
+    parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
+    add_override_flags(parser, sections)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+    cfg = from_dict(read_yaml(ns.config), where=str(ns.config))
+    return apply_overrides(cfg, ns), ns
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (YAML) atomically."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def load(path: str | Path) -> Config:
+    return from_dict(read_yaml(path), where=str(path))
+
+
+def images_root(cfg: DataConfig) -> Path:
+    """The image root: configured, or the split file's own folder."""
+    return Path(cfg.images_root) if cfg.images_root else Path(cfg.input_json).parent
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint_path) / cfg.id if cfg.id else Path(cfg.checkpoint_path)

@@ -1,0 +1,202 @@
+"""Show, Attend and Tell (Xu et al. 2015, arXiv 1502.03044): soft attention LSTM decoder.
+
+Letters used in shape comments: B images, S captions per image, N = B*S captions,
+L = 196 annotation vectors (a 14x14 grid), D feature channels (2048 for ResNet-101
+layer4), T caption steps, V vocabulary, E embedding, H hidden, A attention.
+Equation numbers refer to the arXiv v3 paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int = 0  # set from the run's vocab.json
+    feature_dim: int = 0  # D, set from the features manifest
+    embed_dim: int = 512  # m in the paper
+    hidden_dim: int = 512  # n in the paper
+    attn_dim: int = 512
+    dropout: float = 0.5
+    attention: str = "soft"  # soft (Sec. 4.2) or hard (Sec. 4.1, stochastic)
+    semi_sampling_p: float = 0.5  # hard: probability of the soft expectation at a training step
+    entropy_weight: float = 0.002  # hard: weight of the attention entropy bonus (lambda_e)
+    baseline_decay: float = 0.9  # hard: moving-average baseline of the log-likelihood reward
+
+
+State = dict[str, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """f_att (Eq. 4-5): e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b), alpha_t = softmax(e_t)."""
+
+    def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int):
+        super().__init__()
+        self.key = nn.Linear(feature_dim, attn_dim)  # W_a a_i + b: once per image
+        self.query = nn.Linear(hidden_dim, attn_dim, bias=False)  # W_h h_{t-1}: every step
+        self.score = nn.Linear(attn_dim, 1)
+
+    def keys(self, features: torch.Tensor) -> torch.Tensor:
+        return self.key(features)  # (B, L, D) -> (B, L, A)
+
+    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """alpha (B, L) from precomputed keys (B, L, A) and h_{t-1} (B, H)."""
+        e = self.score(torch.tanh(keys + self.query(h)[:, None, :])).squeeze(-1)  # (B, L, A) -> (B, L)
+        return e.float().softmax(dim=-1).to(keys.dtype)
+
+
+class Decoder(nn.Module):
+    """The LSTM decoder of Sec. 3.1.2 with soft (or hard) attention over L annotation vectors."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0 or cfg.feature_dim <= 0:
+            raise ValueError("DecoderConfig needs vocab_size and feature_dim (from vocab.json and the features manifest)")
+        if cfg.attention not in ("soft", "hard"):
+            raise ValueError(f"attention must be soft or hard, not {cfg.attention!r}")
+        self.cfg = cfg
+        D, E, Hd = cfg.feature_dim, cfg.embed_dim, cfg.hidden_dim
+        self.embed = nn.Embedding(cfg.vocab_size, E)  # E y_{t-1}
+        # h0, c0 = f_init,h(mean a), f_init,c(mean a): two MLPs (Sec. 3.1.2, last paragraph).
+        self.init_h = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
+        self.init_c = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
+        self.attention = Attention(D, Hd, cfg.attn_dim)
+        self.f_beta = nn.Linear(Hd, 1)  # gating scalar beta_t = sigmoid(f_beta(h_{t-1})) (Sec. 4.2.1)
+        self.lstm = nn.LSTMCell(E + D, Hd)  # Eq. 1-3 over [E y_{t-1}, z_t]
+        # Deep output layer (Eq. 7): p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
+        self.L_h = nn.Linear(Hd, E)
+        self.L_z = nn.Linear(D, E)
+        self.L_o = nn.Linear(E, cfg.vocab_size)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    # ---- decoding interface: init_state once per image, then step -------------------
+    def init_state(self, features: torch.Tensor) -> State:
+        """Per-image state; the attention keys W_a a_i are projected once here.
+
+        Args:
+            features: (B, L, D) annotation vectors, or (B, h, w, D) grids.
+        """
+        if features.dim() == 4:
+            features = features.flatten(1, 2)  # (B, h, w, D) -> (B, L, D)
+        features = features.to(self.L_z.weight.dtype)
+        mean = features.mean(dim=1)  # (B, D)
+        return {
+            "features": features,
+            "keys": self.attention.keys(features),  # (B, L, A)
+            "h": self.init_h(mean),  # (B, H)
+            "c": self.init_c(mean),  # (B, H)
+        }
+
+    def context(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) and alpha_t (B, L)."""
+        alpha = self.attention(state["keys"], state["h"])  # (B, L)
+        if self.cfg.attention == "hard" and self.training and state.get("hard_mask") is not None:
+            alpha_used = self._hard_alpha(alpha, state)
+        else:
+            alpha_used = alpha
+        context = torch.bmm(alpha_used[:, None, :], state["features"]).squeeze(1)  # (B, 1, L) @ (B, L, D) -> (B, D)
+        beta = torch.sigmoid(self.f_beta(state["h"]))  # (B, 1)
+        return beta * context, alpha
+
+    def _hard_alpha(self, alpha: torch.Tensor, state: State) -> torch.Tensor:
+        """Stochastic hard attention (Eq. 8-9): a one-hot location s_t ~ Multinoulli(alpha).
+
+        Rows whose `hard_mask` is False use the soft expectation instead (semi-sampling,
+        Sec. 4.1). The chosen locations' log-probabilities are appended to state["hard_logp"].
+        """
+        idx = torch.multinomial(alpha.detach().float(), 1)  # (B, 1)
+        onehot = torch.zeros_like(alpha).scatter_(1, idx, 1.0)  # (B, L)
+        logp = torch.log(alpha.gather(1, idx).squeeze(1).clamp_min(1e-12))  # (B,)
+        state.setdefault("hard_logp", []).append(logp * state["hard_mask"])  # type: ignore[union-attr]
+        mask = state["hard_mask"][:, None]  # (B, 1)
+        return torch.where(mask, onehot, alpha)
+
+    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Deep output (Eq. 7) as in the authors' code: L_o(dropout(tanh(E y + L_h dropout(h) + L_z z)))."""
+        return self.L_o(self.drop(torch.tanh(emb + self.L_h(self.drop(h)) + self.L_z(z))))
+
+    def _advance(self, emb: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
+        z, alpha = self.context(state)
+        h, c = self.lstm(torch.cat([emb, z], dim=-1), (state["h"], state["c"]))  # (B, E+D) -> (B, H)
+        return z, alpha, {**state, "h": h, "c": c, "alpha": alpha}
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One word: tokens (B,) of y_{t-1} -> log p(y_t) (B, V) and the next state (with its alpha)."""
+        emb = self.embed(tokens)  # (B, E)
+        z, _, state = self._advance(emb, state)
+        logits = self.output(emb, state["h"], z)  # (B, V)
+        return logits.float().log_softmax(dim=-1), state
+
+    # ---- teacher forcing -------------------------------------------------------------
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, seq_per_img: int = 1,
+                ss_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits and attention for every caption, in the batch's order.
+
+        Args:
+            features: (B, L, D) or (B, h, w, D); each image's grid appears once.
+            tokens: (N = B*S, T) inputs y_0..y_{T-1}, starting with <bos>, pad after the end.
+            seq_per_img: S, captions per image; image b owns rows b*S .. b*S+S-1.
+            ss_prob: scheduled sampling: probability of feeding the model's own sample.
+
+        Returns:
+            logits (N, T, V) and alphas (N, T, L).
+        """
+        state = expand_state(self.init_state(features), seq_per_img)  # keys projected once per image
+        N, T = tokens.shape
+        if self.cfg.attention == "hard" and self.training:
+            # Semi-sampling (Sec. 4.1): each caption uses the soft expectation with p=semi_sampling_p.
+            state["hard_mask"] = torch.rand(N, device=tokens.device) >= self.cfg.semi_sampling_p
+        emb = self.embed(tokens)  # (N, T, E)
+        hs, zs, alphas, step_logits = [], [], [], []
+        for t in range(T):
+            emb_t = emb[:, t]
+            if ss_prob > 0.0 and t > 0:
+                use = torch.rand(N, device=tokens.device) < ss_prob
+                if use.any():
+                    sample = torch.multinomial(step_logits[-1].detach().float().softmax(-1), 1).squeeze(1)  # (N,)
+                    emb_t = torch.where(use[:, None], self.embed(sample), emb_t)
+            z, alpha, state = self._advance(emb_t, state)
+            hs.append(state["h"])
+            zs.append(z)
+            alphas.append(alpha)
+            if ss_prob > 0.0:
+                step_logits.append(self.output(emb_t, state["h"], z))
+        if ss_prob > 0.0:
+            logits = torch.stack(step_logits, dim=1)  # T x (N, V) -> (N, T, V)
+        else:
+            # The deep output for all T steps in one batched matmul.
+            logits = self.output(emb, torch.stack(hs, dim=1), torch.stack(zs, dim=1))  # (N, T, V)
+        self.last_hard_logp = state.get("hard_logp")
+        return logits, torch.stack(alphas, dim=1)  # (N, T, L)
+
+
+def expand_state(state: State, n: int) -> State:
+    """Repeat every per-image tensor n times along dim 0 (captions or beams of one image)."""
+    if n == 1:
+        return dict(state)
+    return {k: v.repeat_interleave(n, dim=0) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def select_state(state: State, index: torch.Tensor) -> State:
+    """Reorder every per-row tensor of a state (beam search's backpointers)."""
+    return {k: v.index_select(0, index) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, pad_id: int,
+                  alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross entropy over non-pad targets and the doubly stochastic regularizer.
+
+    lambda * sum_i (1 - sum_t alpha_ti)^2 (Eq. 14), the sum over t running over real steps only.
+    Returns (summed loss, summed xent, token count); the caller divides by the token count
+    gathered across processes, so every token weighs the same however the batch is split.
+    """
+    mask = targets != pad_id  # (N, T)
+    xent = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (N*T,)
+    xent = (xent.view_as(targets) * mask).sum()
+    reg = ((1.0 - (alphas.float() * mask[..., None]).sum(dim=1)) ** 2).sum()  # (N, T, L) -> (N, L) -> ()
+    return xent + alpha_c * reg, xent, mask.sum()

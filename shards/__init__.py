@@ -1,0 +1,70 @@
+"""The feature store both stages share: one record format, two backends (Zarr, WebDataset).
+
+    writer = create_writer("features/train", plan)   # plan from shards.manifest.make_plan
+    writer.write_shard(k, [(row, record), ...])      # whole shards, atomically
+    finalize("features/train")                        # manifest.json once every shard is done
+    store = open_store("features/train")              # ZarrReader or WdsReader by the manifest
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from shards.format import Record, RecordError, validate
+from shards.manifest import StoreError, done_shards, finalize, load_manifest, make_plan, shard_range
+
+BACKENDS = ("zarr", "wds")
+
+
+def create_writer(root: str | Path, plan: dict):
+    """A ZarrWriter or WdsWriter for `plan["backend"]`."""
+    if plan["backend"] == "zarr":
+        from shards.zarr_store import ZarrWriter
+        return ZarrWriter(root, plan)
+    if plan["backend"] == "wds":
+        from shards.wds import WdsWriter
+        return WdsWriter(root, plan)
+    raise StoreError(f"unknown backend {plan['backend']!r}: zarr or wds")
+
+
+def open_store(root: str | Path):
+    """The reader of a finished features folder, chosen by its manifest."""
+    manifest = load_manifest(Path(root))
+    if manifest["backend"] == "zarr":
+        from shards.zarr_store import ZarrReader
+        return ZarrReader(root, manifest)
+    if manifest["backend"] == "wds":
+        from shards.wds import WdsReader
+        return WdsReader(root, manifest)
+    raise StoreError(f"{Path(root) / 'manifest.json'}: unknown backend {manifest['backend']!r}")
+
+
+def write_records(root: str | Path, records: Iterable[Record], *, backend: str, num_records: int, grid: int,
+                  channels: int, shard_size: int, info: dict | None = None, codec: str = "zstd",
+                  rank: int = 0, world_size: int = 1, split: str = "") -> dict | None:
+    """Write records (in row order) into a store, skipping shards already done; returns the manifest.
+
+    With world_size > 1 this process writes only shards k with k % world_size == rank and
+    does not finalize (the caller finalizes once every writer is done).
+    """
+    plan = make_plan(backend, num_records, shard_size, grid, channels, info or {}, codec if backend == "zarr" else "")
+    writer = create_writer(root, plan)
+    done = done_shards(Path(root))
+    pending: list = []
+    k = 0
+    for row, rec in enumerate(records):
+        k = row // shard_size
+        if k % world_size != rank or k in done:
+            continue
+        pending.append((row, rec))
+        if row == shard_range(plan, k).stop - 1:
+            writer.write_shard(k, pending)
+            pending = []
+    if pending:
+        writer.write_shard(k, pending)
+    return finalize(Path(root), split) if world_size == 1 else None
+
+
+__all__ = ["BACKENDS", "Record", "RecordError", "StoreError", "create_writer", "done_shards", "finalize",
+           "load_manifest", "make_plan", "open_store", "shard_range", "validate", "write_records"]

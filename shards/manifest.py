@@ -1,0 +1,154 @@
+"""The bookkeeping of a features folder: plan, per-shard metadata, manifest.
+
+A features folder (one split) holds:
+
+    plan.json              what is being written: backend, record count, shard size, grid, C,
+                           and `info` (backbone, weights, input size, ...); fixed at the start
+    shards/NNNNNN.json     one per finished shard, written last and atomically: the shard's
+                           records' metadata (row, key, image_id, filename, captions), its
+                           file's size and sha256. Its presence is what "shard done" means.
+    failures/rank-R.json   images a writer could not read (filename, reason)
+    manifest.json          written once every shard is done: the plan, the shard list with
+                           checksums, counts, bytes on disk, failures, creation time
+
+A killed writer leaves data files without a shard JSON (redone on restart) and no
+manifest.json (so nobody mistakes the folder for complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+PLAN, MANIFEST = "plan.json", "manifest.json"
+
+
+class StoreError(ValueError):
+    """A features folder that cannot be used; the message names the file and the problem."""
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict | list:
+    if not path.is_file():
+        raise StoreError(f"{path}: no {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: malformed {what} ({e})") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_meta_path(root: Path, k: int) -> Path:
+    return Path(root) / "shards" / f"{k:06d}.json"
+
+
+def done_shards(root: Path) -> set[int]:
+    d = Path(root) / "shards"
+    if not d.is_dir():
+        return set()
+    return {int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()}
+
+
+def make_plan(backend: str, num_records: int, shard_size: int, grid: int, channels: int, info: dict,
+              codec: str = "") -> dict:
+    """What a writer is about to write; restarts must find the same plan."""
+    if num_records <= 0 or shard_size <= 0:
+        raise StoreError("a store needs at least one record and a positive shard size")
+    return {"backend": backend, "num_records": int(num_records), "shard_size": int(shard_size),
+            "num_shards": -(-int(num_records) // int(shard_size)), "grid": int(grid), "channels": int(channels),
+            "dtype": "float16", "codec": codec, "info": info}
+
+
+def ensure_plan(root: Path, plan: dict) -> dict:
+    """Write the plan, or check that an existing one (a restart) is the same."""
+    path = Path(root) / PLAN
+    if path.exists():
+        old = read_json(path, "plan")
+        if old != plan:
+            diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise StoreError(f"{path}: the folder holds a different run (differs in {', '.join(diff)}); "
+                             "delete it or write elsewhere")
+        return old
+    atomic_write_json(path, plan)
+    return plan
+
+
+def shard_range(plan: dict, k: int) -> range:
+    """Record rows of shard k."""
+    s = plan["shard_size"]
+    return range(k * s, min((k + 1) * s, plan["num_records"]))
+
+
+def record_failures(root: Path, rank: int, failures: list[dict]) -> None:
+    """Failures of one writer (merged with what an earlier, killed run of it recorded)."""
+    path = Path(root) / "failures" / f"rank-{rank}.json"
+    old = read_json(path, "failure list") if path.exists() else []
+    seen = {f["filename"] for f in old}
+    atomic_write_json(path, old + [f for f in failures if f["filename"] not in seen])
+
+
+def finalize(root: Path, split: str = "") -> dict:
+    """Merge every shard's JSON and every writer's failures into manifest.json (all shards must be done)."""
+    root = Path(root)
+    plan = read_json(root / PLAN, "plan.json (not a features folder?)")
+    missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
+    if missing:
+        raise StoreError(f"{root}: {len(missing)} of {plan['num_shards']} shards unfinished (first: {missing[0]}); rerun the writer")
+    shards, count = [], 0
+    for k in range(plan["num_shards"]):
+        m = read_json(shard_meta_path(root, k), "shard metadata")
+        shards.append({"index": k, "file": m["file"], "count": len(m["records"]), "bytes": m["bytes"], "sha256": m["sha256"]})
+        count += len(m["records"])
+    failures = []
+    for p in sorted((root / "failures").glob("rank-*.json")) if (root / "failures").is_dir() else []:
+        failures += read_json(p, "failure list")
+    failures.sort(key=lambda f: f["filename"])
+    data_bytes = sum(s["bytes"] for s in shards)
+    manifest = {
+        "backend": plan["backend"], "split": split or plan["info"].get("split", ""), "count": count,
+        "num_shards": plan["num_shards"], "shard_size": plan["shard_size"],
+        "grid": plan["grid"], "channels": plan["channels"], "dtype": plan["dtype"], "codec": plan["codec"],
+        "bytes_on_disk": data_bytes, "bytes_per_image": data_bytes / max(count, 1),
+        "raw_bytes_per_image": plan["grid"] ** 2 * plan["channels"] * 2,
+        **{k: v for k, v in plan["info"].items() if k not in ("split",)},
+        "failures": failures, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shards": shards,
+    }
+    atomic_write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(root: Path) -> dict:
+    """The manifest of a complete features folder, or a one-line error saying what is wrong."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"{root}: no such features folder")
+    path = root / MANIFEST
+    if not path.exists():
+        hint = " (a writer has not finished: rerun it to resume)" if (root / PLAN).exists() else " (not a features folder?)"
+        raise StoreError(f"{path}: no manifest{hint}")
+    m = read_json(path, "manifest")
+    for k in ("backend", "count", "grid", "channels", "shards"):
+        if k not in m:
+            raise StoreError(f"{path}: manifest lacks {k!r}")
+    return m

@@ -1,0 +1,167 @@
+"""WebDataset backend: tar shards of `<key>.features.npy` + `<key>.json`.
+
+    features/<split>/shard-000000.tar ...   each about `shard_bytes`, written to a temporary
+                                            name and renamed when closed
+    features/<split>/shards/*.json          keys and checksums of each finished shard
+
+Decoding never unpickles: `.npy` through `np.load(allow_pickle=False)`, `.json` through
+`json.loads`; any other member (a `.pyd`, `.pickle`, `.pth`) is an error naming shard and key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from shards import format as fmt
+from shards.manifest import (StoreError, atomic_write_json, ensure_plan, load_manifest, read_json,
+                             sha256_file, shard_meta_path, shard_range)
+
+ALLOWED = {"features.npy", "json"}
+_INTERNAL = {"__key__", "__url__", "__local_path__"}
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: same records, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+class WdsWriter:
+    """Writes whole tar shards of a planned store."""
+
+    def __init__(self, root: str | Path, plan: dict):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.plan = ensure_plan(self.root, plan)
+
+    def write_shard(self, k: int, items: list[tuple[int, fmt.Record]]) -> None:
+        rows = shard_range(self.plan, k)
+        path = self.root / shard_name(k)
+        tmp = self.root / f".{shard_name(k)}.{os.getpid()}.tmp"
+        metas = []
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for row, rec in items:
+                    if row not in rows:
+                        raise StoreError(f"{self.root}: row {row} is not in shard {k}")
+                    fmt.validate(rec, self.plan["grid"], self.plan["channels"], where=str(path))
+                    _add(tar, f"{rec['key']}.features.npy", npy_bytes(rec["features"]))
+                    _add(tar, f"{rec['key']}.json", json.dumps(fmt.meta(rec)).encode())
+                    metas.append({"row": row, **fmt.meta(rec)})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        atomic_write_json(shard_meta_path(self.root, k), {
+            "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "records": metas})
+
+
+def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None) -> fmt.Record:
+    """A raw tar sample (bytes per extension) -> the record, or a StoreError naming shard and key."""
+    url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+    where = f"{url}: {key}"
+    extra = sorted(set(sample) - ALLOWED - _INTERNAL)
+    if extra:
+        raise StoreError(f"{where}: refusing member(s) .{', .'.join(extra)} (only .features.npy and .json are read; nothing is unpickled)")
+    missing = sorted(ALLOWED - set(sample))
+    if missing:
+        raise StoreError(f"{where}: missing member(s) .{', .'.join(missing)}")
+    try:
+        features = np.load(io.BytesIO(sample["features.npy"]), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is this shard's fault
+        raise StoreError(f"{where}.features.npy: not a plain .npy array ({e})") from None
+    try:
+        meta = json.loads(sample["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{where}.json: malformed JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        raise StoreError(f"{where}.json: metadata does not belong to key {key}")
+    rec = {"key": key, "image_id": meta.get("image_id"), "filename": meta.get("filename"),
+           "captions": meta.get("captions"), "features": features}
+    try:
+        return fmt.validate(rec, grid, channels, where=str(url))
+    except fmt.RecordError as e:
+        raise StoreError(str(e)) from None
+
+
+def _reraise(exn: Exception) -> bool:
+    """webdataset handler: a torn tar or a bad member stops the run with the shard's name."""
+    if isinstance(exn, StoreError):
+        raise exn
+    raise StoreError(f"unreadable shard: {type(exn).__name__}: {exn}") from None
+
+
+def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None = None, shuffle: bool = False,
+           seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, split_nodes: bool = False) -> wds.DataPipeline:
+    """The streaming reader: local paths or `pipe:` URLs (e.g. `pipe:aws s3 cp s3://b/shard-000000.tar -`).
+
+    Stages, in order:
+      1. the shard list;
+      2. shard shuffle seeded by (seed, epoch): a new order each epoch, the same on every rank;
+      3. split_by_node: each process takes every world_size-th shard (training only);
+      4. split_by_worker: each DataLoader worker takes its own shards;
+      5. tar -> samples, grouping members by key (a torn tar raises, naming the shard);
+      6. a sample shuffle buffer (training only);
+      7. decode without unpickling, validate shape/dtype/finiteness.
+    """
+    stages: list = [wds.SimpleShardList(list(urls))]
+    if shuffle:
+        stages.append(wds.detshuffle(bufsize=len(urls) or 1, initial=len(urls) or 1, seed=seed, epoch=epoch))
+    if split_nodes:
+        stages.append(wds.split_by_node)
+    stages.append(wds.split_by_worker)
+    stages.append(wds.tarfile_to_samples(handler=_reraise))
+    if shuffle and shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None, seed=seed + epoch))
+    stages.append(wds.map(lambda s: decode_sample(s, grid, channels), handler=_reraise))
+    return wds.DataPipeline(*stages)
+
+
+class WdsReader:
+    """Records of a finished wds store, in order (no random access: use zarr for that)."""
+
+    def __init__(self, root: str | Path, manifest: dict | None = None):
+        self.root = Path(root)
+        self.manifest = manifest or load_manifest(self.root)
+        self.records: list[dict] = []
+        for s in self.manifest["shards"]:
+            self.records += read_json(shard_meta_path(self.root, s["index"]), "shard metadata")["records"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def urls(self) -> list[str]:
+        return [str(self.root / s["file"]) for s in self.manifest["shards"]]
+
+    def iter_records(self) -> Iterator[fmt.Record]:
+        for (s, path) in self.shard_files():
+            if not path.exists():
+                raise StoreError(f"{path}: shard listed in the manifest is missing")
+        yield from stream(self.urls(), grid=self.manifest["grid"], channels=self.manifest["channels"])
+
+    __iter__ = iter_records
+
+    def shard_files(self) -> list[tuple[dict, Path]]:
+        return [(s, self.root / s["file"]) for s in self.manifest["shards"]]
+
+
+def iter_urls(urls: Iterable[str], grid: int | None = None, channels: int | None = None) -> Iterator[fmt.Record]:
+    """Records of any tar shards in order (e.g. `pipe:` URLs), without a manifest."""
+    yield from stream(list(urls), grid=grid, channels=channels)

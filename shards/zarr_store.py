@@ -1,0 +1,137 @@
+"""Zarr v3 backend: one (N, g, g, C) float16 array, one image per chunk, many chunks per shard file.
+
+    features/<split>/features.zarr   chunks (1, g, g, C), shards (S, g, g, C), zstd + crc32c per chunk
+    features/<split>/shards/*.json   rows, keys, ids, filenames, captions of each finished shard
+
+Each writer writes whole shards (two writers in one shard file lose data: zarr's sharding
+codec does read-modify-write), so many processes can fill one array. Random access by
+row serves a map-style Dataset; `iter_records` reads a shard file at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from shards import format as fmt
+from shards.manifest import (StoreError, atomic_write_json, ensure_plan, load_manifest, read_json,
+                             sha256_file, shard_meta_path, shard_range)
+
+ARRAY = "features.zarr"
+
+
+def compressors(codec: str) -> list:
+    """Lossless codecs by name; crc32c after compression catches a corrupted byte at read time."""
+    if codec == "zstd":
+        base = [ZstdCodec(level=3)]
+    elif codec == "blosc-zstd":
+        base = [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2)]
+    elif codec == "lz4":
+        base = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2)]
+    elif codec == "none":
+        base = []
+    else:
+        raise StoreError(f"unknown zarr codec {codec!r}: zstd, blosc-zstd, lz4 or none")
+    return base + [Crc32cCodec()]
+
+
+class ZarrWriter:
+    """Writes whole shards of a planned store; `plan` comes from `shards.manifest.make_plan`."""
+
+    def __init__(self, root: str | Path, plan: dict):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.plan = ensure_plan(self.root, plan)
+        g, c, s = plan["grid"], plan["channels"], plan["shard_size"]
+        path = self.root / ARRAY
+        try:
+            self.array = zarr.open_array(path, mode="r+")
+        except (FileNotFoundError, zarr.errors.ArrayNotFoundError if hasattr(zarr.errors, "ArrayNotFoundError") else FileNotFoundError):
+            self.array = zarr.create_array(
+                path, shape=(plan["num_records"], g, g, c), chunks=(1, g, g, c), shards=(s, g, g, c),
+                dtype="float16", compressors=compressors(plan["codec"]), fill_value=0, overwrite=False)
+
+    def shard_file(self, k: int) -> Path:
+        return self.root / ARRAY / self.array.metadata.encode_chunk_key((k, 0, 0, 0))
+
+    def write_shard(self, k: int, items: list[tuple[int, fmt.Record]]) -> None:
+        """Write shard k; items are (row, record) with rows inside the shard's range."""
+        rows = shard_range(self.plan, k)
+        g, c = self.plan["grid"], self.plan["channels"]
+        block = np.zeros((len(rows), g, g, c), dtype=fmt.DTYPE)  # (S, g, g, C); failed images stay 0
+        metas = []
+        for row, rec in items:
+            if row not in rows:
+                raise StoreError(f"{self.root}: row {row} is not in shard {k} ({rows.start}..{rows.stop - 1})")
+            fmt.validate(rec, g, c, where=str(self.root))
+            block[row - rows.start] = rec["features"]
+            metas.append({"row": row, **fmt.meta(rec)})
+        self.array[rows.start:rows.stop] = block  # one shard file, written whole
+        f = self.shard_file(k)
+        size, digest = (f.stat().st_size, sha256_file(f)) if f.exists() else (0, "")
+        atomic_write_json(shard_meta_path(self.root, k), {
+            "file": str(f.relative_to(self.root)), "bytes": size, "sha256": digest, "records": metas})
+
+
+class ZarrReader:
+    """Records of a finished zarr store: `len`, random access by index, and sequential iteration."""
+
+    def __init__(self, root: str | Path, manifest: dict | None = None):
+        self.root = Path(root)
+        self.manifest = manifest or load_manifest(self.root)
+        self.records: list[dict] = []
+        self.shard_of: list[int] = []
+        for s in self.manifest["shards"]:
+            meta = read_json(shard_meta_path(self.root, s["index"]), "shard metadata")
+            self.records += meta["records"]
+            self.shard_of += [s["index"]] * len(meta["records"])
+        self._array = None  # opened lazily: once per DataLoader worker
+
+    @property
+    def array(self):
+        if self._array is None:
+            try:
+                self._array = zarr.open_array(self.root / ARRAY, mode="r")
+            except Exception as e:  # noqa: BLE001 - zarr raises several kinds; one line for the user
+                raise StoreError(f"{self.root / ARRAY}: cannot open ({type(e).__name__}: {e})") from None
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _read(self, sel, where: str) -> np.ndarray:
+        try:
+            return self.array[sel]
+        except Exception as e:  # noqa: BLE001 - crc32c / decompression failures: name the file
+            raise StoreError(f"{self.root / ARRAY}: {where}: corrupted data ({type(e).__name__}: {e})") from None
+
+    def _record(self, meta: dict, features: np.ndarray) -> fmt.Record:
+        rec = {k: meta[k] for k in ("key", "image_id", "filename", "captions")}
+        rec["features"] = features
+        return fmt.validate(rec, self.manifest["grid"], self.manifest["channels"], where=str(self.root / ARRAY))
+
+    def __getitem__(self, i: int) -> fmt.Record:
+        meta = self.records[i]
+        return self._record(meta, self._read(meta["row"], f"record {meta['key']}"))
+
+    def iter_records(self) -> Iterator[fmt.Record]:
+        """All records in order, reading each shard file once."""
+        start = 0
+        for s in self.manifest["shards"]:
+            metas = self.records[start:start + s["count"]]
+            start += s["count"]
+            if not metas:
+                continue
+            lo, hi = metas[0]["row"], metas[-1]["row"] + 1
+            block = self._read(slice(lo, hi), f"shard {s['index']} ({s['file']})")  # (rows, g, g, C)
+            for m in metas:
+                yield self._record(m, np.ascontiguousarray(block[m["row"] - lo]))
+
+    __iter__ = iter_records
+
+    def shard_files(self) -> list[tuple[dict, Path]]:
+        return [(s, self.root / s["file"]) for s in self.manifest["shards"]]
