@@ -5,9 +5,9 @@ A features folder (one split) holds:
     plan.json              what is being written: backend, record count, shard size, grid, C,
                            and `info` (backbone, weights, input size, ...); fixed at the start
     shards/NNNNNN.json     one per finished shard, written last and atomically: the shard's
-                           records' metadata (row, key, image_id, filename, captions), its
+                           records' metadata (row, key, image_id, filename, captions), the
+                           images of the shard that could not be read (filename, reason), its
                            file's size and sha256. Its presence is what "shard done" means.
-    failures/rank-R.json   images a writer could not read (filename, reason)
     manifest.json          written once every shard is done: the plan, the shard list with
                            checksums, counts, bytes on disk, failures, creation time
 
@@ -99,14 +99,6 @@ def shard_range(plan: dict, k: int) -> range:
     return range(k * s, min((k + 1) * s, plan["num_records"]))
 
 
-def record_failures(root: Path, rank: int, failures: list[dict]) -> None:
-    """Failures of one writer (merged with what an earlier, killed run of it recorded)."""
-    path = Path(root) / "failures" / f"rank-{rank}.json"
-    old = read_json(path, "failure list") if path.exists() else []
-    seen = {f["filename"] for f in old}
-    atomic_write_json(path, old + [f for f in failures if f["filename"] not in seen])
-
-
 def finalize(root: Path, split: str = "") -> dict:
     """Merge every shard's JSON and every writer's failures into manifest.json (all shards must be done)."""
     root = Path(root)
@@ -114,15 +106,12 @@ def finalize(root: Path, split: str = "") -> dict:
     missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
     if missing:
         raise StoreError(f"{root}: {len(missing)} of {plan['num_shards']} shards unfinished (first: {missing[0]}); rerun the writer")
-    shards, count = [], 0
+    shards, failures, count = [], [], 0
     for k in range(plan["num_shards"]):
         m = read_json(shard_meta_path(root, k), "shard metadata")
         shards.append({"index": k, "file": m["file"], "count": len(m["records"]), "bytes": m["bytes"], "sha256": m["sha256"]})
         count += len(m["records"])
-    failures = []
-    for p in sorted((root / "failures").glob("rank-*.json")) if (root / "failures").is_dir() else []:
-        failures += read_json(p, "failure list")
-    failures.sort(key=lambda f: f["filename"])
+        failures += m.get("failures", [])
     data_bytes = sum(s["bytes"] for s in shards)
     manifest = {
         "backend": plan["backend"], "split": split or plan["info"].get("split", ""), "count": count,

@@ -52,7 +52,7 @@ class WdsWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.plan = ensure_plan(self.root, plan)
 
-    def write_shard(self, k: int, items: list[tuple[int, fmt.Record]]) -> None:
+    def write_shard(self, k: int, items: list[tuple[int, fmt.Record]], failures: list[dict] = ()) -> None:
         rows = shard_range(self.plan, k)
         path = self.root / shard_name(k)
         tmp = self.root / f".{shard_name(k)}.{os.getpid()}.tmp"
@@ -70,7 +70,8 @@ class WdsWriter:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         atomic_write_json(shard_meta_path(self.root, k), {
-            "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "records": metas})
+            "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "records": metas,
+            "failures": list(failures)})
 
 
 def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None) -> fmt.Record:

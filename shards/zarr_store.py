@@ -58,7 +58,7 @@ class ZarrWriter:
     def shard_file(self, k: int) -> Path:
         return self.root / ARRAY / self.array.metadata.encode_chunk_key((k, 0, 0, 0))
 
-    def write_shard(self, k: int, items: list[tuple[int, fmt.Record]]) -> None:
+    def write_shard(self, k: int, items: list[tuple[int, fmt.Record]], failures: list[dict] = ()) -> None:
         """Write shard k; items are (row, record) with rows inside the shard's range."""
         rows = shard_range(self.plan, k)
         g, c = self.plan["grid"], self.plan["channels"]
@@ -74,7 +74,8 @@ class ZarrWriter:
         f = self.shard_file(k)
         size, digest = (f.stat().st_size, sha256_file(f)) if f.exists() else (0, "")
         atomic_write_json(shard_meta_path(self.root, k), {
-            "file": str(f.relative_to(self.root)), "bytes": size, "sha256": digest, "records": metas})
+            "file": str(f.relative_to(self.root)), "bytes": size, "sha256": digest, "records": metas,
+            "failures": list(failures)})
 
 
 class ZarrReader:

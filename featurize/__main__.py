@@ -1,0 +1,65 @@
+"""Stage 1: run a frozen ResNet once over a split and cache its grids.
+
+    python -m featurize --split train                          # configs/shapes.yaml
+    python -m featurize --config configs/coco.yaml --split all
+    accelerate launch -m featurize --config configs/coco.yaml --split train   # many GPUs
+
+Every config field of the `data` and `featurize` sections is a flag (`--backbone resnet50`,
+`--image_size 448`, `--format wds`, `--weights none`, ...). Rerunning the same command
+after a kill resumes: finished shards are kept, the rest is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from caption import config as C
+from featurize.backbone import BackboneError
+from featurize.extract import FeaturizeError, build_backbone, featurize_split
+from featurize.images import ImageError
+from shards.karpathy import DatasetError
+from shards.manifest import StoreError
+
+
+def _state():
+    """accelerate's PartialState under a launcher (one process per GPU, or gloo on CPU); else one process."""
+    import os
+
+    import torch
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        return PartialState(cpu=not torch.cuda.is_available())
+    from featurize.extract import _Single
+    return _Single()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m featurize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--split", default="all", help="train, val, test, restval or all (train, val, test)")
+    p.add_argument("--output", default=None, help="features folder (one subfolder per split); same as --features")
+    try:
+        cfg, ns = C.parse(argv, p, ("data", "featurize"))
+        if ns.output:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=ns.output))
+        if cfg.data.format not in ("zarr", "wds"):
+            raise C.ConfigError(f"--format must be zarr or wds, not {cfg.data.format!r}")
+        state = _state()
+        backbone, info = build_backbone(cfg.data, cfg.featurize, state)
+        splits = ["train", "val", "test"] if ns.split == "all" else [ns.split]
+        for split in splits:
+            m = featurize_split(cfg.data, cfg.featurize, split, backbone, info, state)
+            if m is not None:
+                print(f"{cfg.data.features}/{split}: {m['count']} records, grid {m['grid']}x{m['grid']}x{m['channels']}, "
+                      f"{m['bytes_per_image'] / 1e3:.1f} kB per image, {len(m['failures'])} failed images")
+                for f in m["failures"][:5]:
+                    print(f"  failed: {f['filename']}: {f['reason']}")
+    except (C.ConfigError, DatasetError, StoreError, BackboneError, FeaturizeError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
