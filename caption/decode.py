@@ -1,0 +1,198 @@
+"""Decoding as pure functions over a step function: greedy, sampling, batched beam search.
+
+A step function maps (tokens (R,), state) -> (log p (R, V), state), where every tensor in
+`state` has R rows (`Decoder.step` is one; tests use hand-written ones). `state["alpha"]`,
+when a step sets it, is recorded as the attention of the word just emitted.
+
+Sequences come back without <bos>, cut before <eos>, padded with <eos>.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from caption.model import State, expand_state, select_state
+
+StepFn = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Decoded:
+    tokens: torch.Tensor  # (R, T) word ids, <eos>-padded after each sequence's end
+    lengths: torch.Tensor  # (R,) words before <eos>
+    scores: torch.Tensor  # (R,) sum of log p of the words and the final <eos> (beam: length-normalized if asked)
+    alphas: torch.Tensor | None  # (R, T, L) attention per emitted word, or None
+    logprobs: torch.Tensor | None = None  # (R, T) per-word log p (sampling; differentiable)
+
+
+def _rows(state: State) -> int:
+    return next(v.shape[0] for v in state.values() if torch.is_tensor(v))
+
+
+def greedy(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
+           suppress: Sequence[int] = ()) -> Decoded:
+    """The argmax word at every step, until every row has emitted <eos> or max_length words."""
+    R = _rows(state)
+    device = next(v.device for v in state.values() if torch.is_tensor(v))
+    tokens = torch.full((R,), bos, dtype=torch.long, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    lengths = torch.full((R,), max_length, dtype=torch.long, device=device)
+    scores = torch.zeros(R, device=device)
+    out, alphas = [], []
+    for t in range(max_length):
+        logp, state = step(tokens, state)  # (R, V)
+        if suppress:
+            logp = logp.clone()
+            logp[:, list(suppress)] = NEG_INF
+        best, tokens = logp.max(dim=-1)  # (R,)
+        scores += torch.where(done, torch.zeros_like(best), best)
+        tokens = torch.where(done, torch.full_like(tokens, eos), tokens)
+        newly = ~done & (tokens == eos)
+        lengths = torch.where(newly, torch.full_like(lengths, t), lengths)
+        done |= newly
+        out.append(tokens)
+        if "alpha" in state:
+            alphas.append(state["alpha"])
+        if done.all():
+            break
+    toks = torch.stack(out, dim=1)  # T x (R,) -> (R, T)
+    return Decoded(toks, lengths, scores, torch.stack(alphas, dim=1) if alphas else None)
+
+
+def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20, temperature: float = 1.0,
+           top_k: int = 0, generator: torch.Generator | None = None, suppress: Sequence[int] = ()) -> Decoded:
+    """Ancestral sampling (temperature, optional top-k). `logprobs` keeps the graph (for REINFORCE)."""
+    R = _rows(state)
+    device = next(v.device for v in state.values() if torch.is_tensor(v))
+    tokens = torch.full((R,), bos, dtype=torch.long, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    lengths = torch.full((R,), max_length, dtype=torch.long, device=device)
+    out, lps, alphas = [], [], []
+    for t in range(max_length):
+        logp, state = step(tokens, state)  # (R, V)
+        scaled = logp / temperature
+        if suppress:
+            scaled = scaled.clone()
+            scaled[:, list(suppress)] = NEG_INF
+        if top_k > 0:
+            kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+            scaled = scaled.masked_fill(scaled < kth, NEG_INF)
+        probs = scaled.detach().float().softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (R,)
+        tokens = torch.where(done, torch.full_like(tokens, eos), tokens)
+        lp = logp.gather(1, tokens[:, None]).squeeze(1)  # (R,): log p under the model itself
+        lps.append(lp.masked_fill(done, 0.0))
+        newly = ~done & (tokens == eos)
+        lengths = torch.where(newly, torch.full_like(lengths, t), lengths)
+        done |= newly
+        out.append(tokens)
+        if "alpha" in state:
+            alphas.append(state["alpha"])
+        if done.all():
+            break
+    logprobs = torch.stack(lps, dim=1)  # (R, T)
+    return Decoded(torch.stack(out, dim=1), lengths, logprobs.detach().sum(1),
+                   torch.stack(alphas, dim=1) if alphas else None, logprobs)
+
+
+def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int = 3, max_length: int = 20,
+                length_penalty: float = 0.0, suppress: Sequence[int] = ()) -> Decoded:
+    """Batched beam search: B images x K beams as one tensor program.
+
+    Each step ranks the 2K best extensions of an image's K beams: those among the top K
+    that end in <eos> are finished and kept, and the K best that do not continue. With
+    K = 1 this is exactly greedy decoding. The answer
+    per image is the best finished hypothesis, or the best unfinished one when none ever
+    finished. Scores are summed log p, divided by length**length_penalty when it is > 0.
+
+    Args:
+        state: per-image state with B rows (expanded to B*K here).
+    """
+    B, K = _rows(state), beam_size
+    state = expand_state(state, K)  # (B*K, ...)
+    device = next(v.device for v in state.values() if torch.is_tensor(v))
+    tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    scores = torch.full((B, K), NEG_INF, device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    seqs = torch.empty(B, K, 0, dtype=torch.long, device=device)
+    hist: torch.Tensor | None = None  # (B, K, t, L)
+    best_score = torch.full((B,), NEG_INF, device=device)
+    best_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
+    best_len = torch.zeros(B, dtype=torch.long, device=device)
+    best_alpha: torch.Tensor | None = None
+
+    def norm(s: torch.Tensor, n: int) -> torch.Tensor:
+        return s / (float(n) ** length_penalty) if length_penalty > 0 else s
+
+    arange_b = torch.arange(B, device=device)
+    for t in range(max_length):
+        logp, state = step(tokens, state)  # (B*K, V)
+        V = logp.shape[-1]
+        logp = logp.float()
+        if suppress:
+            logp = logp.clone()
+            logp[:, list(suppress)] = NEG_INF
+        alpha = state.get("alpha")
+        if alpha is not None and best_alpha is None:
+            best_alpha = torch.zeros(B, max_length, alpha.shape[-1], device=device)
+        cand = scores.view(B * K, 1) + logp  # (B*K, V)
+        # The 2K best extensions of each image: at most K of them end in <eos>, so K continue.
+        n_top = min(2 * K, K * V)
+        top, idx = cand.view(B, K * V).topk(n_top, dim=1)  # (B, 2K), best first
+        origin, word = idx // V, idx % V  # (B, 2K): the beam each came from, and its word
+        is_eos = word == eos
+        # Finished: <eos> hypotheses ranked among the top K (K=1 is then exactly greedy).
+        ranked = torch.arange(n_top, device=device)[None, :] < K
+        fin = torch.where(is_eos & ranked, norm(top, t + 1), torch.full_like(top, NEG_INF))  # the <eos> counts as a step
+        fin_score, fin_pos = fin.max(dim=1)  # (B,)
+        better = fin_score > best_score
+        if better.any():
+            fin_beam = origin[arange_b, fin_pos]  # (B,)
+            best_score = torch.where(better, fin_score, best_score)
+            new_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
+            new_seq[:, :t] = seqs[arange_b, fin_beam]
+            best_seq = torch.where(better[:, None], new_seq, best_seq)
+            best_len = torch.where(better, torch.full_like(best_len, t), best_len)
+            if best_alpha is not None:
+                a_hist = alpha.view(B, K, -1)[arange_b, fin_beam][:, None]  # attention of the <eos> step (B, 1, L)
+                prev = hist[arange_b, fin_beam] if hist is not None else a_hist[:, :0]
+                new_a = torch.zeros_like(best_alpha)
+                new_a[:, : t + 1] = torch.cat([prev, a_hist], dim=1)
+                best_alpha = torch.where(better[:, None, None], new_a, best_alpha)
+        # Continuing: the K best non-<eos> extensions, in rank order.
+        keep = top.masked_fill(is_eos, NEG_INF).topk(K, dim=1).indices.sort(dim=1).values  # (B, K) positions in the 2K
+        scores = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), NEG_INF)
+        origin, word = origin.gather(1, keep), word.gather(1, keep)  # (B, K)
+        seqs = torch.cat([seqs[arange_b[:, None], origin], word[..., None]], dim=2)  # (B, K, t+1)
+        if alpha is not None:
+            a = alpha.view(B, K, 1, -1)[arange_b[:, None], origin]  # (B, K, 1, L)
+            hist = a if hist is None else torch.cat([hist[arange_b[:, None], origin], a], dim=2)
+        flat = (origin + arange_b[:, None] * K).view(-1)  # (B*K,) rows to keep
+        state = select_state(state, flat)
+        tokens = word.view(-1)
+        # Stop when no live beam can beat what has finished (log p only falls with length).
+        if length_penalty == 0 and bool((scores.max(dim=1).values <= best_score).all()):
+            break
+    # Images with no finished hypothesis (or a better live one at max_length): take the best live beam.
+    live_score = norm(scores.max(dim=1).values, seqs.shape[2])
+    live_beam = scores.argmax(dim=1)
+    use_live = live_score > best_score
+    if use_live.any():
+        T = seqs.shape[2]
+        live_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
+        live_seq[:, :T] = seqs[arange_b, live_beam]
+        best_seq = torch.where(use_live[:, None], live_seq, best_seq)
+        best_len = torch.where(use_live, torch.full_like(best_len, T), best_len)
+        best_score = torch.where(use_live, live_score, best_score)
+        if best_alpha is not None and hist is not None:
+            la = torch.zeros_like(best_alpha)
+            la[:, :T] = hist[arange_b, live_beam]
+            best_alpha = torch.where(use_live[:, None, None], la, best_alpha)
+    T_out = int(best_len.max().item()) + 1 if B else 1
+    T_out = min(T_out, max_length)
+    alphas = best_alpha[:, :T_out] if best_alpha is not None else None
+    return Decoded(best_seq[:, :T_out], best_len, best_score, alphas)

@@ -1,0 +1,200 @@
+"""Score a trained run on a split the way papers do: beam search, PTB tokenization, coco-caption.
+
+    python -m caption.evaluate --run runs/shapes --split test --beam_size 3
+    python -m caption.evaluate --run runs/shapes --split test --grounding   # shapes world
+
+Writes RUN/eval_<split>/results.json (COCO results format: [{"image_id", "caption"}]) and
+metrics.json (a flat object: Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr, SPICE when it runs,
+grounding when asked), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from caption.decode import beam_search
+from caption.metrics import format_table, score
+from caption.model import Decoder
+from caption.vocab import Vocab
+from shards.format import Record
+from shards.karpathy import DatasetError, load_split
+from shards.manifest import StoreError, atomic_write_json
+
+
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def caption_features(model: Decoder, vocab: Vocab, features: torch.Tensor, beam_size: int = 3, max_length: int = 20,
+                     length_penalty: float = 0.0, suppress_unk: bool = False):
+    """Decoded output for (B, L, D) or (B, g, g, D) features (beam_size 1 is greedy)."""
+    state = model.init_state(features)
+    return beam_search(model.step, state, vocab.bos_id, vocab.eos_id, beam_size=beam_size, max_length=max_length,
+                       length_penalty=length_penalty, suppress=(vocab.unk_id,) if suppress_unk else ())
+
+
+def decode_records(model: Decoder, vocab: Vocab, records: Iterable[Record], device, beam_size: int = 3,
+                   batch_size: int = 50, max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
+                   keep_alphas: bool = False, progress: bool = False, total: int | None = None) -> list[dict]:
+    """[{"image_id", "caption", "key", ("alphas": (T, L) array)}] for records, many images per beam search."""
+    out = []
+    bar = tqdm(total=total, desc=f"beam {beam_size}", unit="img", disable=not progress)
+    for batch in _batched(records, batch_size):
+        feats = torch.from_numpy(np.stack([r["features"] for r in batch])).to(device)  # (B, g, g, D)
+        dec = caption_features(model, vocab, feats, beam_size, max_length, length_penalty, suppress_unk)
+        for i, r in enumerate(batch):
+            words = vocab.decode(dec.tokens[i].tolist())
+            item = {"image_id": int(r["image_id"]), "caption": " ".join(words), "key": r["key"]}
+            if keep_alphas and dec.alphas is not None:
+                item["alphas"] = dec.alphas[i, : len(words)].float().cpu().numpy()  # (T, L)
+            out.append(item)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def references_for(input_json: str, split: str, image_ids: Iterable[int] | None = None,
+                   restval_in_train: bool = True) -> dict[int, list[str]]:
+    """Raw reference sentences by image id (coco-caption tokenizes them together with the results)."""
+    refs = {e.image_id: e.raw for e in load_split(input_json, split, restval_in_train)}
+    if image_ids is None:
+        return refs
+    return {i: refs[i] for i in image_ids}
+
+
+# ---- attention grounding (shapes world) ------------------------------------------------
+def grounding(results: list[dict], input_json: str, split: str, grid: int) -> dict:
+    """How often the argmax attention of a color or shape word falls inside the object it names.
+
+    Color words name one object (colors are unique within a shapes image); a shape word
+    names the object of the color word just before it when that object has this shape.
+    Words naming no object in the image are not counted (reported as `unmatched`).
+    """
+    from featurize.synthetic import SHAPE_WORDS
+    from featurize.synthetic import COLORS
+    shape_of = {w: s for s, words in SHAPE_WORDS.items() for w in words}
+    entries = {e.image_id: e for e in load_split(input_json, split)}
+    hits = total = unmatched = 0
+    by_kind = {"color": [0, 0], "shape": [0, 0]}
+    for r in results:
+        e = entries[r["image_id"]]
+        objs = e.extra.get("objects")
+        if objs is None:
+            raise DatasetError(f"{input_json}: image {e.image_id} has no `objects` boxes (grounding needs the shapes world)")
+        W, H = e.extra.get("width"), e.extra.get("height")
+        last_color_obj = None
+        for t, w in enumerate(r["caption"].split()):
+            obj, kind = None, None
+            if w in COLORS:
+                kind = "color"
+                obj = next((o for o in objs if o["color"] == w), None)
+                last_color_obj = obj
+            elif w in shape_of:
+                kind = "shape"
+                if last_color_obj is not None and last_color_obj["shape"] == shape_of[w]:
+                    obj = last_color_obj
+            if kind is None:
+                continue
+            if obj is None:
+                unmatched += 1
+                continue
+            cell = int(np.argmax(r["alphas"][t]))
+            i, j = divmod(cell, grid)
+            cx, cy = (j + 0.5) * W / grid, (i + 0.5) * H / grid  # the cell's center in image pixels
+            x0, y0, x1, y1 = obj["box"]
+            hit = x0 <= cx <= x1 and y0 <= cy <= y1
+            hits += hit
+            total += 1
+            by_kind[kind][0] += hit
+            by_kind[kind][1] += 1
+    chance = float(np.mean([(o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) / (entries[r["image_id"]].extra["width"] * entries[r["image_id"]].extra["height"])
+                            for r in results for o in entries[r["image_id"]].extra["objects"]])) if results else 0.0
+    return {"grounding": hits / max(total, 1), "grounding_color": by_kind["color"][0] / max(by_kind["color"][1], 1),
+            "grounding_shape": by_kind["shape"][0] / max(by_kind["shape"][1], 1), "grounding_words": total,
+            "grounding_unmatched": unmatched, "grounding_chance": chance}
+
+
+def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features: str | None = None,
+             checkpoint: str = "best", max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
+             with_grounding: bool = False, limit: int = -1, batch_size: int = 50, scorers=None, out: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Decode a split with a run's decoder, write results.json and metrics.json; returns the metrics."""
+    from caption.data import eval_records
+    from caption.metrics import ALL
+    from caption.train import features_dir, load_decoder
+    from shards import open_store
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab, cfg = load_decoder(run, checkpoint, device)
+    root = Path(features) / split if features else features_dir(cfg, split)
+    store = open_store(root)
+    if store.manifest["channels"] != cfg.model.feature_dim:
+        raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
+    n = len(store) if limit < 0 else min(limit, len(store))
+    res = decode_records(model, vocab, eval_records(root, limit=limit), device, beam_size, batch_size, max_length,
+                         length_penalty, suppress_unk, keep_alphas=with_grounding, progress=progress, total=n)
+    results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in res]
+    out = Path(out) if out else Path(run) / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    refs = references_for(cfg.data.input_json, split, [r["image_id"] for r in results], cfg.data.restval_in_train)
+    metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
+    if with_grounding:
+        metrics.update(grounding(res, cfg.data.input_json, split, store.manifest["grid"]))
+    atomic_write_json(out / "metrics.json", metrics)
+    if skipped:
+        atomic_write_json(out / "skipped.json", skipped)
+    metrics["_skipped"] = skipped
+    metrics["_out"] = str(out)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m caption.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run folder (config.yaml, vocab.json, best.safetensors)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--beam_size", type=int, default=3)
+    p.add_argument("--features", default=None, help="features folder holding <split>/ (default: the run's)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--max_length", type=int, default=20)
+    p.add_argument("--length_penalty", type=float, default=0.0, help="divide log p by length**this (0: off)")
+    p.add_argument("--suppress_unk", action="store_true", help="never emit <unk>")
+    p.add_argument("--grounding", action="store_true", help="shapes world: argmax attention inside the named object")
+    p.add_argument("--limit", type=int, default=-1, help="first N images only")
+    p.add_argument("--batch_size", type=int, default=50, help="images per batched beam search")
+    p.add_argument("--out", default=None, help="output folder (default RUN/eval_SPLIT)")
+    a = p.parse_args(argv)
+    try:
+        m = evaluate(a.run, a.split, a.beam_size, a.features, a.checkpoint, a.max_length, a.length_penalty,
+                     a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out)
+    except (StoreError, DatasetError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    skipped, out = m.pop("_skipped"), m.pop("_out")
+    print(format_table({k: v for k, v in m.items() if not k.startswith("grounding")}, skipped))
+    if a.grounding:
+        print(f"grounding: argmax attention inside the named object for {m['grounding']:.1%} of {m['grounding_words']} "
+              f"color/shape words (colors {m['grounding_color']:.1%}, shapes {m['grounding_shape']:.1%}; "
+              f"chance ~{m['grounding_chance']:.1%})")
+    print(f"wrote {out}/results.json and {out}/metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

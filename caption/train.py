@@ -1,0 +1,359 @@
+"""Stage 2: train the soft-attention decoder over cached features with HuggingFace Accelerate.
+
+    python caption/train.py --config configs/shapes.yaml                      # one process
+    accelerate launch caption/train.py --config configs/coco.yaml             # every GPU here
+    python caption/train.py --config configs/coco.yaml --resume               # continue `last`
+
+Reads top down: main -> build_* -> train_one_epoch -> validate -> checkpoint. Every field of
+the YAML's data/model/train sections is a flag (`--batch_size 10 --learning_rate 5e-4
+--max_epochs 25 --checkpoint_path log_st --id st`). The run folder gets config.yaml,
+vocab.json, best.safetensors / last.safetensors (decoder weights), state/ (Accelerate's
+resume state: optimizer, scheduler, RNG, progress), metrics.jsonl and tensorboard events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python caption/train.py` / `accelerate launch caption/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from caption import config as C
+from caption.data import train_batches
+from caption.model import Decoder, sequence_loss
+from caption.vocab import Vocab, build_from_split_file
+from shards import load_manifest
+from shards.manifest import StoreError
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# ---- building blocks ----------------------------------------------------------------
+def build_accelerator(tcfg: C.TrainConfig, run: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    kwargs = {}
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # the launcher's --mixed_precision wins
+        kwargs["mixed_precision"] = tcfg.mixed_precision
+    return Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+                       log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "tb")),
+                       **kwargs)
+
+
+def build_vocab(cfg: C.Config, run: Path, accelerator) -> Vocab:
+    """The run's vocabulary: vocab.json when it exists (resume, init_from), else from train captions."""
+    path = run / "vocab.json"
+    if cfg.train.init_from and not path.exists() and accelerator.is_main_process:
+        shutil.copy(Path(cfg.train.init_from) / "vocab.json", path)
+    if not path.exists() and accelerator.is_main_process:
+        build_from_split_file(cfg.data.input_json, cfg.train.word_count_threshold, cfg.train.count_splits,
+                              cfg.data.restval_in_train).save(path)
+    accelerator.wait_for_everyone()
+    return Vocab.load(path)
+
+
+def features_dir(cfg: C.Config, split: str) -> Path:
+    return Path(cfg.data.features) / split
+
+
+def build_model(cfg: C.Config, vocab: Vocab, manifest: dict) -> tuple[Decoder, C.Config]:
+    mcfg = dataclasses.replace(cfg.model, vocab_size=len(vocab), feature_dim=int(manifest["channels"]))
+    return Decoder(mcfg), dataclasses.replace(cfg, model=mcfg)
+
+
+def lr_lambda(tcfg: C.TrainConfig, steps_per_epoch: int):
+    """The seed's step decay: x rate every `every` epochs from epoch `start` on."""
+    def f(step: int) -> float:
+        epoch = step // max(steps_per_epoch, 1)
+        if tcfg.learning_rate_decay_start < 0 or epoch < tcfg.learning_rate_decay_start:
+            return 1.0
+        return tcfg.learning_rate_decay_rate ** ((epoch - tcfg.learning_rate_decay_start) // tcfg.learning_rate_decay_every + 1)
+    return f
+
+
+def ss_prob(tcfg: C.TrainConfig, epoch: int) -> float:
+    """Scheduled sampling probability at an epoch (the seed's schedule)."""
+    if tcfg.scheduled_sampling_start < 0 or epoch < tcfg.scheduled_sampling_start:
+        return 0.0
+    frac = (epoch - tcfg.scheduled_sampling_start) // tcfg.scheduled_sampling_increase_every
+    return min(tcfg.scheduled_sampling_increase_prob * frac, tcfg.scheduled_sampling_max_prob)
+
+
+def check_compatible(run: Path, cfg: C.Config, vocab: Vocab, weights: dict) -> None:
+    """A checkpoint must match the vocabulary and the features' channels."""
+    emb = weights.get("embed.weight")
+    if emb is not None and emb.shape[0] != len(vocab):
+        raise TrainError(f"{run}: checkpoint has a {emb.shape[0]}-word vocabulary, vocab.json has {len(vocab)}")
+    lz = weights.get("L_z.weight")
+    if lz is not None and lz.shape[1] != cfg.model.feature_dim:
+        raise TrainError(f"{run}: checkpoint expects {lz.shape[1]}-channel features, {cfg.data.features} has {cfg.model.feature_dim}")
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_decoder(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[Decoder, Vocab, C.Config]:
+    """A trained decoder from a run folder: config.yaml, vocab.json and {which}.safetensors."""
+    run = Path(run)
+    cfg = C.load(run / "config.yaml")
+    vocab = Vocab.load(run / "vocab.json")
+    path = run / f"{which}.safetensors"
+    if not path.exists():
+        raise TrainError(f"{path}: no such checkpoint (train first, or pick --checkpoint best|last)")
+    weights = load_file(str(path))
+    check_compatible(run, cfg, vocab, weights)
+    model = Decoder(cfg.model)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), vocab, cfg
+
+
+# ---- checkpointing ------------------------------------------------------------------
+def save_checkpoint(accelerator, model, run: Path, progress: dict) -> None:
+    """`last`: decoder weights (safetensors) + Accelerate state + progress, replaced atomically.
+
+    Every rank saves its own RNG state into state.tmp; then state.tmp becomes state.
+    """
+    tmp, final, old = run / "state.tmp", run / "state", run / "state.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # save_state has no barrier at its end
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        save_weights(accelerator.unwrap_model(model), run / "last.safetensors")
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume_dir(run: Path) -> Path | None:
+    for d in (run / "state", run / "state.old"):
+        if (d / "progress.json").exists():
+            return d
+    return None
+
+
+# ---- validation -----------------------------------------------------------------------
+@torch.no_grad()
+def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val") -> dict[str, float]:
+    """Greedy captions of `val_images_use` images, scored with CIDEr-D and BLEU-4 on the main process."""
+    from accelerate.utils import gather_object
+
+    from caption.evaluate import decode_records, references_for
+    from caption.metrics import score
+    from caption.data import eval_records
+
+    root = features_dir(cfg, split)
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    recs = eval_records(root, accelerator.process_index, accelerator.num_processes, cfg.train.val_images_use)
+    mine = decode_records(net, vocab, recs, device=accelerator.device, beam_size=1, batch_size=64)
+    allres = gather_object(mine)
+    net.train(was_training)
+    if not accelerator.is_main_process:
+        return {}
+    results = {r["image_id"]: r["caption"] for r in allres}
+    refs = references_for(cfg.data.input_json, split, results.keys(), cfg.data.restval_in_train)
+    metrics, _ = score(refs, results, scorers=("Bleu", "CIDEr"))
+    return {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
+
+
+# ---- the loop ------------------------------------------------------------------------
+def train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_batches: int, vocab: Vocab, cfg: C.Config,
+                    progress: dict, log, on_step) -> bool:
+    """One pass; returns False when max_steps stopped it early."""
+    tcfg = cfg.train
+    model.train()
+    p_ss = ss_prob(tcfg, progress["epoch"])
+    bar = tqdm(total=n_batches, initial=progress["batch"], desc=f"epoch {progress['epoch']}", unit="batch",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    t0, caps = time.perf_counter(), 0
+    for batch in batches:
+        features = batch["features"].to(accelerator.device, non_blocking=True)
+        tokens = batch["tokens"].to(accelerator.device, non_blocking=True)
+        targets = batch["targets"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits, alphas = model(features, tokens, seq_per_img=tcfg.seq_per_img, ss_prob=p_ss)
+            total, xent, ntok = sequence_loss(logits, targets, alphas, vocab.pad_id, tcfg.alpha_c)
+            # Token count over every process: each token weighs the same however the batch was split.
+            # DDP averages gradients over processes, hence the x world.
+            global_tokens = accelerator.reduce(ntok.detach().float(), reduction="sum")
+            loss = total * accelerator.num_processes / global_tokens
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss is {loss.item()} at step {progress['step']} (epoch {progress['epoch']}); "
+                                 "lower --learning_rate, check the features with `python -m shards verify`")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and tcfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        progress["batch"] += 1
+        caps += tokens.shape[0]
+        bar.update(1)
+        if accelerator.sync_gradients:
+            progress["step"] += 1
+            if progress["step"] % tcfg.log_every == 0:
+                rate = caps * accelerator.num_processes / (time.perf_counter() - t0)
+                x = accelerator.reduce(xent.detach(), "sum") / global_tokens
+                row = {"step": progress["step"], "epoch": progress["epoch"], "loss": loss.item() / accelerator.num_processes,
+                       "xent": x.item(), "lr": scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", cap_s=f"{rate:.0f}")
+                log(row)
+                t0, caps = time.perf_counter(), 0
+            on_step()
+            if tcfg.max_steps and progress["step"] >= tcfg.max_steps:
+                bar.close()
+                return False
+    bar.close()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="caption/train.py", description=__doc__.split("\n\n")[0])
+    try:
+        cfg, _ = C.parse(argv, parser, ("data", "model", "train"))
+        return train(cfg)
+    except (C.ConfigError, StoreError, TrainError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def train(cfg: C.Config) -> int:
+    from accelerate.utils import set_seed
+
+    tcfg = cfg.train
+    run = C.run_dir(tcfg)
+    run.mkdir(parents=True, exist_ok=True)
+    accelerator = build_accelerator(tcfg, run)
+    train_manifest = load_manifest(features_dir(cfg, "train"))
+    load_manifest(features_dir(cfg, "val"))  # fail now, not at the first validation
+    vocab = build_vocab(cfg, run, accelerator)
+    model, cfg = build_model(cfg, vocab, train_manifest)
+    state_dir = resume_dir(run) if tcfg.resume else None
+    if tcfg.resume and state_dir is None:
+        raise TrainError(f"{run}: --resume but no saved state (state/progress.json) there")
+    if not tcfg.resume and (run / "state").exists():
+        raise TrainError(f"{run}: holds a run already; pass --resume to continue it or choose another --checkpoint_path/--id")
+    if tcfg.resume:
+        saved = C.load(run / "config.yaml")
+        if saved.model != cfg.model:
+            raise TrainError(f"{run / 'config.yaml'}: model settings differ from this command's; resume with the same model")
+    if tcfg.init_from and not tcfg.resume:
+        weights = load_file(str(Path(tcfg.init_from) / "best.safetensors"))
+        check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
+        model.load_state_dict(weights)
+    if accelerator.is_main_process:
+        C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
+    set_seed(tcfg.seed)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_per_epoch = len(train_manifest["shards"]) and train_manifest["count"] // (tcfg.batch_size * world)
+    if n_per_epoch == 0:
+        raise TrainError(f"{features_dir(cfg, 'train')}: {train_manifest['count']} images cannot fill a batch of "
+                         f"{tcfg.batch_size} on {world} process(es)")
+    steps_per_epoch = max(1, n_per_epoch // tcfg.gradient_accumulation_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
+                                 eps=tcfg.optim_epsilon, weight_decay=tcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler steps once per optimizer step on every process (not once per process).
+    scheduler.split_batches = True
+
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best": -math.inf, "best_step": -1}
+    if state_dir is not None:
+        accelerator.load_state(str(state_dir))  # weights_only loads inside Accelerate
+        progress = json.loads((state_dir / "progress.json").read_text())
+        if progress["batch"] >= n_per_epoch:
+            progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
+    accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
+                                                 if isinstance(v, (int, float, str, bool))})
+    metrics_path = run / "metrics.jsonl"
+
+    def log(row: dict) -> None:
+        accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+        if accelerator.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def evaluate_and_save() -> None:
+        scores = validate(accelerator, model, vocab, cfg)
+        if accelerator.is_main_process:
+            log({"step": progress["step"], "epoch": progress["epoch"], **{f"val_{k}": v for k, v in scores.items()}})
+            tqdm.write(f"step {progress['step']}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}")
+            if scores["CIDEr"] > progress["best"]:
+                progress.update(best=scores["CIDEr"], best_step=progress["step"])
+                save_weights(accelerator.unwrap_model(model), run / "best.safetensors")
+        progress["best"] = broadcast_float(accelerator, progress["best"])
+        progress["validated_step"] = progress["step"]
+        save_checkpoint(accelerator, model, run, progress)
+
+    def on_step() -> None:
+        if tcfg.save_checkpoint_every and progress["step"] % tcfg.save_checkpoint_every == 0:
+            evaluate_and_save()
+
+    interrupted = False
+    try:
+        while progress["epoch"] < tcfg.max_epochs:
+            _, batches = train_batches(features_dir(cfg, "train"), vocab, batch_size=tcfg.batch_size,
+                                       seq_per_img=tcfg.seq_per_img, max_length=tcfg.max_length, seed=tcfg.seed,
+                                       epoch=progress["epoch"], rank=rank, world=world, num_workers=tcfg.num_workers,
+                                       shuffle_buffer=tcfg.shuffle_buffer, start=progress["batch"],
+                                       pin_memory=accelerator.device.type == "cuda")
+            finished = train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_per_epoch, vocab, cfg,
+                                       progress, log, on_step)
+            if not finished:
+                break
+            progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
+            if not tcfg.save_checkpoint_every:
+                evaluate_and_save()
+    except KeyboardInterrupt:
+        interrupted = True
+        if accelerator.is_main_process:
+            tqdm.write("interrupted: saving `last` before exiting")
+    if interrupted:
+        save_checkpoint(accelerator, model, run, progress)
+    elif progress.get("validated_step") != progress["step"]:
+        evaluate_and_save()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"{run}: {progress['step']} steps; best val CIDEr-D {progress['best']:.3f} at step {progress['best_step']}")
+    return 130 if interrupted else 0
+
+
+def broadcast_float(accelerator, value: float) -> float:
+    """The main process's value on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast
+    t = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(broadcast(t, from_process=0).item())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
