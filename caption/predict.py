@@ -1,0 +1,103 @@
+"""Caption any image with a trained run, and draw where it looked.
+
+    python -m caption.predict --run runs/shapes photo.jpg --attention attn.png
+    python -m caption.predict --run runs/shapes photos/ --beam_size 5 --attention figures/
+
+The backbone, its weights and the preprocessing come from the run's features manifest
+(the same resize and normalization featurize used), so captions match what training saw.
+A fine-tuned run's RUN/backbone.safetensors takes precedence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caption.evaluate import caption_features
+from caption.visualize import attention_figure
+from featurize.backbone import Backbone, BackboneConfig, BackboneError
+from featurize.images import ImageError, load_rgb, to_tensor
+from shards import load_manifest
+from shards.manifest import StoreError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
+    """The encoder that made the run's training features (or the run's fine-tuned one)."""
+    root = Path(cfg.data.features)
+    m = load_manifest(root / "train")
+    weights = m["weights"]
+    if (Path(run) / "backbone.safetensors").exists():
+        weights = str(Path(run) / "backbone.safetensors")
+    elif weights == "none":
+        weights = str(root / m["backbone_file"])
+    elif weights.startswith("imagenet"):
+        weights = "imagenet"
+    net = Backbone(BackboneConfig(m["backbone"], m["layer"], weights, m["grid"]))
+    return net, m
+
+
+def list_images(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: int = 20, attention: str | None = None,
+            checkpoint: str = "best") -> list[dict]:
+    """[{"image", "caption", "figure"}] for each image path (folders expanded)."""
+    from caption.train import load_decoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, vocab, cfg = load_decoder(run, checkpoint, device)
+    backbone, m = backbone_for_run(run, cfg)
+    backbone = backbone.to(device).freeze()
+    paths = list_images(images)
+    out = []
+    for path in paths:
+        image = load_rgb(path)
+        x = to_tensor(image, int(m["image_size"]))[None].to(device)  # (1, 3, S, S) uint8
+        grid = backbone(x).float().clamp(-65504, 65504).half()  # (1, g, g, C), fp16 like the cached grids
+        dec = caption_features(model, vocab, grid, beam_size, max_length)
+        words = vocab.decode(dec.tokens[0].tolist())
+        item = {"image": str(path), "caption": " ".join(words), "figure": None}
+        if attention:
+            target = Path(attention)
+            if len(paths) > 1 or target.suffix.lower() != ".png":
+                target = target / f"{path.stem}_attention.png"
+            alphas = dec.alphas[0].float().cpu().numpy() if dec.alphas is not None else np.zeros((len(words), m["grid"] ** 2))
+            item["figure"] = str(attention_figure(image, words, alphas, int(m["grid"]), target))
+        out.append(item)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m caption.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True)
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--beam_size", type=int, default=3)
+    p.add_argument("--max_length", type=int, default=20)
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--attention", default=None, help="PNG path (one image) or folder: attention figures")
+    a = p.parse_args(argv)
+    try:
+        for r in predict(a.run, a.images, a.beam_size, a.max_length, a.attention, a.checkpoint):
+            print(f"{r['image']}: {r['caption']}" + (f"  [{r['figure']}]" if r["figure"] else ""))
+    except (ImageError, BackboneError, StoreError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

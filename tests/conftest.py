@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny shapes world, featurized once per session (CPU, random weights)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """A 120-image shapes world at 64 px (96 train, 12 val, 12 test)."""
+    from featurize.synthetic import generate
+    out = tmp_path_factory.mktemp("shapes")
+    generate(out, num_images=120, seed=3, image_size=64, progress=False)
+    return out
+
+
+def tiny_args(shapes: Path, features: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--input_json", str(shapes / "dataset.json"),
+            "--features", str(features), *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_features(shapes, tmp_path_factory) -> Path:
+    """zarr features of every split of the tiny world (resnet18 layer3, random weights, 64 px)."""
+    import featurize.__main__ as fz
+    out = tmp_path_factory.mktemp("features")
+    assert fz.main(tiny_args(shapes, out, "--split", "all")) == 0
+    return out

@@ -1,0 +1,51 @@
+import pytest
+
+from caption import config as C
+
+
+def test_load_and_override(tmp_path):
+    import argparse
+    cfg, _ = C.parse(["--config", "configs/shapes.yaml", "--batch_size", "10", "--learning_rate", "5e-4",
+                      "--max_epochs", "25", "--checkpoint_path", "log_st", "--id", "st", "--finetune_layers", "layer3,layer4"],
+                     argparse.ArgumentParser(), ("data", "model", "train"))
+    assert cfg.train.batch_size == 10 and cfg.train.learning_rate == 5e-4 and cfg.train.max_epochs == 25
+    assert str(C.run_dir(cfg.train)) == "log_st/st"
+    assert cfg.train.finetune_layers == ["layer3", "layer4"]
+    assert cfg.featurize.backbone == "resnet18"  # from the YAML
+    C.save(cfg, tmp_path / "config.yaml")
+    assert C.load(tmp_path / "config.yaml") == cfg
+
+
+def test_shared_names_need_a_section():
+    import argparse
+    # batch_size exists in featurize and train: featurize's CLI sees only its own sections
+    cfg, _ = C.parse(["--config", "configs/shapes.yaml", "--batch_size", "3"], argparse.ArgumentParser(), ("data", "featurize"))
+    assert cfg.featurize.batch_size == 3
+    cfg, _ = C.parse(["--config", "configs/shapes.yaml", "--train.batch_size", "7", "--featurize.batch_size", "2"],
+                     argparse.ArgumentParser(), ("data", "featurize", "train"))
+    assert (cfg.train.batch_size, cfg.featurize.batch_size) == (7, 2)
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    import argparse
+    (tmp_path / "bad.yaml").write_text("train:\n  batchsize: 3\n")
+    with pytest.raises(C.ConfigError, match=r"bad.yaml: train: unknown key\(s\) batchsize"):
+        C.load(tmp_path / "bad.yaml")
+    (tmp_path / "bad2.yaml").write_text("trian: {}\n")
+    with pytest.raises(C.ConfigError, match=r"unknown section\(s\) trian"):
+        C.load(tmp_path / "bad2.yaml")
+    with pytest.raises(C.ConfigError, match="unknown option"):
+        C.parse(["--config", "configs/shapes.yaml", "--batch_sise", "3"], argparse.ArgumentParser(), ("train",))
+
+
+def test_typed_overrides():
+    import argparse
+    with pytest.raises(C.ConfigError, match="--batch_size: expected an integer"):
+        C.parse(["--config", "configs/shapes.yaml", "--batch_size", "ten"], argparse.ArgumentParser(), ("train",))
+    with pytest.raises(C.ConfigError, match="expected true or false"):
+        C.parse(["--config", "configs/shapes.yaml", "--resume", "maybe"], argparse.ArgumentParser(), ("train",))
+
+
+def test_every_shipped_config_loads():
+    for name in ("shapes", "coco", "tiny"):
+        C.load(f"configs/{name}.yaml")
