@@ -94,7 +94,10 @@ class Backbone(nn.Module):
         keep = STAGES[: STAGES.index(cfg.layer) + 1]
         ours = state is not None and any(k.startswith(("stem.", "stages.")) for k in state)
         if state is not None and not ours:  # a torchvision state dict (conv1.*, layer1.*, ..., fc.*)
-            missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+            try:
+                missing, _ = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+            except RuntimeError as e:  # shape mismatches
+                raise BackboneError(f"{cfg.weights}: not {cfg.arch} weights ({str(e).splitlines()[-1].strip()})") from None
             missing = [k for k in missing if k.split(".")[0] in ("conv1", "bn1", *keep)]
             if missing:
                 raise BackboneError(f"{cfg.weights}: not {cfg.arch} weights (missing {missing[0]} and {len(missing) - 1} more)")

@@ -1,0 +1,186 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import featurize.__main__ as fz
+from featurize.backbone import Backbone, BackboneConfig, BackboneError, channels
+from featurize.images import ImageError, load_rgb
+from shards import format as fmt
+from shards import load_manifest, open_store
+from shards.karpathy import load_split
+from tests.conftest import ROOT, tiny_args
+
+
+def records(root):
+    return list(open_store(root).iter_records())
+
+
+def test_end_to_end_zarr(shapes, tiny_features):
+    for split, n in (("train", 96), ("val", 12), ("test", 12)):
+        m = load_manifest(tiny_features / split)
+        assert m["count"] == n and m["backend"] == "zarr" and m["grid"] == 14 and m["channels"] == 256
+        assert m["backbone"] == "resnet18" and m["layer"] == "layer3" and m["weights"] == "none"
+        assert m["image_size"] == 64 and m["failures"] == [] and m["bn_calibration"]["images"] == 16
+        assert m["split"] == split and m["bytes_on_disk"] > 0
+    recs = records(tiny_features / "test")
+    entries = load_split(shapes / "dataset.json", "test")
+    assert [r["key"] for r in recs] == [e.key for e in entries]
+    assert [r["captions"] for r in recs] == [e.tokens for e in entries]
+    x = recs[0]["features"]
+    assert x.shape == (14, 14, 256) and x.dtype == np.float16 and np.isfinite(x).all()
+    # BatchNorm re-estimated: well scaled, not the 1e4-1e5 of a raw random ResNet
+    assert 0.01 < float(np.abs(x.astype(np.float32)).mean()) < 10
+    assert (tiny_features / "backbone.safetensors").exists()
+
+
+def test_wds_matches_zarr_and_batch_size_does_not_matter(shapes, tiny_features, tmp_path):
+    out = tmp_path / "f"
+    shutil.copy(tiny_features / "backbone.safetensors", tmp_path / "backbone.safetensors")
+    (out).mkdir()
+    for f in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(tiny_features / f, out / f)
+    assert fz.main(tiny_args(shapes, out, "--split", "test", "--format", "wds", "--batch_size", "1")) == 0
+    a, b = records(tiny_features / "test"), records(out / "test")
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra["features"].astype(np.float32), rb["features"].astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert load_manifest(out / "test")["backend"] == "wds"
+
+
+def make_broken_world(tmp_path) -> Path:
+    """A Karpathy file whose images cover what real data throws at a decoder."""
+    d = tmp_path / "world"
+    (d / "im").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    rgb.save(d / "im" / "ok.jpg")
+    rgb.convert("CMYK").save(d / "im" / "cmyk.jpg")
+    rgb.convert("L").save(d / "im" / "gray.png")
+    rgb.convert("RGBA").save(d / "im" / "alpha.png")
+    rgb.convert("P").save(d / "im" / "palette.gif")
+    Image.fromarray((rng.integers(0, 65535, (30, 30))).astype(np.uint16)).save(d / "im" / "sixteen.png")
+    rgb.save(d / "im" / "png_named.jpg", format="PNG")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(d / "im" / "tiny.jpg")
+    Image.new("RGB", (2000, 12), (9, 200, 9)).save(d / "im" / "wide.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    rgb.save(d / "im" / "exif.jpg", exif=exif)
+    full = (d / "im" / "ok.jpg").read_bytes()
+    (d / "im" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (d / "im" / "empty.jpg").write_bytes(b"")
+    (d / "im" / "text.jpg").write_text("not an image")
+    names = ["ok.jpg", "cmyk.jpg", "gray.png", "alpha.png", "palette.gif", "sixteen.png", "png_named.jpg", "tiny.jpg",
+             "wide.jpg", "exif.jpg", "truncated.jpg", "empty.jpg", "text.jpg", "missing.jpg"]
+    images = [{"filepath": "im", "filename": n, "imgid": i, "cocoid": i + 1, "split": "train",
+               "sentences": [{"tokens": ["a", "b"], "raw": "A b.", "imgid": i, "sentid": i}]} for i, n in enumerate(names)]
+    (d / "dataset.json").write_text(json.dumps({"dataset": "coco", "images": images}))
+    return d
+
+
+def test_robust_decoding_records_exactly_the_broken(tmp_path):
+    d = make_broken_world(tmp_path)
+    assert load_rgb(d / "im" / "exif.jpg").size == (48, 40)  # EXIF orientation applied: 40x48 -> 48x40
+    for n in ("cmyk.jpg", "gray.png", "alpha.png", "palette.gif", "sixteen.png", "png_named.jpg", "wide.jpg"):
+        assert load_rgb(d / "im" / n).mode == "RGB"
+    args = tiny_args(d, tmp_path / "f", "--split", "train", "--calibration_images", "4")
+    assert fz.main(args) == 0
+    m = load_manifest(tmp_path / "f" / "train")
+    failed = {f["filename"]: f["reason"] for f in m["failures"]}
+    assert set(failed) == {"im/truncated.jpg", "im/empty.jpg", "im/text.jpg", "im/missing.jpg"}
+    assert "empty file" in failed["im/empty.jpg"] and "no such file" in failed["im/missing.jpg"]
+    assert m["count"] == 10
+
+
+def test_strict_names_the_first_broken_file(tmp_path, capsys):
+    d = make_broken_world(tmp_path)
+    assert fz.main(tiny_args(d, tmp_path / "f", "--split", "train", "--strict", "true", "--calibration_images", "4")) == 1
+    assert "truncated.jpg" in capsys.readouterr().err
+
+
+def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(BackboneError, match=r"resnet18-f37072fd.pth .* at .*hub/checkpoints"):
+        Backbone(BackboneConfig("resnet18", "layer4", "imagenet"))
+
+
+def test_local_weights_file(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    bb = Backbone(BackboneConfig("resnet18", "layer4", str(tmp_path / "r18.pth")))
+    assert torch.equal(bb.stages["layer4"][0].conv1.weight, net.layer4[0].conv1.weight)
+    assert channels("resnet101", "layer4") == 2048 and channels("resnet50", "layer3") == 1024
+    out = bb(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert out.shape == (2, 14, 14, 512)  # 2x2 layer4 grid adaptive-pooled to 14x14
+    with pytest.raises(BackboneError, match="not resnet50 weights"):
+        Backbone(BackboneConfig("resnet50", "layer4", str(tmp_path / "r18.pth")))
+
+
+KILLABLE = """
+import sys, time
+sys.path.insert(0, {root!r})
+import featurize.extract as ex
+orig = ex.SplitImages.__getitem__
+def slow(self, i):
+    time.sleep({delay})
+    return orig(self, i)
+ex.SplitImages.__getitem__ = slow
+import featurize.__main__ as fz
+raise SystemExit(fz.main(sys.argv[1:]))
+"""
+
+
+def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_path):
+    out = tmp_path / "f"
+    out.mkdir()
+    for f in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(tiny_features / f, out / f)
+    script = tmp_path / "slow.py"
+    script.write_text(KILLABLE.format(root=str(ROOT), delay=0.05))
+    args = tiny_args(shapes, out, "--split", "train")
+    p = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "train" / "shards" / "000002.json").exists():
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "train" / "manifest.json").exists()
+    assert fz.main(args) == 0
+    a, b = records(tiny_features / "train"), records(out / "train")
+    assert len(a) == len(b) == 96 and all(fmt.equal(x, y) for x, y in zip(a, b))
+
+
+def test_two_process_featurize(shapes, tiny_features, tmp_path):
+    out = tmp_path / "f"
+    out.mkdir()
+    for f in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(tiny_features / f, out / f)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "featurize",
+                        *tiny_args(shapes, out, "--split", "val", "--shard_images", "4")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[rank 0]" in r.stderr and "[rank 1]" in r.stderr  # two processes really ran
+    a, b = records(tiny_features / "val"), records(out / "val")
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert fmt.meta(x) == fmt.meta(y)
+        np.testing.assert_allclose(x["features"].astype(np.float32), y["features"].astype(np.float32), rtol=2e-3, atol=2e-3)
