@@ -32,6 +32,9 @@ class DecoderConfig:
 State = dict[str, torch.Tensor]
 
 
+PER_IMAGE = ("features", "keys")  # state entries held once per image, shared by its G rows (captions or beams)
+
+
 class Attention(nn.Module):
     """f_att (Eq. 4-5): e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b), alpha_t = softmax(e_t)."""
 
@@ -45,8 +48,10 @@ class Attention(nn.Module):
         return self.key(features)  # (B, L, D) -> (B, L, A)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """alpha (B, L) from precomputed keys (B, L, A) and h_{t-1} (B, H)."""
-        e = self.score(torch.tanh(keys + self.query(h)[:, None, :])).squeeze(-1)  # (B, L, A) -> (B, L)
+        """alpha (B*G, L) from per-image keys (B, L, A) and h_{t-1} (B*G, H) of G rows per image."""
+        B, L, A = keys.shape
+        q = self.query(h).view(B, -1, 1, A)  # (B*G, H) -> (B, G, 1, A)
+        e = self.score(torch.tanh(keys[:, None] + q)).view(-1, L)  # (B, G, L, A) -> (B*G, L)
         return e.float().softmax(dim=-1).to(keys.dtype)
 
 
@@ -99,7 +104,10 @@ class Decoder(nn.Module):
             alpha_used = self._hard_alpha(alpha, state)
         else:
             alpha_used = alpha
-        context = torch.bmm(alpha_used[:, None, :], state["features"]).squeeze(1)  # (B, 1, L) @ (B, L, D) -> (B, D)
+        feats = state["features"]  # (B, L, D), once per image
+        B, L, D = feats.shape
+        # All G rows of an image attend over the same grid: one (G, L) @ (L, D) product per image.
+        context = torch.bmm(alpha_used.view(B, -1, L), feats).view(-1, D)  # (B, G, L) @ (B, L, D) -> (B*G, D)
         beta = torch.sigmoid(self.f_beta(state["h"]))  # (B, 1)
         return beta * context, alpha
 
@@ -146,7 +154,7 @@ class Decoder(nn.Module):
         Returns:
             logits (N, T, V) and alphas (N, T, L).
         """
-        state = expand_state(self.init_state(features), seq_per_img)  # keys projected once per image
+        state = expand_state(self.init_state(features), seq_per_img)  # grid and keys stay once per image
         N, T = tokens.shape
         if self.cfg.attention == "hard" and self.training:
             # Semi-sampling (Sec. 4.1): each caption uses the soft expectation with p=semi_sampling_p.
@@ -176,15 +184,17 @@ class Decoder(nn.Module):
 
 
 def expand_state(state: State, n: int) -> State:
-    """Repeat every per-image tensor n times along dim 0 (captions or beams of one image)."""
+    """n rows per current row (captions or beams of one image); per-image entries stay shared."""
     if n == 1:
         return dict(state)
-    return {k: v.repeat_interleave(n, dim=0) if torch.is_tensor(v) else v for k, v in state.items()}
+    return {k: v.repeat_interleave(n, dim=0) if torch.is_tensor(v) and k not in PER_IMAGE else v
+            for k, v in state.items()}
 
 
 def select_state(state: State, index: torch.Tensor) -> State:
-    """Reorder every per-row tensor of a state (beam search's backpointers)."""
-    return {k: v.index_select(0, index) if torch.is_tensor(v) else v for k, v in state.items()}
+    """Reorder the per-row tensors (beam search's backpointers, which stay within an image)."""
+    return {k: v.index_select(0, index) if torch.is_tensor(v) and k not in PER_IMAGE else v
+            for k, v in state.items()}
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, pad_id: int,

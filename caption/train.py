@@ -214,6 +214,7 @@ def train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_batches
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         progress["batch"] += 1
+        progress["batches_total"] = progress.get("batches_total", 0) + 1
         caps += tokens.shape[0]
         bar.update(1)
         if accelerator.sync_gradients:
@@ -254,6 +255,7 @@ def train(cfg: C.Config) -> int:
     train_manifest = load_manifest(features_dir(cfg, "train"))
     load_manifest(features_dir(cfg, "val"))  # fail now, not at the first validation
     vocab = build_vocab(cfg, run, accelerator)
+    set_seed(tcfg.seed)  # before the model's random init
     model, cfg = build_model(cfg, vocab, train_manifest)
     state_dir = resume_dir(run) if tcfg.resume else None
     if tcfg.resume and state_dir is None:
@@ -270,7 +272,6 @@ def train(cfg: C.Config) -> int:
         model.load_state_dict(weights)
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
-    set_seed(tcfg.seed)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     n_per_epoch = len(train_manifest["shards"]) and train_manifest["count"] // (tcfg.batch_size * world)
@@ -291,6 +292,10 @@ def train(cfg: C.Config) -> int:
         progress = json.loads((state_dir / "progress.json").read_text())
         if progress["batch"] >= n_per_epoch:
             progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
+    if accelerator.is_main_process:
+        print(f"{run}: {world} process(es) on {accelerator.device}, {n_per_epoch} batches of {tcfg.batch_size} images "
+              f"x {tcfg.seq_per_img} captions per epoch per process ({train_manifest['backend']} features)", flush=True)
+    seen_before = progress.get("batches_total", 0)
     accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
                                                  if isinstance(v, (int, float, str, bool))})
     metrics_path = run / "metrics.jsonl"
@@ -341,6 +346,7 @@ def train(cfg: C.Config) -> int:
     elif progress.get("validated_step") != progress["step"]:
         evaluate_and_save()
     accelerator.end_training()
+    print(f"rank {rank}/{world}: {progress.get('batches_total', 0) - seen_before} batches this run", flush=True)
     if accelerator.is_main_process:
         print(f"{run}: {progress['step']} steps; best val CIDEr-D {progress['best']:.3f} at step {progress['best_step']}")
     return 130 if interrupted else 0

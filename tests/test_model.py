@@ -1,0 +1,90 @@
+import torch
+
+from caption.model import Decoder, DecoderConfig, sequence_loss
+
+B, S, L, D, V, T = 3, 2, 196, 24, 11, 7
+
+
+def tiny(attention="soft", dropout=0.0):
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(vocab_size=V, feature_dim=D, embed_dim=8, hidden_dim=16, attn_dim=12,
+                                 dropout=dropout, attention=attention))
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(B, 14, 14, D, generator=g)
+    tokens = torch.randint(4, V, (B * S, T), generator=g)
+    tokens[:, 0] = 1  # <bos>
+    targets = torch.randint(4, V, (B * S, T), generator=g)
+    targets[0, 4:] = 0  # a short caption, padded
+    targets[0, 3] = 2
+    return features, tokens, targets
+
+
+def test_shapes_and_attention_sums_to_one():
+    model = tiny()
+    features, tokens, _ = batch()
+    logits, alphas = model(features, tokens, seq_per_img=S)
+    assert logits.shape == (B * S, T, V) and alphas.shape == (B * S, T, L)
+    torch.testing.assert_close(alphas.sum(-1), torch.ones(B * S, T))
+    state = model.init_state(features)
+    assert state["features"].shape == (B, L, D) and state["keys"].shape == (B, L, 12)
+    assert state["h"].shape == state["c"].shape == (B, 16)
+    logp, state = model.step(torch.ones(B, dtype=torch.long), state)
+    assert logp.shape == (B, V) and state["alpha"].shape == (B, L)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(B))
+
+
+def test_keys_projected_once_per_image():
+    model = tiny()
+    rows = []
+    model.attention.key.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    features, tokens, _ = batch()
+    model(features, tokens, seq_per_img=S)
+    assert rows == [B]  # one projection of B images, not B*S captions x T steps
+
+
+def test_scalar_gate_and_deep_output():
+    model = tiny()
+    assert model.f_beta.out_features == 1  # beta is a scalar per step (Sec. 4.2.1), not a D-wide vector
+    assert model.L_h.out_features == model.L_z.out_features == model.L_o.in_features == 8
+
+
+def test_loss_ignores_padding():
+    model = tiny()
+    features, tokens, targets = batch()
+    logits, alphas = model(features, tokens, seq_per_img=S)
+    total, xent, ntok = sequence_loss(logits, targets, alphas, pad_id=0, alpha_c=1.0)
+    assert ntok.item() == (targets != 0).sum().item()
+    logits2, alphas2 = logits.clone(), alphas.clone()
+    logits2[0, 4:] = torch.randn_like(logits2[0, 4:]) * 100  # pad positions
+    alphas2[0, 4:] = torch.rand_like(alphas2[0, 4:])
+    total2, xent2, _ = sequence_loss(logits2, targets, alphas2, pad_id=0, alpha_c=1.0)
+    torch.testing.assert_close(total, total2)
+    torch.testing.assert_close(xent, xent2)
+    # the regularizer: lambda * sum_i (1 - sum_t alpha_ti)^2 over real steps
+    mask = (targets != 0).float()
+    reg = ((1 - (alphas * mask[..., None]).sum(1)) ** 2).sum()
+    torch.testing.assert_close(total - xent, reg)
+
+
+def test_teacher_forcing_equals_stepping():
+    model = tiny().eval()
+    features, tokens, _ = batch()
+    logits, alphas = model(features, tokens, seq_per_img=S)
+    state = model.init_state(features)
+    state = {k: v.repeat_interleave(S, 0) for k, v in state.items()}
+    for t in range(T):
+        logp, state = model.step(tokens[:, t], state)
+        torch.testing.assert_close(logp, logits[:, t].log_softmax(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state["alpha"], alphas[:, t], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny(dropout=0.5).train()
+    features, tokens, targets = batch()
+    logits, alphas = model(features, tokens, seq_per_img=S)
+    total, _, ntok = sequence_loss(logits, targets, alphas, 0, 1.0)
+    (total / ntok).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

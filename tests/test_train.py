@@ -1,0 +1,81 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caption import train
+from caption.train import TrainError, load_decoder
+from tests.conftest import ROOT, tiny_args
+
+
+def run_args(shapes, features, run, *extra):
+    return tiny_args(shapes, features, "--checkpoint_path", str(run), *extra)
+
+
+def test_train_writes_a_run(shapes, tiny_features, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(run_args(shapes, tiny_features, run, "--max_epochs", "1")) == 0
+    for f in ("config.yaml", "vocab.json", "best.safetensors", "last.safetensors", "metrics.jsonl", "state/progress.json"):
+        assert (run / f).exists(), f
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_CIDEr" in r for r in rows) and any("loss" in r for r in rows)
+    model, vocab, cfg = load_decoder(run)
+    assert cfg.model.feature_dim == 256 and cfg.model.vocab_size == len(vocab)
+    assert list(run.glob("tb/**/events.out.tfevents*"))
+    # a second run into the same folder without --resume is refused
+    assert train.main(run_args(shapes, tiny_features, run)) == 1
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_resume_equals_uninterrupted(shapes, tiny_features, tmp_path):
+    common = ("--dropout", "0.3", "--max_epochs", "3", "--save_checkpoint_every", "0")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(run_args(shapes, tiny_features, a, *common, "--max_steps", "30")) == 0
+    assert train.main(run_args(shapes, tiny_features, b, *common, "--max_steps", "15")) == 0  # 15 = mid-epoch (24 per epoch)
+    progress = json.loads((b / "state" / "progress.json").read_text())
+    assert progress["step"] == 15 and progress["batch"] == 15
+    assert train.main(run_args(shapes, tiny_features, b, *common, "--max_steps", "30", "--resume", "true")) == 0
+    wa, wb = load_file(str(a / "last.safetensors")), load_file(str(b / "last.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_guards(shapes, tiny_features, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(run_args(shapes, tmp_path / "nofeatures", run)) == 1
+    assert "no such features folder" in capsys.readouterr().err
+    assert train.main(run_args(shapes, tiny_features, run, "--learning_rate", "1e30", "--grad_clip", "0", "--max_epochs", "1")) == 1
+    assert "loss is" in capsys.readouterr().err
+    ok = tmp_path / "ok"
+    assert train.main(run_args(shapes, tiny_features, ok, "--max_steps", "2")) == 0
+    words = json.loads((ok / "vocab.json").read_text())
+    (ok / "vocab.json").write_text(json.dumps(words + ["extra"]))
+    with pytest.raises(TrainError, match="vocabulary"):
+        load_decoder(ok)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_two_process_training(shapes, tiny_features, tmp_path, backend):
+    features = tiny_features
+    if backend == "wds":
+        from shards.__main__ import convert
+        features = tmp_path / "wds"
+        for split in ("train", "val"):
+            convert(tiny_features / split, features / split, "wds", shard_size=16)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = "29531" if backend == "zarr" else "29532"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", port, str(ROOT / "caption" / "train.py"),
+                        *run_args(shapes, features, tmp_path / "run", "--max_epochs", "2", "--num_workers", "0")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "2 process(es)" in out
+    counts = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert counts == ["rank 0/2: 24 batches this run", "rank 1/2: 24 batches this run"]  # 96 images / (4 x 2) x 2 epochs
+    assert (tmp_path / "run" / "best.safetensors").exists()
