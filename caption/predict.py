@@ -19,7 +19,8 @@ import torch
 
 from caption.evaluate import caption_features
 from caption.visualize import attention_figure
-from featurize.backbone import Backbone, BackboneConfig, BackboneError
+from caption.finetune import backbone_from_manifest
+from featurize.backbone import Backbone, BackboneError
 from featurize.images import ImageError, load_rgb, to_tensor
 from shards import load_manifest
 from shards.manifest import StoreError
@@ -28,18 +29,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
-    """The encoder that made the run's training features (or the run's fine-tuned one)."""
+    """The encoder that made the run's training features, or the run's fine-tuned one."""
     root = Path(cfg.data.features)
     m = load_manifest(root / "train")
-    weights = m["weights"]
-    if (Path(run) / "backbone.safetensors").exists():
-        weights = str(Path(run) / "backbone.safetensors")
-    elif weights == "none":
-        weights = str(root / m["backbone_file"])
-    elif weights.startswith("imagenet"):
-        weights = "imagenet"
-    net = Backbone(BackboneConfig(m["backbone"], m["layer"], weights, m["grid"]))
-    return net, m
+    return backbone_from_manifest(m, root, override=Path(run) / "backbone.safetensors"), m
 
 
 def list_images(paths: list[str]) -> list[Path]:

@@ -35,6 +35,7 @@ from caption.data import train_batches
 from caption.model import Decoder, sequence_loss
 from caption.vocab import Vocab, build_from_split_file
 from shards import load_manifest
+from shards.karpathy import DatasetError, load_split
 from shards.manifest import StoreError
 
 
@@ -46,7 +47,8 @@ class TrainError(RuntimeError):
 def build_accelerator(tcfg: C.TrainConfig, run: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    kwargs = {}
+    from accelerate.utils import DistributedDataParallelKwargs
+    kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=tcfg.finetune and tcfg.finetune_start > 0)]}
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # the launcher's --mixed_precision wins
         kwargs["mixed_precision"] = tcfg.mixed_precision
     return Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
@@ -104,6 +106,11 @@ def check_compatible(run: Path, cfg: C.Config, vocab: Vocab, weights: dict) -> N
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Decoder weights as safetensors; a fine-tuning Captioner also writes its backbone beside them
+    (best -> backbone.safetensors, last -> backbone_last.safetensors)."""
+    if hasattr(model, "decoder"):
+        model.backbone.save(path.with_name("backbone.safetensors" if path.stem == "best" else "backbone_last.safetensors"))
+        model = model.decoder
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
@@ -166,14 +173,21 @@ def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val"
     from caption.metrics import score
     from caption.data import eval_records
 
-    root = features_dir(cfg, split)
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    recs = eval_records(root, accelerator.process_index, accelerator.num_processes, cfg.train.val_images_use)
+    rank, world, limit = accelerator.process_index, accelerator.num_processes, cfg.train.val_images_use
+    if cfg.train.finetune:  # grids from the backbone as it is now
+        from caption.finetune import image_records
+        entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)
+        entries = entries[:limit] if limit >= 0 else entries
+        recs = image_records(entries[rank::world], C.images_root(cfg.data), net.image_size, net.backbone, accelerator.device)
+        net = net.decoder
+    else:
+        recs = eval_records(features_dir(cfg, split), rank, world, limit)
     mine = decode_records(net, vocab, recs, device=accelerator.device, beam_size=1, batch_size=64)
     allres = gather_object(mine)
-    net.train(was_training)
+    accelerator.unwrap_model(model).train(was_training)
     if not accelerator.is_main_process:
         return {}
     results = {r["image_id"]: r["caption"] for r in allres}
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = C.parse(argv, parser, ("data", "model", "train"))
         return train(cfg)
-    except (C.ConfigError, StoreError, TrainError, ValueError) as e:
+    except (C.ConfigError, StoreError, TrainError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -266,20 +280,32 @@ def train(cfg: C.Config) -> int:
         saved = C.load(run / "config.yaml")
         if saved.model != cfg.model:
             raise TrainError(f"{run / 'config.yaml'}: model settings differ from this command's; resume with the same model")
+    if tcfg.finetune and not tcfg.init_from:
+        raise TrainError("--finetune needs --init_from RUN: a cached-feature run whose decoder and vocabulary it starts from")
     if tcfg.init_from and not tcfg.resume:
         weights = load_file(str(Path(tcfg.init_from) / "best.safetensors"))
         check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
         model.load_state_dict(weights)
+    if tcfg.finetune:
+        from caption.finetune import Captioner, backbone_from_manifest
+        backbone = backbone_from_manifest(train_manifest, cfg.data.features)
+        model = Captioner(backbone, model, list(tcfg.finetune_layers), tcfg.freeze_bn, tcfg.activation_checkpointing)
+        model.image_size = int(train_manifest["image_size"])
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    n_per_epoch = len(train_manifest["shards"]) and train_manifest["count"] // (tcfg.batch_size * world)
+    n_per_epoch = train_manifest["count"] // (tcfg.batch_size * world)
     if n_per_epoch == 0:
         raise TrainError(f"{features_dir(cfg, 'train')}: {train_manifest['count']} images cannot fill a batch of "
                          f"{tcfg.batch_size} on {world} process(es)")
     steps_per_epoch = max(1, n_per_epoch // tcfg.gradient_accumulation_steps)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
+    if tcfg.finetune:  # the backbone's blocks at their own learning rate and weight decay
+        groups = [{"params": list(model.decoder.parameters())},
+                  {"params": model.backbone_params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay}]
+    else:
+        groups = [{"params": list(model.parameters())}]
+    optimizer = torch.optim.Adam(groups, lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
                                  eps=tcfg.optim_epsilon, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -319,17 +345,17 @@ def train(cfg: C.Config) -> int:
         save_checkpoint(accelerator, model, run, progress)
 
     def on_step() -> None:
+        if tcfg.finetune:
+            accelerator.unwrap_model(model).backbone_trains = progress["step"] >= tcfg.finetune_start
         if tcfg.save_checkpoint_every and progress["step"] % tcfg.save_checkpoint_every == 0:
             evaluate_and_save()
 
     interrupted = False
     try:
+        if tcfg.finetune and progress["step"] == 0 and state_dir is None:
+            evaluate_and_save()  # step 0: the cached run's decoder on grids from the same backbone
         while progress["epoch"] < tcfg.max_epochs:
-            _, batches = train_batches(features_dir(cfg, "train"), vocab, batch_size=tcfg.batch_size,
-                                       seq_per_img=tcfg.seq_per_img, max_length=tcfg.max_length, seed=tcfg.seed,
-                                       epoch=progress["epoch"], rank=rank, world=world, num_workers=tcfg.num_workers,
-                                       shuffle_buffer=tcfg.shuffle_buffer, start=progress["batch"],
-                                       pin_memory=accelerator.device.type == "cuda")
+            batches = make_batches(cfg, vocab, progress, rank, world, accelerator.device.type == "cuda")
             finished = train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_per_epoch, vocab, cfg,
                                        progress, log, on_step)
             if not finished:
@@ -350,6 +376,22 @@ def train(cfg: C.Config) -> int:
     if accelerator.is_main_process:
         print(f"{run}: {progress['step']} steps; best val CIDEr-D {progress['best']:.3f} at step {progress['best_step']}")
     return 130 if interrupted else 0
+
+
+def make_batches(cfg: C.Config, vocab: Vocab, progress: dict, rank: int, world: int, pin: bool):
+    """This epoch's batches from `progress["batch"]` on: cached grids, or images when fine-tuning."""
+    tcfg = cfg.train
+    common = dict(batch_size=tcfg.batch_size, seq_per_img=tcfg.seq_per_img, max_length=tcfg.max_length, seed=tcfg.seed,
+                  epoch=progress["epoch"], rank=rank, world=world, num_workers=tcfg.num_workers, start=progress["batch"],
+                  pin_memory=pin)
+    if tcfg.finetune:
+        from caption.finetune import image_batches
+        from shards import open_store
+        store = open_store(features_dir(cfg, "train"))
+        keys = {r["key"] for r in store.records}  # the images the cached run trained on (no failures, --limit)
+        entries = [e for e in load_split(cfg.data.input_json, "train", cfg.data.restval_in_train) if e.key in keys]
+        return image_batches(entries, C.images_root(cfg.data), int(store.manifest["image_size"]), vocab, **common)[1]
+    return train_batches(features_dir(cfg, "train"), vocab, shuffle_buffer=tcfg.shuffle_buffer, **common)[1]
 
 
 def broadcast_float(accelerator, value: float) -> float:

@@ -1,0 +1,114 @@
+"""Featurize benchmark: our pipeline vs the model's compute limit vs a naive per-image loop.
+
+    python -m bench.featurize                                      # CPU: ResNet-18 to layer3, 224 px
+    python -m bench.featurize --backbone resnet101 --layer layer4 --image_size 448 --num 4096 \\
+        --batch_size 128 --num_workers 14 --precision bf16        # a GPU
+
+In one run, on the same synthetic JPEGs and the same model:
+  pipeline   images/s of `featurize_split` end to end (decode, resize, forward, fp16, write);
+  compute    images/s of the forward pass alone on batches already on the device;
+  naive      images/s of prepro_feats.py's pattern: PIL load, one image through the model, np.save.
+Efficiency = pipeline / compute (decode and writes hidden behind compute when ~1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from caption.config import DataConfig, FeaturizeConfig
+from featurize.backbone import Backbone, BackboneConfig
+from featurize.extract import autocast, featurize_split
+from featurize.images import load_rgb, to_tensor
+
+
+def make_images(folder: Path, n: int, size: int) -> Path:
+    """n random-texture JPEGs (COCO-like 640x480) and a Karpathy file listing them as train."""
+    (folder / "im").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = [Image.fromarray(rng.integers(0, 255, (480 // 8, 640 // 8, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
+            for _ in range(16)]
+    images = []
+    for i in range(n):
+        base[i % 16].save(folder / "im" / f"{i}.jpg", quality=90)
+        images.append({"filepath": "im", "filename": f"{i}.jpg", "imgid": i, "cocoid": i, "split": "train",
+                       "sentences": [{"tokens": ["x"], "raw": "x", "imgid": i, "sentid": i}]})
+    (folder / "dataset.json").write_text(json.dumps({"dataset": "bench", "images": images}))
+    return folder / "dataset.json"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.featurize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--layer", default="layer3")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--num", type=int, default=160)
+    p.add_argument("--naive_num", type=int, default=48)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--num_workers", type=int, default=1)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--format", default="zarr")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        js = make_images(tmp / "data", a.num, a.image_size)
+        net = Backbone(BackboneConfig(a.backbone, a.layer, "none")).to(device).freeze()
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        fcfg = FeaturizeConfig(backbone=a.backbone, layer=a.layer, weights="none", image_size=a.image_size,
+                               batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=256)
+        # compute limit: forward on a batch already on the device
+        x = torch.randint(0, 255, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(device, a.precision):
+            for _ in range(2):
+                net(x)
+            sync(device)
+            reps = max(2, a.num // a.batch_size)
+            t = time.perf_counter()
+            for _ in range(reps):
+                y = net(x).float().half()
+            sync(device)
+            compute = reps * a.batch_size / (time.perf_counter() - t)
+        # our pipeline, end to end (warm-up pass on a small slice first)
+        dcfg = DataConfig(input_json=str(js), features=str(tmp / "f"), format=a.format)
+        featurize_split(dcfg, FeaturizeConfig(**{**fcfg.__dict__, "limit": a.batch_size}), "train", net, {}, progress=False)
+        dcfg = DataConfig(input_json=str(js), features=str(tmp / "g"), format=a.format)
+        t = time.perf_counter()
+        featurize_split(dcfg, fcfg, "train", net, {}, progress=False)
+        pipeline = a.num / (time.perf_counter() - t)
+        # naive: one image at a time, as prepro_feats.py
+        out = tmp / "naive"
+        out.mkdir()
+        t = time.perf_counter()
+        with torch.inference_mode(), autocast(device, a.precision):
+            for i in range(a.naive_num):
+                im = to_tensor(load_rgb(tmp / "data" / "im" / f"{i}.jpg"), a.image_size)[None].to(device)
+                np.save(out / f"{i}.npy", net(im)[0].float().cpu().numpy().astype(np.float16))
+        sync(device)
+        naive = a.naive_num / (time.perf_counter() - t)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, precision {a.precision}")
+    print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
+    print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
+    print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")
+    print(f"efficiency pipeline/compute = {pipeline / compute:.2f};  pipeline/naive = {pipeline / naive:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
