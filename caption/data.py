@@ -1,7 +1,8 @@
 """Training batches over the feature store: each image's grid read once, all its captions with it.
 
 A batch is {"features" (B, L, D) float16, "tokens" (B*S, T) inputs <bos> w1..wn,
-"targets" (B*S, T) w1..wn <eos>, both <pad>-padded, "image_id" (B,), "index" (B,)},
+"targets" (B*S, T) w1..wn <eos>, both <pad>-padded, "image_id" (B,), "index" (B,),
+"refs" (B lists of all reference token lists), "keys" (B,)},
 where image b owns caption rows b*S .. b*S+S-1 (S = seq_per_img). Images with more than
 S captions contribute a seeded random S of them, images with fewer repeat theirs.
 
@@ -36,7 +37,7 @@ def encode_record(rec: Record, vocab: Vocab, seq_per_img: int, max_length: int, 
     g, _, c = rec["features"].shape
     caps = [vocab.encode(c_, max_length) for c_ in pick_captions(rec["captions"], seq_per_img, rng)]
     return {"features": torch.from_numpy(rec["features"].reshape(g * g, c)),  # (g, g, D) -> (L, D)
-            "captions": caps, "image_id": int(rec["image_id"])}
+            "captions": caps, "image_id": int(rec["image_id"]), "refs": rec["captions"], "key": rec["key"]}
 
 
 def collate(items: list[dict], vocab: Vocab) -> dict:
@@ -53,7 +54,9 @@ def collate(items: list[dict], vocab: Vocab) -> dict:
     return {"features": torch.stack([it["features"] for it in items]),  # (B, L, D)
             "tokens": tokens, "targets": targets,
             "image_id": torch.tensor([it["image_id"] for it in items]),
-            "index": torch.tensor([it.get("index", -1) for it in items])}
+            "index": torch.tensor([it.get("index", -1) for it in items]),
+            "refs": [it.get("refs") for it in items],  # every reference token list (self-critical rewards)
+            "keys": [it.get("key") for it in items]}
 
 
 class CaptionedFeatures(Dataset):

@@ -95,7 +95,7 @@ class CaptionedImages(Dataset):
             image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         caps = [self.vocab.encode(c, self.max_length) for c in pick_captions(e.tokens, self.seq_per_img, rng)]
-        return {"features": image, "captions": caps, "image_id": e.image_id, "index": i}
+        return {"features": image, "captions": caps, "image_id": e.image_id, "index": i, "refs": e.tokens, "key": e.key}
 
 
 def image_batches(entries: list[ImageEntry], root: str | Path, image_size: int, vocab: Vocab, *, batch_size: int,

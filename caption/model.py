@@ -78,6 +78,8 @@ class Decoder(nn.Module):
         self.L_z = nn.Linear(D, E)
         self.L_o = nn.Linear(E, cfg.vocab_size)
         self.drop = nn.Dropout(cfg.dropout)
+        self.hard_logp: torch.Tensor | None = None  # set by a hard-attention training forward
+        self.hard_mask: torch.Tensor | None = None
 
     # ---- decoding interface: init_state once per image, then step -------------------
     def init_state(self, features: torch.Tensor) -> State:
@@ -120,7 +122,7 @@ class Decoder(nn.Module):
         idx = torch.multinomial(alpha.detach().float(), 1)  # (B, 1)
         onehot = torch.zeros_like(alpha).scatter_(1, idx, 1.0)  # (B, L)
         logp = torch.log(alpha.gather(1, idx).squeeze(1).clamp_min(1e-12))  # (B,)
-        state.setdefault("hard_logp", []).append(logp * state["hard_mask"])  # type: ignore[union-attr]
+        state.setdefault("hard_logp", []).append(logp * state["hard_mask"])  # type: ignore[arg-type]
         mask = state["hard_mask"][:, None]  # (B, 1)
         return torch.where(mask, onehot, alpha)
 
@@ -179,7 +181,9 @@ class Decoder(nn.Module):
         else:
             # The deep output for all T steps in one batched matmul.
             logits = self.output(emb, torch.stack(hs, dim=1), torch.stack(zs, dim=1))  # (N, T, V)
-        self.last_hard_logp = state.get("hard_logp")
+        # Hard attention: log p(s_t | a) of the sampled locations (N, T), for the REINFORCE term.
+        self.hard_logp = torch.stack(state["hard_logp"], dim=1) if state.get("hard_logp") else None
+        self.hard_mask = state.get("hard_mask")
         return logits, torch.stack(alphas, dim=1)  # (N, T, L)
 
 

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from caption import config as C
 from caption.data import train_batches
-from caption.model import Decoder, sequence_loss
+from caption.model import Decoder
+from caption.objective import Objective
 from caption.vocab import Vocab, build_from_split_file
 from shards import load_manifest
 from shards.karpathy import DatasetError, load_split
@@ -145,7 +146,7 @@ def save_checkpoint(accelerator, model, run: Path, progress: dict) -> None:
     accelerator.wait_for_everyone()  # save_state has no barrier at its end
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress))
-        save_weights(accelerator.unwrap_model(model), run / "last.safetensors")
+        save_weights(accelerator.unwrap_model(model).net, run / "last.safetensors")
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
@@ -173,7 +174,7 @@ def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val"
     from caption.metrics import score
     from caption.data import eval_records
 
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model).net
     was_training = net.training
     net.eval()
     rank, world, limit = accelerator.process_index, accelerator.num_processes, cfg.train.val_images_use
@@ -203,21 +204,22 @@ def train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_batches
     tcfg = cfg.train
     model.train()
     p_ss = ss_prob(tcfg, progress["epoch"])
+    scst = 0 <= tcfg.self_critical_after <= progress["epoch"]
     bar = tqdm(total=n_batches, initial=progress["batch"], desc=f"epoch {progress['epoch']}", unit="batch",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     t0, caps = time.perf_counter(), 0
     for batch in batches:
-        features = batch["features"].to(accelerator.device, non_blocking=True)
+        features = batch["features"].to(accelerator.device, non_blocking=True)  # grids, or images when fine-tuning
         tokens = batch["tokens"].to(accelerator.device, non_blocking=True)
         targets = batch["targets"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits, alphas = model(features, tokens, seq_per_img=tcfg.seq_per_img, ss_prob=p_ss)
-            total, xent, ntok = sequence_loss(logits, targets, alphas, vocab.pad_id, tcfg.alpha_c)
-            # Token count over every process: each token weighs the same however the batch was split.
-            # DDP averages gradients over processes, hence the x world.
-            global_tokens = accelerator.reduce(ntok.detach().float(), reduction="sum")
-            loss = total * accelerator.num_processes / global_tokens
+                total, norm, stats = model(features, tokens, targets, ss_prob=p_ss, refs=batch["refs"],
+                                           keys=batch["keys"], scst=scst)
+            # Normalizer (tokens, or sampled captions) over every process: each weighs the same however
+            # the batch was split. DDP averages gradients over processes, hence the x world.
+            global_norm = accelerator.reduce(norm.detach().float().reshape(1), reduction="sum")[0]
+            loss = total * accelerator.num_processes / global_norm
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at step {progress['step']} (epoch {progress['epoch']}); "
                                  "lower --learning_rate, check the features with `python -m shards verify`")
@@ -235,9 +237,11 @@ def train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_batches
             progress["step"] += 1
             if progress["step"] % tcfg.log_every == 0:
                 rate = caps * accelerator.num_processes / (time.perf_counter() - t0)
-                x = accelerator.reduce(xent.detach(), "sum") / global_tokens
                 row = {"step": progress["step"], "epoch": progress["epoch"], "loss": loss.item() / accelerator.num_processes,
-                       "xent": x.item(), "lr": scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
+                       "lr": scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
+                for k, v in stats.items():  # xent per token; SCST reward and greedy CIDEr-D; hard-attention baseline
+                    v = accelerator.reduce(v.detach().float().reshape(1).to(accelerator.device), "sum")[0]
+                    row[k] = (v / global_norm if k == "xent" else v / accelerator.num_processes).item()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", cap_s=f"{rate:.0f}")
                 log(row)
                 t0, caps = time.perf_counter(), 0
@@ -291,6 +295,7 @@ def train(cfg: C.Config) -> int:
         backbone = backbone_from_manifest(train_manifest, cfg.data.features)
         model = Captioner(backbone, model, list(tcfg.finetune_layers), tcfg.freeze_bn, tcfg.activation_checkpointing)
         model.image_size = int(train_manifest["image_size"])
+    net = model
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
 
@@ -301,10 +306,15 @@ def train(cfg: C.Config) -> int:
                          f"{tcfg.batch_size} on {world} process(es)")
     steps_per_epoch = max(1, n_per_epoch // tcfg.gradient_accumulation_steps)
     if tcfg.finetune:  # the backbone's blocks at their own learning rate and weight decay
-        groups = [{"params": list(model.decoder.parameters())},
-                  {"params": model.backbone_params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay}]
+        groups = [{"params": list(net.decoder.parameters())},
+                  {"params": net.backbone_params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay}]
     else:
-        groups = [{"params": list(model.parameters())}]
+        groups = [{"params": list(net.parameters())}]
+    model = Objective(net, vocab, tcfg.alpha_c, tcfg.seq_per_img)
+    if tcfg.self_critical_after >= 0:
+        from caption.scst import CiderD
+        model.cider = CiderD(train_references(cfg))  # document frequencies of the training references, once
+        model.scst_cfg = {"sample_n": tcfg.sc_sample_n, "baseline": tcfg.sc_baseline, "max_length": tcfg.max_length}
     optimizer = torch.optim.Adam(groups, lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
                                  eps=tcfg.optim_epsilon, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
@@ -339,14 +349,14 @@ def train(cfg: C.Config) -> int:
             tqdm.write(f"step {progress['step']}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}")
             if scores["CIDEr"] > progress["best"]:
                 progress.update(best=scores["CIDEr"], best_step=progress["step"])
-                save_weights(accelerator.unwrap_model(model), run / "best.safetensors")
+                save_weights(accelerator.unwrap_model(model).net, run / "best.safetensors")
         progress["best"] = broadcast_float(accelerator, progress["best"])
         progress["validated_step"] = progress["step"]
         save_checkpoint(accelerator, model, run, progress)
 
     def on_step() -> None:
         if tcfg.finetune:
-            accelerator.unwrap_model(model).backbone_trains = progress["step"] >= tcfg.finetune_start
+            accelerator.unwrap_model(model).net.backbone_trains = progress["step"] >= tcfg.finetune_start
         if tcfg.save_checkpoint_every and progress["step"] % tcfg.save_checkpoint_every == 0:
             evaluate_and_save()
 
@@ -376,6 +386,12 @@ def train(cfg: C.Config) -> int:
     if accelerator.is_main_process:
         print(f"{run}: {progress['step']} steps; best val CIDEr-D {progress['best']:.3f} at step {progress['best_step']}")
     return 130 if interrupted else 0
+
+
+def train_references(cfg: C.Config) -> list[list[list[str]]]:
+    """Every training image's reference token lists (the CIDEr-D document frequencies come from these)."""
+    from shards import open_store
+    return [r["captions"] for r in open_store(features_dir(cfg, "train")).records]
 
 
 def make_batches(cfg: C.Config, vocab: Vocab, progress: dict, rank: int, world: int, pin: bool):

@@ -1,0 +1,72 @@
+"""What one training step computes, as a module: DDP then sees exactly one forward per step.
+
+Three objectives over the same decoder (or fine-tuning Captioner):
+  cross entropy   summed over non-pad tokens + lambda * the doubly stochastic regularizer (Eq. 14);
+  hard attention  the same, plus REINFORCE for the sampled locations with a moving-average
+                  baseline of the caption log-likelihood and an entropy bonus (Sec. 4.1, Eq. 12);
+  self-critical   policy gradient with a CIDEr-D reward (caption/scst.py).
+`forward` returns (summed loss, normalizer, stats): the loop divides by the normalizer summed
+over processes, so every token (or sampled caption) weighs the same however a batch is split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from caption.model import Decoder, sequence_loss
+from caption.vocab import Vocab
+
+
+class Objective(nn.Module):
+    def __init__(self, net: nn.Module, vocab: Vocab, alpha_c: float = 1.0, seq_per_img: int = 5):
+        super().__init__()
+        self.net = net  # a Decoder, or a Captioner (backbone + decoder) when fine-tuning
+        self.vocab, self.alpha_c, self.seq_per_img = vocab, alpha_c, seq_per_img
+        self.register_buffer("baseline", torch.zeros(()))  # hard attention: moving average of log p(y | a, s)
+        self.cider = None  # set when self-critical training starts
+        self.scst_cfg: dict = {}
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.net.decoder if hasattr(self.net, "decoder") else self.net
+
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, ss_prob: float = 0.0,
+                refs: list | None = None, keys: list | None = None, scst: bool = False):
+        if scst:
+            return self.self_critical(inputs, refs, keys)
+        logits, alphas = self.net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob)
+        total, xent, ntok = sequence_loss(logits, targets, alphas, self.vocab.pad_id, self.alpha_c)
+        stats = {"xent": xent.detach()}
+        dec = self.decoder
+        if dec.cfg.attention == "hard" and self.training and dec.hard_logp is not None:
+            total = total + self.hard_attention_terms(logits, targets, alphas, stats)
+        return total, ntok, stats
+
+    def hard_attention_terms(self, logits, targets, alphas, stats) -> torch.Tensor:
+        """REINFORCE for the sampled locations (Eq. 12): -(log p(y|s,a) - b) * log p(s|a) - lambda_e * H[s]."""
+        dec = self.decoder
+        mask = (targets != self.vocab.pad_id).float()  # (N, T)
+        logp_words = -nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T)
+        loglik = (logp_words * mask).sum(1)  # (N,) log p(y | a, s) per caption
+        sampled = dec.hard_mask.float()  # captions that sampled locations (the rest used the soft expectation)
+        logp_s = (dec.hard_logp * mask).sum(1)  # (N,) log p(s | a)
+        advantage = (loglik.detach() - self.baseline) * sampled
+        reinforce = -(advantage * logp_s).sum()
+        entropy = -(alphas.float() * alphas.float().clamp_min(1e-12).log()).sum(-1)  # (N, T)
+        entropy = (entropy * mask * sampled[:, None]).sum()
+        with torch.no_grad():  # the moving-average baseline (the authors' `baseline_time`)
+            if sampled.sum() > 0:
+                mean = (loglik * sampled).sum() / sampled.sum()
+                self.baseline.mul_(dec.cfg.baseline_decay).add_((1 - dec.cfg.baseline_decay) * mean)
+        stats["hard_baseline"] = self.baseline.detach().clone()
+        return reinforce - dec.cfg.entropy_weight * entropy
+
+    def self_critical(self, inputs, refs, keys):
+        from caption.scst import scst_loss
+        if self.cider is None:
+            raise RuntimeError("self-critical training needs Objective.cider (set by the training loop)")
+        features = self.net.encode(inputs) if hasattr(self.net, "encode") else inputs
+        loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, **self.scst_cfg)
+        n = features.shape[0] * self.scst_cfg.get("sample_n", 5)
+        return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}

@@ -1,0 +1,130 @@
+"""Self-critical sequence training (Rennie et al. 2017) with an in-process CIDEr-D reward.
+
+reward(sample) = CIDEr-D(sample) - baseline, where the baseline is the greedy caption's
+CIDEr-D (`greedy`, Rennie et al.) or the mean reward of the image's other samples (`mean`,
+the "new self-critical" variant); loss = -sum_t reward * log p(w_t) over the sampled words.
+
+`CiderD` is coco-caption's CIDEr-D (pycocoevalcap's `Cider`: n = 1..4, tf-idf vectors,
+clipped counts, a Gaussian length penalty with sigma 6, x10), with the document
+frequencies computed once from the training references, as self-critical.pytorch does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from caption.decode import greedy, sample
+from caption.model import expand_state
+from caption.vocab import Vocab
+
+Tokens = Sequence[str]
+
+
+def ngrams(words: Tokens, n: int = 4) -> Counter:
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+class CiderD:
+    """CIDEr-D with fixed document frequencies.
+
+    Args:
+        references: per image, its reference token lists; the document frequency of an
+            n-gram is the number of images whose references contain it, and the log of the
+            number of images is the reference length, exactly as pycocoevalcap computes them
+            over the set it scores.
+    """
+
+    def __init__(self, references: Iterable[Sequence[Tokens]], n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        self.df: Counter = Counter()
+        count = 0
+        for refs in references:
+            self.df.update(set(g for r in refs for g in ngrams(r, n)))
+            count += 1
+        self.ref_len = math.log(float(count))
+        self._cache: dict = {}
+
+    def _vec(self, counts: Counter):
+        vec = [defaultdict(float) for _ in range(self.n)]
+        norm = [0.0] * self.n
+        length = 0
+        for g, tf in counts.items():
+            k = len(g) - 1
+            vec[k][g] = float(tf) * (self.ref_len - math.log(max(1.0, self.df[g])))
+            norm[k] += vec[k][g] ** 2
+            if k == 1:  # pycocoevalcap counts the length in bigrams; kept for identical scores
+                length += tf
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def _sim(self, hyp, ref) -> np.ndarray:
+        (vh, nh, lh), (vr, nr, lr) = hyp, ref
+        delta = float(lh - lr)
+        val = np.zeros(self.n)
+        for k in range(self.n):
+            for g in vh[k]:
+                val[k] += min(vh[k][g], vr[k][g]) * vr[k][g]
+            if nh[k] != 0 and nr[k] != 0:
+                val[k] /= nh[k] * nr[k]
+            val[k] *= math.e ** (-(delta ** 2) / (2 * self.sigma ** 2))
+        return val
+
+    def score(self, hypothesis: Tokens, references: Sequence[Tokens], key=None) -> float:
+        """CIDEr-D of one caption against its image's references (`key` caches the references' vectors)."""
+        refs = self._cache.get(key) if key is not None else None
+        if refs is None:
+            refs = [self._vec(ngrams(r, self.n)) for r in references]
+            if key is not None:
+                self._cache[key] = refs
+        hyp = self._vec(ngrams(hypothesis, self.n))
+        total = np.zeros(self.n)
+        for ref in refs:
+            total += self._sim(hyp, ref)
+        return float(np.mean(total) / len(refs) * 10.0)
+
+
+def words_of(tokens: torch.Tensor, lengths: torch.Tensor, vocab: Vocab) -> list[list[str]]:
+    return [[vocab.words[int(i)] for i in tokens[r, : int(lengths[r])]] for r in range(tokens.shape[0])]
+
+
+def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], image_keys: list, vocab: Vocab,
+              cider: CiderD, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Policy-gradient loss of `sample_n` sampled captions per image; returns (loss, stats).
+
+    The loss is -sum(reward * log p(sampled words)) / number of sampled captions.
+    """
+    B = features.shape[0]
+    if baseline == "mean" and sample_n < 2:
+        raise ValueError("the mean-of-other-samples baseline needs sc_sample_n >= 2")
+    state = expand_state(decoder.init_state(features), sample_n)  # (B*n rows), grid once per image
+    out = sample(decoder.step, state, vocab.bos_id, vocab.eos_id, max_length, generator=generator)
+    sampled = words_of(out.tokens, out.lengths, vocab)
+    rewards = torch.tensor([cider.score(sampled[r], references[r // sample_n], image_keys[r // sample_n])
+                            for r in range(B * sample_n)], device=features.device).view(B, sample_n)
+    was = decoder.training
+    decoder.eval()
+    with torch.no_grad():
+        g = greedy(decoder.step, decoder.init_state(features), vocab.bos_id, vocab.eos_id, max_length)
+    decoder.train(was)
+    greedy_words = words_of(g.tokens, g.lengths, vocab)
+    greedy_reward = torch.tensor([cider.score(greedy_words[b], references[b], image_keys[b]) for b in range(B)],
+                                 device=features.device)
+    if baseline == "greedy":
+        base = greedy_reward[:, None].expand(B, sample_n)
+    elif baseline == "mean":
+        base = (rewards.sum(1, keepdim=True) - rewards) / (sample_n - 1)  # the other samples' mean
+    else:
+        raise ValueError(f"unknown SCST baseline {baseline!r}: greedy or mean")
+    advantage = (rewards - base).reshape(-1)  # (B*n,)
+    # log p of each sampled caption: its words and its <eos> (masked after the end)
+    T = out.logprobs.shape[1]
+    mask = torch.arange(T, device=features.device)[None, :] <= out.lengths[:, None]  # (B*n, T)
+    logp = (out.logprobs * mask).sum(1)
+    loss = -(advantage.detach() * logp).sum() / (B * sample_n)
+    return loss, {"reward": rewards.mean().item(), "greedy_cider": greedy_reward.mean().item(),
+                  "advantage": advantage.abs().mean().item()}
