@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from caption.model import State, expand_state, select_state
+from caption.model import PER_IMAGE, State, expand_state, select_state
 
 StepFn = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 NEG_INF = float("-inf")
@@ -30,7 +30,8 @@ class Decoded:
 
 
 def _rows(state: State) -> int:
-    return next(v.shape[0] for v in state.values() if torch.is_tensor(v))
+    """Rows being decoded (per-image entries such as the grid may hold fewer: one per image)."""
+    return next(v.shape[0] for k, v in state.items() if torch.is_tensor(v) and k not in PER_IMAGE)
 
 
 def greedy(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
@@ -53,7 +54,7 @@ def greedy(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
         tokens = torch.where(done, torch.full_like(tokens, eos), tokens)
         newly = ~done & (tokens == eos)
         lengths = torch.where(newly, torch.full_like(lengths, t), lengths)
-        done |= newly
+        done = done | newly  # not in place: masked_fill above keeps the old mask for backward
         out.append(tokens)
         if "alpha" in state:
             alphas.append(state["alpha"])
@@ -88,7 +89,7 @@ def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
         lps.append(lp.masked_fill(done, 0.0))
         newly = ~done & (tokens == eos)
         lengths = torch.where(newly, torch.full_like(lengths, t), lengths)
-        done |= newly
+        done = done | newly  # not in place: masked_fill above keeps the old mask for backward
         out.append(tokens)
         if "alpha" in state:
             alphas.append(state["alpha"])
