@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--precision", default="auto")
     p.add_argument("--format", default="zarr")
+    p.add_argument("--decode", default="workers", choices=["workers", "device"])
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         fcfg = FeaturizeConfig(backbone=a.backbone, layer=a.layer, weights="none", image_size=a.image_size,
-                               batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=256)
+                               batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=256,
+                               decode=a.decode)
         # compute limit: forward on a batch already on the device
         x = torch.randint(0, 255, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
         if device.type == "cuda":
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         sync(device)
         naive = a.naive_num / (time.perf_counter() - t)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, precision {a.precision}")
+    print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, "
+          f"precision {a.precision}, decode {a.decode}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
     print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")

@@ -51,6 +51,7 @@ class FeaturizeConfig:
     batch_size: int = _f(32, "images per forward pass")
     num_workers: int = _f(4, "DataLoader workers decoding and resizing images")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
+    decode: str = _f("workers", "workers (PIL in DataLoader workers) or device (JPEGs decoded on the model's device: nvjpeg on a GPU)")
     strict: bool = _f(False, "stop at the first image that cannot be decoded instead of recording it")
     limit: int = _f(0, "featurize only the first N images of the split (0: all)")
     calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from caption.config import DataConfig, FeaturizeConfig, images_root
 from featurize.backbone import Backbone, BackboneConfig, file_digest, imagenet_weights
-from featurize.images import SplitImages
+from featurize.images import SplitFiles, SplitImages, collate_files, decode_on_device
 from shards import create_writer, done_shards, finalize, make_plan, shard_range
 from shards.karpathy import load_split
 from shards.manifest import atomic_write_json
@@ -127,8 +127,12 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     mine = [k for k in range(plan["num_shards"]) if k % state.num_processes == state.process_index and k not in done]
     batches = [list(shard_range(plan, k))[i:i + fcfg.batch_size] for k in mine
                for i in range(0, len(shard_range(plan, k)), fcfg.batch_size)]
-    loader = DataLoader(SplitImages(entries, images_root(dcfg), fcfg.image_size), batch_sampler=batches,
-                        num_workers=fcfg.num_workers, pin_memory=device.type == "cuda",
+    if fcfg.decode not in ("workers", "device"):
+        raise FeaturizeError(f"unknown --decode {fcfg.decode!r}: workers or device")
+    on_device = fcfg.decode == "device"
+    dataset = (SplitFiles if on_device else SplitImages)(entries, images_root(dcfg), fcfg.image_size)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=fcfg.num_workers, pin_memory=device.type == "cuda",
+                        collate_fn=collate_files if on_device else None,
                         persistent_workers=False, prefetch_factor=4 if fcfg.num_workers else None)
     backbone = backbone.to(device).freeze()
     if device.type == "cuda":
@@ -142,7 +146,12 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                unit="img", disable=not progress or total == 0)
     with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
         for batch in loader:
-            ok = batch["ok"]
+            if on_device:
+                images, ok_list, errors = decode_on_device(batch, device, fcfg.image_size)
+                ok, batch["error"] = torch.tensor(ok_list, dtype=torch.bool), errors
+            else:
+                ok = batch["ok"]
+                images = batch["image"][ok].to(device, non_blocking=True)
             for row, good, err in zip(batch["row"].tolist(), ok.tolist(), batch["error"]):
                 if not good:
                     if fcfg.strict:
@@ -150,7 +159,6 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                     failed[row // S].append({"filename": entries[row].filename, "reason": err.split(": ", 1)[-1]})
             grids = None
             if ok.any():
-                images = batch["image"][ok].to(device, non_blocking=True)
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast(device, fcfg.precision):

@@ -16,6 +16,7 @@ model's device from the weights' own transforms (`featurize.backbone`).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -96,3 +97,95 @@ class SplitImages(Dataset):
         except ImageError as e:
             image, ok, error = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), False, str(e)
         return {"row": row, "image": image, "ok": ok, "error": error}
+
+
+# ---- decoding on the model's device (nvjpeg on a GPU) --------------------------------------
+JPEG_MAGIC = b"\xff\xd8"
+
+
+class SplitFiles(SplitImages):
+    """Like SplitImages, but a plain RGB/grayscale JPEG comes back undecoded, as bytes ("jpeg"), with
+    its EXIF orientation, for `decode_on_device`; anything else is decoded here as usual."""
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        path = self.root / self.entries[row].filename
+        empty = torch.empty(0, dtype=torch.uint8)
+        try:
+            if path.is_file() and path.stat().st_size > 0:
+                data = path.read_bytes()
+                if data[:2] == JPEG_MAGIC:
+                    with Image.open(io.BytesIO(data)) as im:  # header only: mode and EXIF
+                        mode, orientation = im.mode, im.getexif().get(0x0112, 1)
+                    if mode in ("RGB", "L"):
+                        return {"row": row, "image": empty, "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                "orientation": int(orientation), "ok": True, "error": ""}
+            image = to_tensor(load_rgb(path), self.image_size)
+            return {"row": row, "image": image, "jpeg": empty, "orientation": 1, "ok": True, "error": ""}
+        except (ImageError, OSError, SyntaxError, ValueError) as e:
+            err = str(e) if isinstance(e, ImageError) else f"{path}: cannot decode ({e})"
+            return {"row": row, "image": empty, "jpeg": empty, "orientation": 1, "ok": False, "error": err}
+
+
+def collate_files(items: list[dict]) -> dict:
+    return {"row": torch.tensor([it["row"] for it in items]), "ok": torch.tensor([it["ok"] for it in items]),
+            "error": [it["error"] for it in items], "image": [it["image"] for it in items],
+            "jpeg": [it["jpeg"] for it in items], "orientation": [it["orientation"] for it in items]}
+
+
+def apply_orientation(t: torch.Tensor, orientation: int) -> torch.Tensor:
+    """EXIF orientation on a (3, H, W) tensor, as PIL's ImageOps.exif_transpose."""
+    if orientation == 2:
+        return t.flip(2)
+    if orientation == 3:
+        return t.flip(1).flip(2)
+    if orientation == 4:
+        return t.flip(1)
+    if orientation == 5:
+        return t.transpose(1, 2)
+    if orientation == 6:
+        return t.rot90(-1, dims=(1, 2))
+    if orientation == 7:
+        return t.transpose(1, 2).flip(1).flip(2)
+    if orientation == 8:
+        return t.rot90(1, dims=(1, 2))
+    return t
+
+
+def decode_on_device(batch: dict, device: torch.device, image_size: int) -> tuple[torch.Tensor, list[bool], list[str]]:
+    """(b, 3, S, S) uint8 on `device` for a `collate_files` batch; JPEGs decoded there (nvjpeg on CUDA).
+
+    Returns the images of the rows that decoded, and per row ok / error (a JPEG the device
+    decoder refuses is a failure with its reason, like a file PIL refuses).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    ok, errors = list(batch["ok"].tolist()), list(batch["error"])
+    jpeg_rows = [i for i, (good, j) in enumerate(zip(ok, batch["jpeg"])) if good and j.numel()]
+    decoded: dict[int, torch.Tensor] = {}
+    if jpeg_rows:
+        datas = [batch["jpeg"][i] for i in jpeg_rows]
+        try:
+            outs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batch call: decode one by one
+            outs = []
+            for d in datas:
+                try:
+                    outs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as e:
+                    outs.append(e)
+        for i, out in zip(jpeg_rows, outs):
+            if isinstance(out, Exception):
+                ok[i], errors[i] = False, f"cannot decode JPEG ({str(out).splitlines()[0]})"
+            else:
+                decoded[i] = apply_orientation(out, batch["orientation"][i])
+    images = []
+    for i, good in enumerate(ok):
+        if not good:
+            continue
+        if i in decoded:
+            images.append(TF.resize(decoded[i], [image_size, image_size], antialias=True))
+        else:
+            images.append(batch["image"][i].to(device, non_blocking=True))
+    stacked = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8, device=device)
+    return stacked, ok, errors

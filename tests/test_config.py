@@ -47,5 +47,5 @@ def test_typed_overrides():
 
 
 def test_every_shipped_config_loads():
-    for name in ("shapes", "coco", "tiny"):
+    for name in ("shapes", "coco", "tiny", "coco_scst", "coco_hard"):
         C.load(f"configs/{name}.yaml")

@@ -184,3 +184,35 @@ def test_two_process_featurize(shapes, tiny_features, tmp_path):
     for x, y in zip(a, b):
         assert fmt.meta(x) == fmt.meta(y)
         np.testing.assert_allclose(x["features"].astype(np.float32), y["features"].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_device_decoding_matches_worker_decoding(tmp_path):
+    """--decode device (nvjpeg on a GPU; torchvision's libjpeg here) gives the same grids, EXIF and failures included."""
+    d = make_broken_world(tmp_path)
+    a = tiny_args(d, tmp_path / "f", "--split", "train", "--calibration_images", "4")
+    assert fz.main(a) == 0
+    b = tiny_args(d, tmp_path / "g", "--split", "train", "--calibration_images", "4", "--decode", "device")
+    (tmp_path / "g").mkdir()
+    for f in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(tmp_path / "f" / f, tmp_path / "g" / f)
+    assert fz.main(b) == 0
+    ma, mb = load_manifest(tmp_path / "f" / "train"), load_manifest(tmp_path / "g" / "train")
+    assert [f["filename"] for f in ma["failures"]] == [f["filename"] for f in mb["failures"]]
+    for x, y in zip(records(tmp_path / "f" / "train"), records(tmp_path / "g" / "train")):
+        assert x["key"] == y["key"]
+        diff = np.abs(x["features"].astype(np.float32) - y["features"].astype(np.float32)).mean()
+        scale = np.abs(x["features"].astype(np.float32)).mean()
+        assert diff < 0.05 * scale, x["filename"]  # JPEG decoders differ in the last bits only
+
+
+def test_exif_orientation_on_tensors():
+    from featurize.images import apply_orientation
+    from PIL import ImageOps
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    for o in range(1, 9):
+        im = Image.fromarray(arr)
+        im.getexif()[0x0112] = o
+        ref = np.asarray(ImageOps.exif_transpose(im))
+        assert np.array_equal(apply_orientation(t, o).permute(1, 2, 0).numpy(), ref), o
