@@ -30,14 +30,20 @@ from featurize.images import load_rgb, to_tensor
 
 
 def make_images(folder: Path, n: int, size: int) -> Path:
-    """n random-texture JPEGs (COCO-like 640x480) and a Karpathy file listing them as train."""
+    """n COCO-like 640x480 JPEGs (16 distinct textures, copied) and a Karpathy file listing them as train."""
+    import io
     (folder / "im").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    base = [Image.fromarray(rng.integers(0, 255, (480 // 8, 640 // 8, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
-            for _ in range(16)]
+    blobs = []
+    for _ in range(16):
+        smooth = Image.fromarray(rng.integers(0, 255, (480 // 16, 640 // 16, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
+        arr = np.clip(np.asarray(smooth, dtype=np.int16) + rng.integers(-12, 12, (480, 640, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
     images = []
     for i in range(n):
-        base[i % 16].save(folder / "im" / f"{i}.jpg", quality=90)
+        (folder / "im" / f"{i}.jpg").write_bytes(blobs[i % 16])
         images.append({"filepath": "im", "filename": f"{i}.jpg", "imgid": i, "cocoid": i, "split": "train",
                        "sentences": [{"tokens": ["x"], "raw": "x", "imgid": i, "sentid": i}]})
     (folder / "dataset.json").write_text(json.dumps({"dataset": "bench", "images": images}))

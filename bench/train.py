@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq_per_img", type=int, default=5)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (both loops)")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             model = Decoder(cfg).to(device).train()
             opt = torch.optim.Adam(model.parameters(), 4e-4)
-            _, batches = train_batches(root, vocab, batch_size=a.batch_images, seq_per_img=a.seq_per_img, max_length=16, seed=0, epoch=0)
+            _, batches = train_batches(root, vocab, batch_size=a.batch_images, seq_per_img=a.seq_per_img, max_length=16, seed=0,
+                                       epoch=0, num_workers=a.num_workers, pin_memory=device.type == "cuda")
             caps, t = 0, None
             for i, b in enumerate(batches):
                 if i == 2:
@@ -147,11 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                     lens.append(len(ids) - 1)
             caps_t = torch.tensor(caps_all)
             ds = PairDataset(root, caps_t, a.seq_per_img)
-            loader = DataLoader(ds, batch_size=a.batch_images * a.seq_per_img, shuffle=True,
-                                generator=torch.Generator().manual_seed(0))
+            loader = DataLoader(ds, batch_size=a.batch_images * a.seq_per_img, shuffle=True, num_workers=a.num_workers,
+                                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
             model = PerStepDecoder(len(vocab), a.channels, a.embed, a.hidden, a.attn).to(device).train()
             opt = torch.optim.Adam(model.parameters(), 4e-4)
-            lens_t = torch.tensor(lens)
             caps, t = 0, None
             for i, (enc, cap) in enumerate(loader):
                 if i == 2:
@@ -170,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                 opt.zero_grad(set_to_none=True)
                 caps += cap.shape[0]
             sync(device)
-            del lens_t
             return caps / (time.perf_counter() - t)
 
         base = run_baseline()
