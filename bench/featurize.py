@@ -67,17 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto")
     p.add_argument("--format", default="zarr")
     p.add_argument("--decode", default="workers", choices=["workers", "device"])
+    p.add_argument("--codec", default="zstd")
+    p.add_argument("--writer_threads", type=int, default=0)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         js = make_images(tmp / "data", a.num, a.image_size)
-        net = Backbone(BackboneConfig(a.backbone, a.layer, "none")).to(device).freeze()
+        net = Backbone(BackboneConfig(a.backbone, a.layer, "none")).to(device)
+        calib = torch.randint(0, 255, (4, 16, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
+        net.calibrate_bn(iter(calib))  # well-scaled activations, as featurize's random-init path gives
+        net = net.freeze()
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         fcfg = FeaturizeConfig(backbone=a.backbone, layer=a.layer, weights="none", image_size=a.image_size,
                                batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=256,
-                               decode=a.decode)
+                               decode=a.decode, codec=a.codec, writer_threads=a.writer_threads)
         # compute limit: forward on a batch already on the device
         x = torch.randint(0, 255, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
         if device.type == "cuda":
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         naive = a.naive_num / (time.perf_counter() - t)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, "
-          f"precision {a.precision}, decode {a.decode}")
+          f"precision {a.precision}, decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
     print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")

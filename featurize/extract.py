@@ -10,7 +10,8 @@ writes in a background thread, the model on the main thread.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -142,9 +143,12 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     remaining = {k: len(shard_range(plan, k)) for k in mine}
     futures = []
     total = sum(remaining.values())
+    # Shard files are independent: several threads compress and write them (zstd releases the GIL),
+    # with back-pressure so finished grids never pile up faster than they are written.
+    writers = fcfg.writer_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
     bar = tqdm(total=total, desc=f"featurize {split}" + (f" [rank {state.process_index}]" if state.num_processes > 1 else ""),
                unit="img", disable=not progress or total == 0)
-    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+    with ThreadPoolExecutor(max_workers=writers) as pool, torch.inference_mode():
         for batch in loader:
             if on_device:
                 images, ok_list, errors = decode_on_device(batch, device, fcfg.image_size)
@@ -178,6 +182,9 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
             bar.update(len(ok))
             for f in [f for f in futures if f.done()]:
                 f.result()  # surface a writer error now, not at the end
+            busy = [f for f in futures if not f.done()]
+            if len(busy) > 2 * writers:
+                wait(busy[: len(busy) - 2 * writers])
     for f in futures:
         f.result()
     bar.close()
