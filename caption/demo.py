@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo")
     p.add_argument("--config", default="configs/shapes.yaml")
-    p.add_argument("--num_images", type=int, default=2400)
+    p.add_argument("--num_images", type=int, default=2000)
     p.add_argument("--max_epochs", type=int, default=None, help="override the config's")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
