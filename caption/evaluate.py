@@ -133,21 +133,38 @@ def grounding(results: list[dict], input_json: str, split: str, grid: int) -> di
 def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features: str | None = None,
              checkpoint: str = "best", max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
              with_grounding: bool = False, limit: int = -1, batch_size: int = 50, scorers=None, out: str | Path | None = None,
-             progress: bool = True) -> dict:
-    """Decode a split with a run's decoder, write results.json and metrics.json; returns the metrics."""
+             progress: bool = True, from_images: bool | None = None) -> dict:
+    """Decode a split with a run's decoder, write results.json and metrics.json; returns the metrics.
+
+    from_images: compute the grids now from the split's images with the run's encoder (a
+    fine-tuned run's RUN/backbone.safetensors); default: yes for fine-tuned runs, else the
+    cached features are read.
+    """
+    from caption.config import images_root
     from caption.data import eval_records
+    from caption.finetune import backbone_from_manifest, image_records
     from caption.metrics import ALL
     from caption.train import features_dir, load_decoder
-    from shards import open_store
+    from shards import load_manifest, open_store
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab, cfg = load_decoder(run, checkpoint, device)
-    root = Path(features) / split if features else features_dir(cfg, split)
-    store = open_store(root)
-    if store.manifest["channels"] != cfg.model.feature_dim:
-        raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
-    n = len(store) if limit < 0 else min(limit, len(store))
-    res = decode_records(model, vocab, eval_records(root, limit=limit), device, beam_size, batch_size, max_length,
+    from_images = cfg.train.finetune if from_images is None else from_images
+    if from_images:
+        m = load_manifest(features_dir(cfg, "train"))
+        backbone = backbone_from_manifest(m, cfg.data.features, override=Path(run) / "backbone.safetensors").to(device)
+        entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)
+        entries = entries[:limit] if limit >= 0 else entries
+        n, grid = len(entries), int(m["grid"])
+        records = image_records(entries, images_root(cfg.data), int(m["image_size"]), backbone, device)
+    else:
+        root = Path(features) / split if features else features_dir(cfg, split)
+        store = open_store(root)
+        if store.manifest["channels"] != cfg.model.feature_dim:
+            raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
+        n, grid = (len(store) if limit < 0 else min(limit, len(store))), int(store.manifest["grid"])
+        records = eval_records(root, limit=limit)
+    res = decode_records(model, vocab, records, device, beam_size, batch_size, max_length,
                          length_penalty, suppress_unk, keep_alphas=with_grounding, progress=progress, total=n)
     results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in res]
     out = Path(out) if out else Path(run) / f"eval_{split}"
@@ -156,7 +173,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     refs = references_for(cfg.data.input_json, split, [r["image_id"] for r in results], cfg.data.restval_in_train)
     metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
     if with_grounding:
-        metrics.update(grounding(res, cfg.data.input_json, split, store.manifest["grid"]))
+        metrics.update(grounding(res, cfg.data.input_json, split, grid))
     atomic_write_json(out / "metrics.json", metrics)
     if skipped:
         atomic_write_json(out / "skipped.json", skipped)
@@ -179,10 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=-1, help="first N images only")
     p.add_argument("--batch_size", type=int, default=50, help="images per batched beam search")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval_SPLIT)")
+    p.add_argument("--from_images", default=None, choices=["true", "false"],
+                   help="compute grids from the images with the run's encoder (default: true for fine-tuned runs)")
     a = p.parse_args(argv)
     try:
         m = evaluate(a.run, a.split, a.beam_size, a.features, a.checkpoint, a.max_length, a.length_penalty,
-                     a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out)
+                     a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out,
+                     from_images=None if a.from_images is None else a.from_images == "true")
     except (StoreError, DatasetError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -41,6 +41,10 @@ def test_finetune_mechanics(shapes, tiny_features, cached_run, tmp_path):
     assert first["step"] == 0
     assert first["val_CIDEr"] == pytest.approx(cached_best["val_CIDEr"], abs=0.02)
     assert first["val_Bleu_4"] == pytest.approx(cached_best["val_Bleu_4"], abs=0.02)
+    # evaluate computes the test grids from images with the fine-tuned backbone
+    from caption.evaluate import evaluate
+    m = evaluate(run, "test", beam_size=1, scorers=("Bleu",), progress=False)
+    assert "Bleu_4" in m and len(json.loads((run / "eval_test" / "results.json").read_text())) == 12
     # predict uses the fine-tuned backbone saved with the run
     from caption.predict import backbone_for_run
     from caption.config import load
