@@ -3,15 +3,8 @@
 #   bash bench/gpu.sh            # writes its logs to $OUT (default /tmp/bench-gpu)
 # Python packages the machine lacks can sit as wheels in .whl/ (zarr, numcodecs, webdataset, ...).
 set -u
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/bench-gpu}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L | tee "$OUT/device.txt"
-W=$(( $(nproc) - 2 ))
 run() { local log=$1; shift; echo "+ $*" | tee -a "$OUT/$log"; timeout 150 "$@" 2>&1 | grep -v "it/s\]" | tee -a "$OUT/$log"; }
 M="--channels 2048 --embed 512 --hidden 512 --attn 512 --vocab 9487"
 run featurize.txt python3 -m bench.featurize --backbone resnet101 --layer layer4 --image_size 448 --num 8192 \

@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # Featurize throughput on a GPU by output format and codec (after bench/gpu.sh): bash bench/gpu_featurize.sh
 set -u
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/bench-gpu}
-mkdir -p "$OUT"
-W=$(( $(nproc) - 2 ))
+source "$(dirname "$0")/gpu_env.sh"
 F="python3 -m bench.featurize --backbone resnet101 --layer layer4 --image_size 448 --batch_size 128 --precision bf16 --naive_num 100"
 for args in "--num 8192 --decode device --format zarr --codec zstd --writer_threads 12 --num_workers 4" \
             "--num 8192 --decode device --format wds --writer_threads 8 --num_workers 4" \

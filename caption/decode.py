@@ -34,39 +34,8 @@ def _rows(state: State) -> int:
     return next(v.shape[0] for k, v in state.items() if torch.is_tensor(v) and k not in PER_IMAGE)
 
 
-def greedy(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
-           suppress: Sequence[int] = ()) -> Decoded:
-    """The argmax word at every step, until every row has emitted <eos> or max_length words."""
-    R = _rows(state)
-    device = next(v.device for v in state.values() if torch.is_tensor(v))
-    tokens = torch.full((R,), bos, dtype=torch.long, device=device)
-    done = torch.zeros(R, dtype=torch.bool, device=device)
-    lengths = torch.full((R,), max_length, dtype=torch.long, device=device)
-    scores = torch.zeros(R, device=device)
-    out, alphas = [], []
-    for t in range(max_length):
-        logp, state = step(tokens, state)  # (R, V)
-        if suppress:
-            logp = logp.clone()
-            logp[:, list(suppress)] = NEG_INF
-        best, tokens = logp.max(dim=-1)  # (R,)
-        scores += torch.where(done, torch.zeros_like(best), best)
-        tokens = torch.where(done, torch.full_like(tokens, eos), tokens)
-        newly = ~done & (tokens == eos)
-        lengths = torch.where(newly, torch.full_like(lengths, t), lengths)
-        done = done | newly  # not in place: masked_fill above keeps the old mask for backward
-        out.append(tokens)
-        if "alpha" in state:
-            alphas.append(state["alpha"])
-        if done.all():
-            break
-    toks = torch.stack(out, dim=1)  # T x (R,) -> (R, T)
-    return Decoded(toks, lengths, scores, torch.stack(alphas, dim=1) if alphas else None)
-
-
-def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20, temperature: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None, suppress: Sequence[int] = ()) -> Decoded:
-    """Ancestral sampling (temperature, optional top-k). `logprobs` keeps the graph (for REINFORCE)."""
+def _ancestral(step: StepFn, state: State, bos: int, eos: int, max_length: int, pick, suppress: Sequence[int]) -> Decoded:
+    """Left-to-right decoding, one word per row per step, `pick(scores) -> tokens` choosing it."""
     R = _rows(state)
     device = next(v.device for v in state.values() if torch.is_tensor(v))
     tokens = torch.full((R,), bos, dtype=torch.long, device=device)
@@ -75,16 +44,11 @@ def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
     out, lps, alphas = [], [], []
     for t in range(max_length):
         logp, state = step(tokens, state)  # (R, V)
-        scaled = logp / temperature
+        scores = logp
         if suppress:
-            scaled = scaled.clone()
-            scaled[:, list(suppress)] = NEG_INF
-        if top_k > 0:
-            kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
-            scaled = scaled.masked_fill(scaled < kth, NEG_INF)
-        probs = scaled.detach().float().softmax(dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (R,)
-        tokens = torch.where(done, torch.full_like(tokens, eos), tokens)
+            scores = scores.clone()
+            scores[:, list(suppress)] = NEG_INF
+        tokens = torch.where(done, torch.full_like(tokens, eos), pick(scores))  # (R,)
         lp = logp.gather(1, tokens[:, None]).squeeze(1)  # (R,): log p under the model itself
         lps.append(lp.masked_fill(done, 0.0))
         newly = ~done & (tokens == eos)
@@ -95,9 +59,27 @@ def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
             alphas.append(state["alpha"])
         if done.all():
             break
-    logprobs = torch.stack(lps, dim=1)  # (R, T)
-    return Decoded(torch.stack(out, dim=1), lengths, logprobs.detach().sum(1),
+    logprobs = torch.stack(lps, dim=1)  # T x (R,) -> (R, T)
+    return Decoded(torch.stack(out, dim=1), lengths, logprobs.detach().float().sum(1),
                    torch.stack(alphas, dim=1) if alphas else None, logprobs)
+
+
+def greedy(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
+           suppress: Sequence[int] = ()) -> Decoded:
+    """The argmax word at every step, until every row has emitted <eos> or max_length words."""
+    return _ancestral(step, state, bos, eos, max_length, lambda scores: scores.argmax(dim=-1), suppress)
+
+
+def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20, temperature: float = 1.0,
+           top_k: int = 0, generator: torch.Generator | None = None, suppress: Sequence[int] = ()) -> Decoded:
+    """Ancestral sampling (temperature, optional top-k). `logprobs` keeps the graph (for REINFORCE)."""
+    def pick(scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.detach().float() / temperature
+        if top_k > 0:
+            kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
+            scores = scores.masked_fill(scores < kth, NEG_INF)
+        return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return _ancestral(step, state, bos, eos, max_length, pick, suppress)
 
 
 def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int = 3, max_length: int = 20,
