@@ -79,12 +79,12 @@ def build_model(cfg: C.Config, vocab: Vocab, manifest: dict) -> tuple[Decoder, C
 
 
 def lr_lambda(tcfg: C.TrainConfig, steps_per_epoch: int):
-    """The seed's step decay: x rate every `every` epochs from epoch `start` on."""
+    """The seed's step decay: after epoch `start`, x rate ** ((epoch - start) // every)."""
     def f(step: int) -> float:
         epoch = step // max(steps_per_epoch, 1)
-        if tcfg.learning_rate_decay_start < 0 or epoch < tcfg.learning_rate_decay_start:
+        if tcfg.learning_rate_decay_start < 0 or epoch <= tcfg.learning_rate_decay_start:
             return 1.0
-        return tcfg.learning_rate_decay_rate ** ((epoch - tcfg.learning_rate_decay_start) // tcfg.learning_rate_decay_every + 1)
+        return tcfg.learning_rate_decay_rate ** ((epoch - tcfg.learning_rate_decay_start) // tcfg.learning_rate_decay_every)
     return f
 
 

@@ -19,7 +19,7 @@ def test_decoder_learns_the_shapes_world(tmp_path):
     common = ["--config", str(ROOT / "configs" / "shapes.yaml"), "--input_json", str(data / "dataset.json"),
               "--features", str(feats)]
     assert fz.main(common + ["--split", "all", "--calibration_images", "64"]) == 0
-    assert train.main(common + ["--checkpoint_path", str(run), "--max_epochs", "5", "--learning_rate_decay_start", "3"]) == 0
+    assert train.main(common + ["--checkpoint_path", str(run), "--max_epochs", "5", "--learning_rate_decay_start", "2"]) == 0
     m = evaluate(run, "test", beam_size=3, scorers=("Bleu", "CIDEr"), progress=False)
     print(json.dumps({k: v for k, v in m.items() if not k.startswith("_")}))
     assert m["Bleu_4"] > MIN_BLEU4, m

@@ -88,3 +88,26 @@ def test_gradients_reach_every_parameter():
     total, _, ntok = sequence_loss(logits, targets, alphas, 0, 1.0)
     (total / ntok).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_scheduled_sampling_feeds_model_samples():
+    model = tiny().train()
+    features, tokens, targets = batch()
+    torch.manual_seed(0)
+    plain, _ = model(features, tokens, seq_per_img=S, ss_prob=0.0)
+    torch.manual_seed(0)
+    sampled, alphas = model(features, tokens, seq_per_img=S, ss_prob=1.0)
+    assert sampled.shape == plain.shape and alphas.shape == (B * S, T, L)
+    torch.testing.assert_close(sampled[:, 0], plain[:, 0])  # step 0 always sees <bos>
+    assert not torch.allclose(sampled[:, 1:], plain[:, 1:])  # later steps see the model's own words
+
+
+def test_train_schedules():
+    from caption.config import TrainConfig
+    from caption.train import lr_lambda, ss_prob
+    t = TrainConfig(learning_rate_decay_start=2, learning_rate_decay_every=3, learning_rate_decay_rate=0.5,
+                    scheduled_sampling_start=1, scheduled_sampling_increase_every=2, scheduled_sampling_increase_prob=0.1,
+                    scheduled_sampling_max_prob=0.25)
+    f = lr_lambda(t, steps_per_epoch=10)
+    assert [f(e * 10) for e in range(0, 9)] == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25]  # self-critical.pytorch's rule
+    assert [ss_prob(t, e) for e in range(0, 8)] == [0, 0, 0, 0.1, 0.1, 0.2, 0.2, 0.25]
