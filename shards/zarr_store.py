@@ -10,9 +10,14 @@ row serves a map-style Dataset; `iter_records` reads a shard file at a time.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
+import google_crc32c
+import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
@@ -37,6 +42,62 @@ def compressors(codec: str) -> list:
     else:
         raise StoreError(f"unknown zarr codec {codec!r}: zstd, blosc-zstd, lz4 or none")
     return base + [Crc32cCodec()]
+
+
+# ---- shard files encoded and decoded directly ---------------------------------------------
+# zarr-python moves sharded chunks through its event loop one at a time (~90 MB/s written,
+# ~350 images/s read here, bench/RESULTS.md). For the codecs we write (zstd level 1 or none,
+# then crc32c), shard files are encoded and decoded here, byte for byte in the layout of zarr's
+# `sharding_indexed` codec: the encoded chunks, then an index of (offset, nbytes) little-endian
+# uint64 pairs with its own crc32c, at the end; 2**64-1 marks an absent chunk. zarr reads these
+# files and we read zarr's (tests/test_shards.py checks both ways).
+DIRECT_CODECS = ("zstd", "none")
+_ABSENT = 2**64 - 1
+
+
+def _crc(data: bytes) -> bytes:
+    return struct.pack("<I", google_crc32c.value(data))
+
+
+def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
+    """A shard file's bytes for `block` (n <= shard_size images, (n, g, g, C) float16)."""
+    zstd = numcodecs.Zstd(level=1) if codec == "zstd" else None
+    parts, offset = [], 0
+    index = np.full((shard_size, 2), _ABSENT, dtype="<u8")
+    for i, x in enumerate(block):
+        raw = np.ascontiguousarray(x, dtype="<f2").tobytes()
+        enc = bytes(zstd.encode(raw)) if zstd else raw
+        enc += _crc(enc)
+        index[i] = (offset, len(enc))
+        offset += len(enc)
+        parts.append(enc)
+    idx = index.tobytes()
+    return b"".join(parts) + idx + _crc(idx)
+
+
+def _index(data: bytes, shard_size: int, where: str) -> np.ndarray:
+    tail = data[-(shard_size * 16 + 4):]
+    if len(tail) != shard_size * 16 + 4 or _crc(tail[:-4]) != tail[-4:]:
+        raise StoreError(f"{where}: corrupted data (shard index fails its crc32c)")
+    return np.frombuffer(tail[:-4], dtype="<u8").reshape(shard_size, 2)
+
+
+def _chunk(enc: bytes, codec: str, shape: tuple, where: str) -> np.ndarray:
+    if len(enc) < 4 or _crc(enc[:-4]) != enc[-4:]:
+        raise StoreError(f"{where}: corrupted data (chunk fails its crc32c)")
+    raw = numcodecs.Zstd().decode(enc[:-4]) if codec == "zstd" else enc[:-4]
+    return np.frombuffer(raw, dtype="<f2").reshape(shape)
+
+
+def decode_shard(data: bytes, n: int, shard_size: int, codec: str, shape: tuple, where: str) -> np.ndarray:
+    """(n, g, g, C) float16 from a shard file's bytes; absent chunks read as zeros (the fill value)."""
+    index = _index(data, shard_size, where)
+    out = np.zeros((n, *shape), dtype=np.float16)
+    for i in range(n):
+        off, nb = (int(v) for v in index[i])
+        if off != _ABSENT:
+            out[i] = _chunk(data[off:off + nb], codec, shape, f"{where}: chunk {i}")
+    return out
 
 
 class ZarrWriter:
@@ -70,9 +131,17 @@ class ZarrWriter:
             fmt.validate(rec, g, c, where=str(self.root))
             block[row - rows.start] = rec["features"]
             metas.append({"row": row, **fmt.meta(rec)})
-        self.array[rows.start:rows.stop] = block  # one shard file, written whole
         f = self.shard_file(k)
-        size, digest = (f.stat().st_size, sha256_file(f)) if f.exists() else (0, "")
+        if self.plan["codec"] in DIRECT_CODECS:
+            data = encode_shard(block, self.plan["shard_size"], self.plan["codec"])
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_name(f".{f.name}.{os.getpid()}.{k}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, f)  # a reader sees no file or the whole shard
+            size, digest = len(data), hashlib.sha256(data).hexdigest()
+        else:
+            self.array[rows.start:rows.stop] = block  # one shard file, written whole by zarr
+            size, digest = (f.stat().st_size, sha256_file(f)) if f.exists() else (0, "")
         atomic_write_json(shard_meta_path(self.root, k), {
             "file": str(f.relative_to(self.root)), "bytes": size, "sha256": digest, "records": metas,
             "failures": list(failures)})
@@ -91,6 +160,8 @@ class ZarrReader:
             self.records += meta["records"]
             self.shard_of += [s["index"]] * len(meta["records"])
         self._array = None  # opened lazily: once per DataLoader worker
+        self.direct = self.manifest.get("codec") in DIRECT_CODECS  # shard files decoded here, not by zarr
+        self.shape = (self.manifest["grid"], self.manifest["grid"], self.manifest["channels"])
 
     @property
     def array(self):
@@ -117,7 +188,20 @@ class ZarrReader:
 
     def __getitem__(self, i: int) -> fmt.Record:
         meta = self.records[i]
-        return self._record(meta, self._read(meta["row"], f"record {meta['key']}"))
+        if not self.direct:
+            return self._record(meta, self._read(meta["row"], f"record {meta['key']}"))
+        k, S = self.shard_of[i], self.manifest["shard_size"]
+        path = self.root / self.manifest["shards"][k]["file"]
+        where = f"{path}: record {meta['key']}"
+        if not path.exists():
+            raise StoreError(f"{where}: shard file missing")
+        with open(path, "rb") as f:  # two reads: the index at the end, then the one chunk
+            f.seek(-(S * 16 + 4), os.SEEK_END)
+            off, nb = (int(v) for v in _index(f.read(S * 16 + 4), S, where)[meta["row"] - k * S])
+            if off == _ABSENT:
+                return self._record(meta, np.zeros(self.shape, dtype=np.float16))
+            f.seek(off)
+            return self._record(meta, _chunk(f.read(nb), self.manifest["codec"], self.shape, where).copy())
 
     def iter_records(self) -> Iterator[fmt.Record]:
         """All records in order, reading each shard file once."""
@@ -128,7 +212,16 @@ class ZarrReader:
             if not metas:
                 continue
             lo, hi = metas[0]["row"], metas[-1]["row"] + 1
-            block = self._read(slice(lo, hi), f"shard {s['index']} ({s['file']})")  # (rows, g, g, C)
+            if self.direct:
+                path, S = self.root / s["file"], self.manifest["shard_size"]
+                first = s["index"] * S
+                if path.exists():
+                    block = decode_shard(path.read_bytes(), hi - first, S, self.manifest["codec"], self.shape, str(path))
+                else:  # every image of the shard failed: nothing was written
+                    block = np.zeros((hi - first, *self.shape), dtype=np.float16)
+                block = block[lo - first:]
+            else:
+                block = self._read(slice(lo, hi), f"shard {s['index']} ({s['file']})")  # (rows, g, g, C)
             for m in metas:
                 yield self._record(m, np.ascontiguousarray(block[m["row"] - lo]))
 

@@ -190,3 +190,22 @@ def test_pipe_urls_and_stats(tmp_path, capsys):
 def test_missing_manifest_message(tmp_path):
     with pytest.raises(StoreError, match="no such features folder"):
         open_store(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none", "blosc-zstd"])
+def test_zarr_reads_our_shards_and_we_read_zarrs(tmp_path, codec):
+    """Shard files encoded here are zarr v3 sharding bytes: zarr-python reads them, and we read zarr's."""
+    import zarr
+    from shards.zarr_store import ZarrWriter, decode_shard
+    recs = make_records(11)
+    write(tmp_path / "s", recs, "zarr", shard_size=4, codec=codec)
+    arr = zarr.open_array(tmp_path / "s" / "features.zarr", mode="r")[:]  # zarr's own reader
+    assert arr.dtype == np.float16 and all(arr[i].tobytes() == r["features"].tobytes() for i, r in enumerate(recs))
+    store = open_store(tmp_path / "s")
+    assert all(fmt.equal(store[i], r) for i, r in enumerate(recs))  # random access
+    if codec == "zstd":  # a shard written by zarr itself, decoded here
+        z = zarr.open_array(tmp_path / "s" / "features.zarr", mode="r+")
+        z[4:8] = np.stack([r["features"] for r in recs[:4]])
+        data = (tmp_path / "s" / "features.zarr" / "c" / "1" / "0" / "0" / "0").read_bytes()
+        got = decode_shard(data, 4, 4, "zstd", (14, 14, C), "x")
+        assert all(got[i].tobytes() == recs[i]["features"].tobytes() for i in range(4))
