@@ -11,7 +11,6 @@ grounding when asked), and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator

@@ -14,7 +14,7 @@ from PIL import Image
 
 import featurize.__main__ as fz
 from featurize.backbone import Backbone, BackboneConfig, BackboneError, channels
-from featurize.images import ImageError, load_rgb
+from featurize.images import load_rgb
 from shards import format as fmt
 from shards import load_manifest, open_store
 from shards.karpathy import load_split

@@ -1,5 +1,4 @@
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -200,7 +199,7 @@ def test_missing_manifest_message(tmp_path):
 def test_zarr_reads_our_shards_and_we_read_zarrs(tmp_path, codec):
     """Shard files encoded here are zarr v3 sharding bytes: zarr-python reads them, and we read zarr's."""
     import zarr
-    from shards.zarr_store import ZarrWriter, decode_shard
+    from shards.zarr_store import decode_shard
     recs = make_records(11)
     write(tmp_path / "s", recs, "zarr", shard_size=4, codec=codec)
     arr = zarr.open_array(tmp_path / "s" / "features.zarr", mode="r")[:]  # zarr's own reader
