@@ -78,6 +78,35 @@ def build_model(cfg: C.Config, vocab: Vocab, manifest: dict) -> tuple[Decoder, C
     return Decoder(mcfg), dataclasses.replace(cfg, model=mcfg)
 
 
+def build_net(decoder: Decoder, cfg: C.Config, vocab: Vocab, manifest: dict) -> torch.nn.Module:
+    """The decoder (from `init_from`'s best weights when given), wrapped with its backbone when fine-tuning."""
+    tcfg = cfg.train
+    if tcfg.finetune and not tcfg.init_from:
+        raise TrainError("--finetune needs --init_from RUN: a cached-feature run whose decoder and vocabulary it starts from")
+    if tcfg.init_from and not tcfg.resume:
+        weights = load_file(str(Path(tcfg.init_from) / "best.safetensors"))
+        check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
+        decoder.load_state_dict(weights)
+    if not tcfg.finetune:
+        return decoder
+    from caption.finetune import Captioner, backbone_from_manifest
+    backbone = backbone_from_manifest(manifest, cfg.data.features)
+    net = Captioner(backbone, decoder, list(tcfg.finetune_layers), tcfg.freeze_bn, tcfg.activation_checkpointing)
+    net.image_size = int(manifest["image_size"])
+    return net
+
+
+def build_optimizer(net: torch.nn.Module, tcfg: C.TrainConfig) -> torch.optim.Optimizer:
+    """Adam; when fine-tuning, the backbone's blocks at their own learning rate and weight decay."""
+    if tcfg.finetune:
+        groups = [{"params": list(net.decoder.parameters())},
+                  {"params": net.backbone_params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay}]
+    else:
+        groups = [{"params": list(net.parameters())}]
+    return torch.optim.Adam(groups, lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
+                            eps=tcfg.optim_epsilon, weight_decay=tcfg.weight_decay)
+
+
 def lr_lambda(tcfg: C.TrainConfig, steps_per_epoch: int):
     """The seed's step decay: after epoch `start`, x rate ** ((epoch - start) // every)."""
     def f(step: int) -> float:
@@ -274,7 +303,7 @@ def train(cfg: C.Config) -> int:
     load_manifest(features_dir(cfg, "val"))  # fail now, not at the first validation
     vocab = build_vocab(cfg, run, accelerator)
     set_seed(tcfg.seed)  # before the model's random init
-    model, cfg = build_model(cfg, vocab, train_manifest)
+    decoder, cfg = build_model(cfg, vocab, train_manifest)
     state_dir = resume_dir(run) if tcfg.resume else None
     if tcfg.resume and state_dir is None:
         raise TrainError(f"{run}: --resume but no saved state (state/progress.json) there")
@@ -284,18 +313,7 @@ def train(cfg: C.Config) -> int:
         saved = C.load(run / "config.yaml")
         if saved.model != cfg.model:
             raise TrainError(f"{run / 'config.yaml'}: model settings differ from this command's; resume with the same model")
-    if tcfg.finetune and not tcfg.init_from:
-        raise TrainError("--finetune needs --init_from RUN: a cached-feature run whose decoder and vocabulary it starts from")
-    if tcfg.init_from and not tcfg.resume:
-        weights = load_file(str(Path(tcfg.init_from) / "best.safetensors"))
-        check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
-        model.load_state_dict(weights)
-    if tcfg.finetune:
-        from caption.finetune import Captioner, backbone_from_manifest
-        backbone = backbone_from_manifest(train_manifest, cfg.data.features)
-        model = Captioner(backbone, model, list(tcfg.finetune_layers), tcfg.freeze_bn, tcfg.activation_checkpointing)
-        model.image_size = int(train_manifest["image_size"])
-    net = model
+    net = build_net(decoder, cfg, vocab, train_manifest)
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
 
@@ -305,18 +323,12 @@ def train(cfg: C.Config) -> int:
         raise TrainError(f"{features_dir(cfg, 'train')}: {train_manifest['count']} images cannot fill a batch of "
                          f"{tcfg.batch_size} on {world} process(es)")
     steps_per_epoch = max(1, n_per_epoch // tcfg.gradient_accumulation_steps)
-    if tcfg.finetune:  # the backbone's blocks at their own learning rate and weight decay
-        groups = [{"params": list(net.decoder.parameters())},
-                  {"params": net.backbone_params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay}]
-    else:
-        groups = [{"params": list(net.parameters())}]
+    optimizer = build_optimizer(net, tcfg)
     model = Objective(net, vocab, tcfg.alpha_c, tcfg.seq_per_img)
     if tcfg.self_critical_after >= 0:
         from caption.scst import CiderD
         model.cider = CiderD(train_references(cfg))  # document frequencies of the training references, once
         model.scst_cfg = {"sample_n": tcfg.sc_sample_n, "baseline": tcfg.sc_baseline, "max_length": tcfg.max_length}
-    optimizer = torch.optim.Adam(groups, lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
-                                 eps=tcfg.optim_epsilon, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # The scheduler steps once per optimizer step on every process (not once per process).
