@@ -55,8 +55,8 @@ DIRECT_CODECS = ("zstd", "none")
 _ABSENT = 2**64 - 1
 
 
-def _crc(data: bytes) -> bytes:
-    return struct.pack("<I", google_crc32c.value(data))
+def _crc(data: bytes | memoryview) -> bytes:
+    return struct.pack("<I", google_crc32c.value(np.frombuffer(data, dtype=np.uint8)))  # a view: no copy
 
 
 def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
@@ -82,21 +82,24 @@ def _index(data: bytes, shard_size: int, where: str) -> np.ndarray:
     return np.frombuffer(tail[:-4], dtype="<u8").reshape(shard_size, 2)
 
 
-def _chunk(enc: bytes, codec: str, shape: tuple, where: str) -> np.ndarray:
-    if len(enc) < 4 or _crc(enc[:-4]) != enc[-4:]:
+def _chunk(enc: memoryview, codec: str, shape: tuple, where: str) -> np.ndarray:
+    """One encoded chunk (a view into the shard's bytes: no copies) -> its (g, g, C) array."""
+    payload = enc[:-4]
+    if len(enc) < 4 or _crc(payload) != bytes(enc[-4:]):
         raise StoreError(f"{where}: corrupted data (chunk fails its crc32c)")
-    raw = numcodecs.Zstd().decode(enc[:-4]) if codec == "zstd" else enc[:-4]
+    raw = numcodecs.Zstd().decode(payload) if codec == "zstd" else payload
     return np.frombuffer(raw, dtype="<f2").reshape(shape)
 
 
 def decode_shard(data: bytes, n: int, shard_size: int, codec: str, shape: tuple, where: str) -> np.ndarray:
     """(n, g, g, C) float16 from a shard file's bytes; absent chunks read as zeros (the fill value)."""
     index = _index(data, shard_size, where)
+    view = memoryview(data)
     out = np.zeros((n, *shape), dtype=np.float16)
     for i in range(n):
         off, nb = (int(v) for v in index[i])
         if off != _ABSENT:
-            out[i] = _chunk(data[off:off + nb], codec, shape, f"{where}: chunk {i}")
+            out[i] = _chunk(view[off:off + nb], codec, shape, f"{where}: chunk {i}")
     return out
 
 
@@ -201,7 +204,7 @@ class ZarrReader:
             if off == _ABSENT:
                 return self._record(meta, np.zeros(self.shape, dtype=np.float16))
             f.seek(off)
-            return self._record(meta, _chunk(f.read(nb), self.manifest["codec"], self.shape, where).copy())
+            return self._record(meta, _chunk(memoryview(f.read(nb)), self.manifest["codec"], self.shape, where).copy())
 
     def iter_records(self) -> Iterator[fmt.Record]:
         """All records in order, reading each shard file once."""
