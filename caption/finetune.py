@@ -24,7 +24,6 @@ from caption.model import Decoder
 from caption.vocab import Vocab
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.images import ImageError, load_rgb, to_tensor
-from shards import load_manifest
 from shards.karpathy import ImageEntry
 
 
@@ -129,6 +128,3 @@ def image_records(entries: list[ImageEntry], root: str | Path, image_size: int, 
             yield {"key": e.key, "image_id": e.image_id, "filename": e.filename, "features": g, "captions": e.tokens}
     backbone.train(was)
 
-
-def features_manifest(features_root: str | Path) -> dict:
-    return load_manifest(Path(features_root) / "train")
