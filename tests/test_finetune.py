@@ -45,6 +45,15 @@ def test_finetune_mechanics(shapes, tiny_features, cached_run, tmp_path):
     from caption.evaluate import evaluate
     m = evaluate(run, "test", beam_size=1, scorers=("Bleu",), progress=False)
     assert "Bleu_4" in m and len(json.loads((run / "eval_test" / "results.json").read_text())) == 12
+    # re-featurize with the fine-tuned backbone: the cheap cached path benefits from it
+    import featurize.__main__ as fz
+    from shards import load_manifest, open_store
+    out = tmp_path / "refeat"
+    assert fz.main(tiny_args(shapes, out, "--split", "test", "--weights", str(run / "backbone.safetensors"))) == 0
+    m = load_manifest(out / "test")
+    assert m["weights"] == str((run / "backbone.safetensors").resolve()) and m["count"] == 12
+    old, new = open_store(tiny_features / "test")[0]["features"], open_store(out / "test")[0]["features"]
+    assert old.shape == new.shape and not (old == new).all()
     # predict uses the fine-tuned backbone saved with the run
     from caption.predict import backbone_for_run
     from caption.config import load
