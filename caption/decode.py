@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from caption.model import PER_IMAGE, State, expand_state, select_state
+from caption.model import PER_IMAGE, State, expand_state, select_images, select_state
 
 StepFn = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 NEG_INF = float("-inf")
@@ -88,9 +88,11 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
 
     Each step ranks the 2K best extensions of an image's K beams: those among the top K
     that end in <eos> are finished and kept, and the K best that do not continue. With
-    K = 1 this is exactly greedy decoding. The answer
-    per image is the best finished hypothesis, or the best unfinished one when none ever
-    finished. Scores are summed log p, divided by length**length_penalty when it is > 0.
+    K = 1 this is exactly greedy decoding. The answer per image is the best finished
+    hypothesis, or the best unfinished one when none ever finished. Scores are summed log p,
+    divided by length**length_penalty when it is > 0. Without a length penalty an image
+    leaves the batch as soon as no live beam can beat its best finished hypothesis (log p
+    only falls with length), so the batch shrinks as captions end.
 
     Args:
         state: per-image state with B rows (expanded to B*K here).
@@ -98,11 +100,14 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
     B, K = _rows(state), beam_size
     state = expand_state(state, K)  # (B*K, ...)
     device = next(v.device for v in state.values() if torch.is_tensor(v))
+    # Per live image (A of them, `active` their ids): scores (A, K), seqs (A, K, t), hist (A, K, t, L).
+    active = torch.arange(B, device=device)
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
     scores = torch.full((B, K), NEG_INF, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     seqs = torch.empty(B, K, 0, dtype=torch.long, device=device)
-    hist: torch.Tensor | None = None  # (B, K, t, L)
+    hist: torch.Tensor | None = None
+    # Per image, by id: the best finished hypothesis.
     best_score = torch.full((B,), NEG_INF, device=device)
     best_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
     best_len = torch.zeros(B, dtype=torch.long, device=device)
@@ -111,9 +116,10 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
     def norm(s: torch.Tensor, n: int) -> torch.Tensor:
         return s / (float(n) ** length_penalty) if length_penalty > 0 else s
 
-    arange_b = torch.arange(B, device=device)
     for t in range(max_length):
-        logp, state = step(tokens, state)  # (B*K, V)
+        A = active.shape[0]
+        rows_a = torch.arange(A, device=device)
+        logp, state = step(tokens, state)  # (A*K, V)
         V = logp.shape[-1]
         logp = logp.float()
         if suppress:
@@ -122,60 +128,63 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
         alpha = state.get("alpha")
         if alpha is not None and best_alpha is None:
             best_alpha = torch.zeros(B, max_length, alpha.shape[-1], device=device)
-        cand = scores.view(B * K, 1) + logp  # (B*K, V)
+        cand = scores.view(A * K, 1) + logp  # (A*K, V)
         # The 2K best extensions of each image: at most K of them end in <eos>, so K continue.
         n_top = min(2 * K, K * V)
-        top, idx = cand.view(B, K * V).topk(n_top, dim=1)  # (B, 2K), best first
-        origin, word = idx // V, idx % V  # (B, 2K): the beam each came from, and its word
+        top, idx = cand.view(A, K * V).topk(n_top, dim=1)  # (A, 2K), best first
+        origin, word = idx // V, idx % V  # (A, 2K): the beam each came from, and its word
         is_eos = word == eos
         # Finished: <eos> hypotheses ranked among the top K (K=1 is then exactly greedy).
         ranked = torch.arange(n_top, device=device)[None, :] < K
         fin = torch.where(is_eos & ranked, norm(top, t + 1), torch.full_like(top, NEG_INF))  # the <eos> counts as a step
-        fin_score, fin_pos = fin.max(dim=1)  # (B,)
-        better = fin_score > best_score
-        if better.any():
-            fin_beam = origin[arange_b, fin_pos]  # (B,)
-            best_score = torch.where(better, fin_score, best_score)
-            new_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
-            new_seq[:, :t] = seqs[arange_b, fin_beam]
-            best_seq = torch.where(better[:, None], new_seq, best_seq)
-            best_len = torch.where(better, torch.full_like(best_len, t), best_len)
+        fin_score, fin_pos = fin.max(dim=1)  # (A,)
+        better = (fin_score > best_score[active]).nonzero().squeeze(1)  # local indices
+        if better.numel():
+            ids, beam = active[better], origin[better, fin_pos[better]]
+            best_score[ids] = fin_score[better]
+            best_seq[ids] = eos
+            best_seq[ids, :t] = seqs[better, beam]
+            best_len[ids] = t
             if best_alpha is not None:
-                a_hist = alpha.view(B, K, -1)[arange_b, fin_beam][:, None]  # attention of the <eos> step (B, 1, L)
-                prev = hist[arange_b, fin_beam] if hist is not None else a_hist[:, :0]
-                new_a = torch.zeros_like(best_alpha)
-                new_a[:, : t + 1] = torch.cat([prev, a_hist], dim=1)
-                best_alpha = torch.where(better[:, None, None], new_a, best_alpha)
+                best_alpha[ids] = 0.0
+                if hist is not None:
+                    best_alpha[ids, :t] = hist[better, beam]
+                best_alpha[ids, t] = alpha.view(A, K, -1)[better, beam]  # attention of the <eos> step
         # Continuing: the K best non-<eos> extensions, in rank order.
-        keep = top.masked_fill(is_eos, NEG_INF).topk(K, dim=1).indices.sort(dim=1).values  # (B, K) positions in the 2K
+        keep = top.masked_fill(is_eos, NEG_INF).topk(K, dim=1).indices.sort(dim=1).values  # (A, K) positions in the 2K
         scores = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), NEG_INF)
-        origin, word = origin.gather(1, keep), word.gather(1, keep)  # (B, K)
-        seqs = torch.cat([seqs[arange_b[:, None], origin], word[..., None]], dim=2)  # (B, K, t+1)
+        origin, word = origin.gather(1, keep), word.gather(1, keep)  # (A, K)
+        seqs = torch.cat([seqs[rows_a[:, None], origin], word[..., None]], dim=2)  # (A, K, t+1)
         if alpha is not None:
-            a = alpha.view(B, K, 1, -1)[arange_b[:, None], origin]  # (B, K, 1, L)
-            hist = a if hist is None else torch.cat([hist[arange_b[:, None], origin], a], dim=2)
-        flat = (origin + arange_b[:, None] * K).view(-1)  # (B*K,) rows to keep
-        state = select_state(state, flat)
+            a = alpha.view(A, K, 1, -1)[rows_a[:, None], origin]  # (A, K, 1, L)
+            hist = a if hist is None else torch.cat([hist[rows_a[:, None], origin], a], dim=2)
+        state = select_state(state, (origin + rows_a[:, None] * K).view(-1))  # (A*K,) rows to keep
         tokens = word.view(-1)
-        # Stop when no live beam can beat what has finished (log p only falls with length).
-        if length_penalty == 0 and bool((scores.max(dim=1).values <= best_score).all()):
-            break
-    # Images with no finished hypothesis (or a better live one at max_length): take the best live beam.
-    live_score = norm(scores.max(dim=1).values, seqs.shape[2])
-    live_beam = scores.argmax(dim=1)
-    use_live = live_score > best_score
-    if use_live.any():
+        if length_penalty == 0:  # images whose live beams cannot beat their best finished one are done
+            live = scores.max(dim=1).values > best_score[active]  # (A,)
+            if not bool(live.any()):
+                active = active[:0]
+                break
+            if not bool(live.all()):
+                kept = live.nonzero().squeeze(1)
+                rows = (kept[:, None] * K + torch.arange(K, device=device)).view(-1)
+                active, scores, seqs = active[kept], scores[kept], seqs[kept]
+                hist = hist[kept] if hist is not None else None
+                state, tokens = select_images(state, kept, rows), tokens[rows]
+    # Images still live at max_length: their best live beam when it beats their best finished one.
+    if active.numel():
         T = seqs.shape[2]
-        live_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
-        live_seq[:, :T] = seqs[arange_b, live_beam]
-        best_seq = torch.where(use_live[:, None], live_seq, best_seq)
-        best_len = torch.where(use_live, torch.full_like(best_len, T), best_len)
-        best_score = torch.where(use_live, live_score, best_score)
-        if best_alpha is not None and hist is not None:
-            la = torch.zeros_like(best_alpha)
-            la[:, :T] = hist[arange_b, live_beam]
-            best_alpha = torch.where(use_live[:, None, None], la, best_alpha)
-    T_out = int(best_len.max().item()) + 1 if B else 1
-    T_out = min(T_out, max_length)
+        live_score = norm(scores.max(dim=1).values, T)
+        use = (live_score > best_score[active]).nonzero().squeeze(1)
+        if use.numel():
+            ids, beam = active[use], scores[use].argmax(dim=1)
+            best_score[ids] = live_score[use]
+            best_seq[ids] = eos
+            best_seq[ids, :T] = seqs[use, beam]
+            best_len[ids] = T
+            if best_alpha is not None and hist is not None:
+                best_alpha[ids] = 0.0
+                best_alpha[ids, :T] = hist[use, beam]
+    T_out = min(int(best_len.max().item()) + 1 if B else 1, max_length)
     alphas = best_alpha[:, :T_out] if best_alpha is not None else None
     return Decoded(best_seq[:, :T_out], best_len, best_score, alphas)

@@ -201,6 +201,12 @@ def select_state(state: State, index: torch.Tensor) -> State:
             for k, v in state.items()}
 
 
+def select_images(state: State, images: torch.Tensor, rows: torch.Tensor) -> State:
+    """Keep some images: per-image entries by image index, per-row entries by row index."""
+    return {k: (v.index_select(0, images) if k in PER_IMAGE else v.index_select(0, rows)) if torch.is_tensor(v) else v
+            for k, v in state.items()}
+
+
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, alphas: torch.Tensor, pad_id: int,
                   alpha_c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross entropy over non-pad targets and the doubly stochastic regularizer.
