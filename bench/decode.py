@@ -14,13 +14,11 @@ import time
 
 import torch
 
+from bench import device_name, sync
 from caption.decode import beam_search
 from caption.model import Decoder, DecoderConfig
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     one_by_one(), batched()  # warm up
     base, ours = one_by_one(), batched()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    name = device_name(device)
     print(f"device {name}; beam {a.beam_size}, max_length {a.max_length}, D={a.channels} H={a.hidden} V={a.vocab}")
     print(f"one image at a time {base:9.1f} images/s")
     print(f"batched ({a.batch}/call)   {ours:9.1f} images/s")

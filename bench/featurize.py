@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import device_name, sync
 from caption.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.extract import autocast, featurize_split
@@ -50,9 +51,6 @@ def make_images(folder: Path, n: int, size: int) -> Path:
     return folder / "dataset.json"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 np.save(out / f"{i}.npy", net(im)[0].float().cpu().numpy().astype(np.float16))
         sync(device)
         naive = a.naive_num / (time.perf_counter() - t)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    name = device_name(device)
     print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, "
           f"precision {a.precision}, decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")

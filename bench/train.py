@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from bench import device_name, sync
 from caption.data import train_batches
 from caption.model import Decoder, DecoderConfig, sequence_loss
 from caption.vocab import Vocab
@@ -175,18 +176,13 @@ def main(argv: list[str] | None = None) -> int:
 
         base = run_baseline()
         ours = run_ours()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    name = device_name(device)
     print(f"device {name}; D={a.channels} E={a.embed} H={a.hidden} A={a.attn} V={len(vocab)}; "
           f"{a.batch_images} images x {a.seq_per_img} captions per batch; {a.precision}")
     print(f"baseline (per-step pattern) {base:9.0f} captions/s")
     print(f"ours                        {ours:9.0f} captions/s")
     print(f"ratio ours/baseline = {ours / base:.2f}x")
     return 0
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

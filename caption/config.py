@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -157,8 +156,6 @@ def _coerce(value, typ, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return list(value)
-    if isinstance(typ, types.UnionType) or origin is typing.Union:  # pragma: no cover - no such fields yet
-        return value
     return value
 
 

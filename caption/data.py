@@ -62,10 +62,10 @@ def collate(items: list[dict], vocab: Vocab) -> dict:
 class CaptionedFeatures(Dataset):
     """Map-style view of a zarr store for training (random access by index)."""
 
-    def __init__(self, root: str | Path, vocab: Vocab, seq_per_img: int, max_length: int, seed: int = 0):
-        self.store = open_store(root)
+    def __init__(self, store, vocab: Vocab, seq_per_img: int, max_length: int, seed: int = 0):
+        self.store = store  # a ZarrReader (open_store)
         if not hasattr(self.store, "__getitem__"):
-            raise TypeError(f"{root}: a {self.store.manifest['backend']} store streams; random access needs zarr")
+            raise TypeError(f"{store.root}: a {store.manifest['backend']} store streams; random access needs zarr")
         self.vocab, self.seq_per_img, self.max_length, self.seed = vocab, seq_per_img, max_length, seed
         self.epoch = 0
 
@@ -147,7 +147,7 @@ def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_im
     if n_batches == 0:
         raise ValueError(f"{root}: {len(store)} images cannot fill one batch of {batch_size} on {world} process(es)")
     if backend == "zarr":
-        ds = CaptionedFeatures(root, vocab, seq_per_img, max_length, seed)
+        ds = CaptionedFeatures(store, vocab, seq_per_img, max_length, seed)
         ds.epoch = epoch
         sampler = EpochBatches(len(ds), batch_size, rank, world, seed, epoch, start=start)
         # Its own generator: creating the loader mid-epoch (resume) must not draw from the global RNG.

@@ -122,8 +122,10 @@ def grounding(results: list[dict], input_json: str, split: str, grid: int) -> di
             total += 1
             by_kind[kind][0] += hit
             by_kind[kind][1] += 1
-    chance = float(np.mean([(o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) / (entries[r["image_id"]].extra["width"] * entries[r["image_id"]].extra["height"])
-                            for r in results for o in entries[r["image_id"]].extra["objects"]])) if results else 0.0
+    # Chance: the mean fraction of its image an object's box covers.
+    areas = [(o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) / (e.extra["width"] * e.extra["height"])
+             for e in (entries[r["image_id"]] for r in results) for o in e.extra["objects"]]
+    chance = float(np.mean(areas)) if areas else 0.0
     return {"grounding": hits / max(total, 1), "grounding_color": by_kind["color"][0] / max(by_kind["color"][1], 1),
             "grounding_shape": by_kind["shape"][0] / max(by_kind["shape"][1], 1), "grounding_words": total,
             "grounding_unmatched": unmatched, "grounding_chance": chance}
