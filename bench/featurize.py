@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto")
     p.add_argument("--format", default="zarr")
     p.add_argument("--decode", default="workers", choices=["workers", "device"])
-    p.add_argument("--codec", default="zstd")
+    p.add_argument("--codec", default="blosc-zstd")
     p.add_argument("--writer_threads", type=int, default=0)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

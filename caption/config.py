@@ -56,7 +56,7 @@ class FeaturizeConfig:
     calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics")
     shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar")
     shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard")
-    codec: str = _f("zstd", "zarr compression: zstd (level 1, chosen by bench/store.py), blosc-zstd, lz4 or none")
+    codec: str = _f("blosc-zstd", "zarr compression: blosc-zstd (byte shuffle + zstd-1, chosen by bench/store.py), zstd, lz4 or none")
     writer_threads: int = _f(0, "threads compressing and writing shards (0: half the CPU cores, at most 8)")
 
 

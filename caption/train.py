@@ -394,7 +394,9 @@ def train(cfg: C.Config) -> int:
     elif progress.get("validated_step") != progress["step"]:
         evaluate_and_save()
     accelerator.end_training()
-    print(f"rank {rank}/{world}: {progress.get('batches_total', 0) - seen_before} batches this run", flush=True)
+    # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
+    sys.stdout.write(f"rank {rank}/{world}: {progress.get('batches_total', 0) - seen_before} batches this run\n")
+    sys.stdout.flush()
     if accelerator.is_main_process:
         print(f"{run}: {progress['step']} steps; best val CIDEr-D {progress['best']:.3f} at step {progress['best_step']}")
     return 130 if interrupted else 0

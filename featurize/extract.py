@@ -143,7 +143,7 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     remaining = {k: len(shard_range(plan, k)) for k in mine}
     futures = []
     total = sum(remaining.values())
-    # Shard files are independent: several threads compress and write them (zstd releases the GIL),
+    # Shard files are independent: several threads compress and write them (blosc and zstd release the GIL),
     # with back-pressure so finished grids never pile up faster than they are written.
     writers = fcfg.writer_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
     bar = tqdm(total=total, desc=f"featurize {split}" + (f" [rank {state.process_index}]" if state.num_processes > 1 else ""),

@@ -41,7 +41,7 @@ def open_store(root: str | Path):
 
 
 def write_records(root: str | Path, records: Iterable[Record], *, backend: str, num_records: int, grid: int,
-                  channels: int, shard_size: int, info: dict | None = None, codec: str = "zstd",
+                  channels: int, shard_size: int, info: dict | None = None, codec: str = "blosc-zstd",
                   rank: int = 0, world_size: int = 1, split: str = "") -> dict | None:
     """Write records (in row order) into a store, skipping shards already done; returns the manifest.
 

@@ -76,7 +76,7 @@ def stats(root: str | Path, sample: int = 256) -> dict:
             "failures": len(m.get("failures", []))}
 
 
-def convert(src: str | Path, dst: str | Path, backend: str, shard_size: int = 0, codec: str = "zstd") -> dict:
+def convert(src: str | Path, dst: str | Path, backend: str, shard_size: int = 0, codec: str = "blosc-zstd") -> dict:
     """Copy every record into a store of another backend, losslessly."""
     store = open_store(src)
     m = store.manifest
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("dst")
     c.add_argument("--format", required=True, choices=["zarr", "wds"])
     c.add_argument("--shard_size", type=int, default=0, help="records per shard (default: the source's)")
-    c.add_argument("--codec", default="zstd")
+    c.add_argument("--codec", default="blosc-zstd", help="zarr codec: blosc-zstd, zstd, lz4 or none")
     a = p.parse_args(argv)
     try:
         if a.cmd == "verify":

@@ -40,13 +40,16 @@ def meta(record: Record) -> dict:
             "captions": record["captions"]}
 
 
-def validate(record: dict, grid: int | None = GRID, channels: int | None = None, where: str = "") -> Record:
+def validate(record: dict, grid: int | None = GRID, channels: int | None = None, where: str = "",
+             finite_values: bool | None = None) -> Record:
     """Check a record's fields, shape, dtype and values; return it unchanged.
 
     Args:
         grid: expected grid side (None: any square grid).
         channels: expected C (None: any).
         where: the file the record came from, for the error message.
+        finite_values: whether the features are known finite (checked already, e.g. by the
+            thread that decoded them); None: check here.
     """
     prefix = f"{where}: " if where else ""
     key = record.get("key")
@@ -73,7 +76,7 @@ def validate(record: dict, grid: int | None = GRID, channels: int | None = None,
         raise RecordError(at + f"features shape {x.shape}, expected {want}")
     if channels is not None and x.shape[2] != channels:
         raise RecordError(at + f"features have {x.shape[2]} channels, expected {channels}")
-    if not finite(x):
+    if not (finite(x) if finite_values is None else finite_values):
         raise RecordError(at + "features hold NaN or inf")
     return record  # type: ignore[return-value]
 

@@ -11,8 +11,10 @@ row serves a map-style Dataset; `iter_records` reads a shard file at a time.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -31,28 +33,36 @@ ARRAY = "features.zarr"
 
 def compressors(codec: str) -> list:
     """Lossless codecs by name; crc32c after compression catches a corrupted byte at read time."""
-    if codec == "zstd":  # level 1: the ratio of level 3 (1.47x on ReLU grids) at 2.3x its speed (bench/RESULTS.md)
+    if codec == "zstd":  # plain zstd level 1
         base = [ZstdCodec(level=1)]
-    elif codec == "blosc-zstd":
-        base = [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2)]
+    elif codec == "blosc-zstd":  # byte shuffle + zstd-1 in 256 KiB blocks: the best ratio and speed (bench/RESULTS.md)
+        base = [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2, blocksize=BLOSC_BLOCK)]
     elif codec == "lz4":
         base = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2)]
     elif codec == "none":
         base = []
     else:
-        raise StoreError(f"unknown zarr codec {codec!r}: zstd, blosc-zstd, lz4 or none")
+        raise StoreError(f"unknown zarr codec {codec!r}: blosc-zstd, zstd, lz4 or none")
     return base + [Crc32cCodec()]
 
 
 # ---- shard files encoded and decoded directly ---------------------------------------------
 # zarr-python moves sharded chunks through its event loop one at a time (~90 MB/s written,
-# ~350 images/s read here, bench/RESULTS.md). For the codecs we write (zstd level 1 or none,
-# then crc32c), shard files are encoded and decoded here, byte for byte in the layout of zarr's
-# `sharding_indexed` codec: the encoded chunks, then an index of (offset, nbytes) little-endian
-# uint64 pairs with its own crc32c, at the end; 2**64-1 marks an absent chunk. zarr reads these
-# files and we read zarr's (tests/test_shards.py checks both ways).
-DIRECT_CODECS = ("zstd", "none")
+# ~350 images/s read here, bench/RESULTS.md). For the codecs we write (blosc-zstd, zstd or
+# none, then crc32c), shard files are encoded and decoded here, byte for byte in the layout of
+# zarr's `sharding_indexed` codec: the encoded chunks, then an index of (offset, nbytes)
+# little-endian uint64 pairs with its own crc32c, at the end; 2**64-1 marks an absent chunk.
+# zarr reads these files and we read zarr's (tests/test_shards.py checks both ways). Chunks
+# decode straight into the output array, several at a time in threads (blosc releases the GIL).
+DIRECT_CODECS = ("blosc-zstd", "zstd", "none")
+BLOSC_BLOCK = 1 << 18  # 256 KiB: a 14x14x2048 grid in ~3 blocks; smaller blocks compress worse
 _ABSENT = 2**64 - 1
+
+
+def _codec(codec: str):
+    if codec == "blosc-zstd":
+        return numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=BLOSC_BLOCK)
+    return numcodecs.Zstd(level=1) if codec == "zstd" else None
 
 
 def _crc(data: bytes | memoryview) -> bytes:
@@ -61,12 +71,12 @@ def _crc(data: bytes | memoryview) -> bytes:
 
 def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
     """A shard file's bytes for `block` (n <= shard_size images, (n, g, g, C) float16)."""
-    zstd = numcodecs.Zstd(level=1) if codec == "zstd" else None
+    comp = _codec(codec)
     parts, offset = [], 0
     index = np.full((shard_size, 2), _ABSENT, dtype="<u8")
     for i, x in enumerate(block):
-        raw = np.ascontiguousarray(x, dtype="<f2").tobytes()
-        enc = bytes(zstd.encode(raw)) if zstd else raw
+        x = np.ascontiguousarray(x, dtype="<f2")  # blosc shuffles by the item size: 2
+        enc = bytes(comp.encode(x)) if comp else x.tobytes()
         enc += _crc(enc)
         index[i] = (offset, len(enc))
         offset += len(enc)
@@ -75,31 +85,67 @@ def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
     return b"".join(parts) + idx + _crc(idx)
 
 
-def _index(data: bytes, shard_size: int, where: str) -> np.ndarray:
+def _index(data: bytes | memoryview, shard_size: int, where: str) -> np.ndarray:
     tail = data[-(shard_size * 16 + 4):]
-    if len(tail) != shard_size * 16 + 4 or _crc(tail[:-4]) != tail[-4:]:
+    if len(tail) != shard_size * 16 + 4 or _crc(tail[:-4]) != bytes(tail[-4:]):
         raise StoreError(f"{where}: corrupted data (shard index fails its crc32c)")
     return np.frombuffer(tail[:-4], dtype="<u8").reshape(shard_size, 2)
 
 
-def _chunk(enc: memoryview, codec: str, shape: tuple, where: str) -> np.ndarray:
-    """One encoded chunk (a view into the shard's bytes: no copies) -> its (g, g, C) array."""
+def _chunk_into(enc: memoryview, codec: str, out: np.ndarray, where: str) -> None:
+    """Decode one encoded chunk (a view into the shard's bytes) into `out` ((g, g, C) float16, contiguous)."""
     payload = enc[:-4]
     if len(enc) < 4 or _crc(payload) != bytes(enc[-4:]):
         raise StoreError(f"{where}: corrupted data (chunk fails its crc32c)")
-    raw = numcodecs.Zstd().decode(payload) if codec == "zstd" else payload
-    return np.frombuffer(raw, dtype="<f2").reshape(shape)
+    comp = _codec(codec)
+    try:
+        if comp is None:
+            if len(payload) != out.nbytes:
+                raise ValueError(f"{len(payload)} bytes for {out.nbytes}")
+            out.view(np.uint8).reshape(-1)[:] = np.frombuffer(payload, dtype=np.uint8)
+        else:
+            comp.decode(payload, out=out)
+    except (RuntimeError, ValueError, TypeError) as e:  # the crc passed: a chunk of the wrong size or codec
+        raise StoreError(f"{where}: undecodable chunk ({type(e).__name__}: {e})") from None
 
 
-def decode_shard(data: bytes, n: int, shard_size: int, codec: str, shape: tuple, where: str) -> np.ndarray:
-    """(n, g, g, C) float16 from a shard file's bytes; absent chunks read as zeros (the fill value)."""
+def submit_shard(pool: ThreadPoolExecutor | None, data: bytes | mmap.mmap, n: int, shard_size: int, codec: str,
+                 shape: tuple, where: str) -> tuple[np.ndarray, list]:
+    """Start decoding a shard file's bytes into a new (n, g, g, C) float16 array.
+
+    Returns the array and one future per chunk (inline results without a pool) whose result
+    says whether that image's values are all finite (checked where it was decoded).
+    Absent chunks read as zeros (the fill value).
+    """
     index = _index(data, shard_size, where)
     view = memoryview(data)
-    out = np.zeros((n, *shape), dtype=np.float16)
-    for i in range(n):
+    out = np.empty((n, *shape), dtype=np.float16)
+
+    def one(i: int) -> bool:
         off, nb = (int(v) for v in index[i])
-        if off != _ABSENT:
-            out[i] = _chunk(view[off:off + nb], codec, shape, f"{where}: chunk {i}")
+        if off == _ABSENT:
+            out[i] = 0
+            return True
+        _chunk_into(view[off:off + nb], codec, out[i], f"{where}: chunk {i}")
+        return fmt.finite(out[i])
+
+    if pool is None:
+        done = []
+        for i in range(n):
+            f: Future = Future()
+            f.set_result(one(i))
+            done.append(f)
+        return out, done
+    return out, [pool.submit(one, i) for i in range(n)]
+
+
+def decode_shard(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str,
+                 pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """(n, g, g, C) float16 from a shard file's bytes (absent chunks are zeros); NaN/inf raise."""
+    out, futures = submit_shard(pool, data, n, shard_size, codec, shape, where)
+    for i, f in enumerate(futures):
+        if not f.result():
+            raise StoreError(f"{where}: chunk {i} holds NaN or inf")
     return out
 
 
@@ -184,10 +230,11 @@ class ZarrReader:
         except Exception as e:  # noqa: BLE001 - crc32c / decompression failures: name the file
             raise StoreError(f"{self.root / ARRAY}: {where}: corrupted data ({type(e).__name__}: {e})") from None
 
-    def _record(self, meta: dict, features: np.ndarray) -> fmt.Record:
+    def _record(self, meta: dict, features: np.ndarray, finite: bool | None = None) -> fmt.Record:
         rec = {k: meta[k] for k in ("key", "image_id", "filename", "captions")}
         rec["features"] = features
-        return fmt.validate(rec, self.manifest["grid"], self.manifest["channels"], where=str(self.root / ARRAY))
+        return fmt.validate(rec, self.manifest["grid"], self.manifest["channels"], where=str(self.root / ARRAY),
+                            finite_values=finite)
 
     def __getitem__(self, i: int) -> fmt.Record:
         meta = self.records[i]
@@ -201,32 +248,67 @@ class ZarrReader:
         with open(path, "rb") as f:  # two reads: the index at the end, then the one chunk
             f.seek(-(S * 16 + 4), os.SEEK_END)
             off, nb = (int(v) for v in _index(f.read(S * 16 + 4), S, where)[meta["row"] - k * S])
-            if off == _ABSENT:
-                return self._record(meta, np.zeros(self.shape, dtype=np.float16))
-            f.seek(off)
-            return self._record(meta, _chunk(memoryview(f.read(nb)), self.manifest["codec"], self.shape, where).copy())
+            out = np.zeros(self.shape, dtype=np.float16)
+            if off != _ABSENT:
+                f.seek(off)
+                _chunk_into(memoryview(f.read(nb)), self.manifest["codec"], out, where)
+            return self._record(meta, out)
 
-    def iter_records(self) -> Iterator[fmt.Record]:
-        """All records in order, reading each shard file once."""
-        start = 0
+    def iter_records(self, threads: int | None = None) -> Iterator[fmt.Record]:
+        """All records in order, reading each shard file once.
+
+        Shard files are memory-mapped (no copy out of the page cache) and the next one is read
+        ahead by the kernel while this one decodes; a shard's chunks decode in `threads`
+        threads (default: the CPU count, at most 8).
+        """
+        threads = threads or min(8, os.cpu_count() or 1)
+        shards = []
+        pos = 0
         for s in self.manifest["shards"]:
-            metas = self.records[start:start + s["count"]]
-            start += s["count"]
-            if not metas:
-                continue
-            lo, hi = metas[0]["row"], metas[-1]["row"] + 1
-            if self.direct:
-                path, S = self.root / s["file"], self.manifest["shard_size"]
-                first = s["index"] * S
-                if path.exists():
-                    block = decode_shard(path.read_bytes(), hi - first, S, self.manifest["codec"], self.shape, str(path))
-                else:  # every image of the shard failed: nothing was written
-                    block = np.zeros((hi - first, *self.shape), dtype=np.float16)
-                block = block[lo - first:]
-            else:
+            metas = self.records[pos:pos + s["count"]]
+            pos += s["count"]
+            if metas:
+                shards.append((s, metas))
+        if not self.direct:
+            for s, metas in shards:
+                lo, hi = metas[0]["row"], metas[-1]["row"] + 1
                 block = self._read(slice(lo, hi), f"shard {s['index']} ({s['file']})")  # (rows, g, g, C)
-            for m in metas:
-                yield self._record(m, np.ascontiguousarray(block[m["row"] - lo]))
+                for m in metas:
+                    yield self._record(m, np.ascontiguousarray(block[m["row"] - lo]))
+            return
+
+        def load(path: Path) -> mmap.mmap | bytes | None:
+            """The shard file mapped, not copied; the kernel starts reading it ahead of its turn."""
+            if not path.exists():
+                return None  # every image of the shard failed: nothing was written
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""  # reported as a corrupted index
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+        S = self.manifest["shard_size"]
+
+        def start(j: int) -> tuple:
+            s, metas = shards[j]
+            first, hi = s["index"] * S, metas[-1]["row"] + 1
+            data = load(self.root / s["file"])
+            if data is None:
+                return first, np.zeros((hi - first, *self.shape), dtype=np.float16), None
+            return (first, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape,
+                                         str(self.root / s["file"])))
+
+        # Two shards in flight: the next one decodes in the pool while this one's records go out.
+        with ThreadPoolExecutor(threads) as pool:
+            queue = [start(j) for j in range(min(2, len(shards)))]
+            for j, (s, metas) in enumerate(shards):
+                first, block, futures = queue.pop(0)
+                if j + 2 < len(shards):
+                    queue.append(start(j + 2))
+                for m in metas:
+                    i = m["row"] - first
+                    yield self._record(m, block[i], futures[i].result() if futures else True)
 
     __iter__ = iter_records
 

@@ -45,6 +45,34 @@ def test_keys_projected_once_per_image():
     assert rows == [B]  # one projection of B images, not B*S captions x T steps
 
 
+def test_attention_is_the_papers_tanh_mlp():
+    """The fp32 paths (sigmoid identity, chunked without autograd) equal w^T tanh(W_a a + W_h h + b) + b_w."""
+    model = tiny()
+    att = model.attention
+    features = torch.randn(B, L, D)
+    h = torch.randn(B * S, 16, requires_grad=True)
+
+    def reference(h):
+        pre = att.key(features)[:, None] + att.query(h).view(B, S, 1, -1)  # (B, S, L, A)
+        return att.score(torch.tanh(pre)).view(B * S, L).softmax(-1)
+
+    want = reference(h)
+    got = att(att.keys(features), h)  # autograd path
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (g_want,) = torch.autograd.grad(want[:, :5].sum(), h)
+    (g_got,) = torch.autograd.grad(got[:, :5].sum(), h)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        keys, q2 = att.keys(features), 2 * att.query(h).view(B, S, 1, -1)
+        w2 = 2 * att.score.weight.view(-1)
+        whole = att._scores_chunked(keys, q2, w2)
+        for chunk_bytes in (1, S * L * 12 * 4 * 2):  # one image per chunk; two images, a short last chunk
+            torch.testing.assert_close(att._scores_chunked(keys, q2, w2, chunk_bytes), whole)
+        torch.testing.assert_close(att(keys, h), want, rtol=1e-5, atol=1e-6)
+        # Half precision keeps the tanh form.
+        torch.testing.assert_close(att.half()(keys.half(), h.half()).float(), want, rtol=0, atol=2e-3)
+
+
 def test_scalar_gate_and_deep_output():
     model = tiny()
     assert model.f_beta.out_features == 1  # beta is a scalar per step (Sec. 4.2.1), not a D-wide vector

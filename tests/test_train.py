@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,6 @@ def test_two_process_training(shapes, tiny_features, tmp_path, backend):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "2 process(es)" in out
-    counts = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    counts = sorted(re.findall(r"rank \d/2: \d+ batches this run", out))
     assert counts == ["rank 0/2: 24 batches this run", "rank 1/2: 24 batches this run"]  # 96 images / (4 x 2) x 2 epochs
     assert (tmp_path / "run" / "best.safetensors").exists()
