@@ -94,31 +94,38 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
     leaves the batch as soon as no live beam can beat its best finished hypothesis (log p
     only falls with length), so the batch shrinks as captions end.
 
+    Each step only records its words, back-pointers and attention; the chosen hypotheses
+    are traced back once at the end (no per-step copying of every beam's history).
+
     Args:
         state: per-image state with B rows (expanded to B*K here).
     """
     B, K = _rows(state), beam_size
     state = expand_state(state, K)  # (B*K, ...)
     device = next(v.device for v in state.values() if torch.is_tensor(v))
-    # Per live image (A of them, `active` their ids): scores (A, K), seqs (A, K, t), hist (A, K, t, L).
+    # Per live image (A of them, `active` their ids): scores (A, K).
     active = torch.arange(B, device=device)
     tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
     scores = torch.full((B, K), NEG_INF, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    seqs = torch.empty(B, K, 0, dtype=torch.long, device=device)
-    hist: torch.Tensor | None = None
-    # Per image, by id: the best finished hypothesis.
+    # Per step t: the live images' ids (A_t,), each kept beam's word and the beam (of step
+    # t-1's kept beams) it extends (A_t, K), and the attention of every beam entering the step.
+    ids_at: list[torch.Tensor] = []
+    word_at: list[torch.Tensor] = []
+    origin_at: list[torch.Tensor] = []
+    alpha_at: list[torch.Tensor] = []
+    # Per image, by id: the best hypothesis so far, as its length in words (before any <eos>),
+    # the beam of step length-1 it ends on, and whether an <eos> closes it.
     best_score = torch.full((B,), NEG_INF, device=device)
-    best_seq = torch.full((B, max_length), eos, dtype=torch.long, device=device)
     best_len = torch.zeros(B, dtype=torch.long, device=device)
-    best_alpha: torch.Tensor | None = None
+    best_beam = torch.zeros(B, dtype=torch.long, device=device)
+    best_eos = torch.zeros(B, dtype=torch.bool, device=device)
 
     def norm(s: torch.Tensor, n: int) -> torch.Tensor:
         return s / (float(n) ** length_penalty) if length_penalty > 0 else s
 
     for t in range(max_length):
         A = active.shape[0]
-        rows_a = torch.arange(A, device=device)
         logp, state = step(tokens, state)  # (A*K, V)
         V = logp.shape[-1]
         logp = logp.float()
@@ -126,8 +133,6 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
             logp = logp.clone()
             logp[:, list(suppress)] = NEG_INF
         alpha = state.get("alpha")
-        if alpha is not None and best_alpha is None:
-            best_alpha = torch.zeros(B, max_length, alpha.shape[-1], device=device)
         cand = scores.view(A * K, 1) + logp  # (A*K, V)
         # The 2K best extensions of each image: at most K of them end in <eos>, so K continue.
         n_top = min(2 * K, K * V)
@@ -138,26 +143,23 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
         ranked = torch.arange(n_top, device=device)[None, :] < K
         fin = torch.where(is_eos & ranked, norm(top, t + 1), torch.full_like(top, NEG_INF))  # the <eos> counts as a step
         fin_score, fin_pos = fin.max(dim=1)  # (A,)
-        better = (fin_score > best_score[active]).nonzero().squeeze(1)  # local indices
-        if better.numel():
-            ids, beam = active[better], origin[better, fin_pos[better]]
+        better = fin_score > best_score[active]  # (A,)
+        if bool(better.any()):
+            ids = active[better]
             best_score[ids] = fin_score[better]
-            best_seq[ids] = eos
-            best_seq[ids, :t] = seqs[better, beam]
             best_len[ids] = t
-            if best_alpha is not None:
-                best_alpha[ids] = 0.0
-                if hist is not None:
-                    best_alpha[ids, :t] = hist[better, beam]
-                best_alpha[ids, t] = alpha.view(A, K, -1)[better, beam]  # attention of the <eos> step
+            best_beam[ids] = origin[better, fin_pos[better]]
+            best_eos[ids] = True
         # Continuing: the K best non-<eos> extensions, in rank order.
         keep = top.masked_fill(is_eos, NEG_INF).topk(K, dim=1).indices.sort(dim=1).values  # (A, K) positions in the 2K
         scores = top.gather(1, keep).masked_fill(is_eos.gather(1, keep), NEG_INF)
         origin, word = origin.gather(1, keep), word.gather(1, keep)  # (A, K)
-        seqs = torch.cat([seqs[rows_a[:, None], origin], word[..., None]], dim=2)  # (A, K, t+1)
+        ids_at.append(active)
+        word_at.append(word)
+        origin_at.append(origin)
         if alpha is not None:
-            a = alpha.view(A, K, 1, -1)[rows_a[:, None], origin]  # (A, K, 1, L)
-            hist = a if hist is None else torch.cat([hist[rows_a[:, None], origin], a], dim=2)
+            alpha_at.append(alpha.view(A, K, -1))  # (A*K, L) -> (A, K, L)
+        rows_a = torch.arange(A, device=device)
         state = select_state(state, (origin + rows_a[:, None] * K).view(-1))  # (A*K,) rows to keep
         tokens = word.view(-1)
         if length_penalty == 0:  # images whose live beams cannot beat their best finished one are done
@@ -168,23 +170,52 @@ def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int =
             if not bool(live.all()):
                 kept = live.nonzero().squeeze(1)
                 rows = (kept[:, None] * K + torch.arange(K, device=device)).view(-1)
-                active, scores, seqs = active[kept], scores[kept], seqs[kept]
-                hist = hist[kept] if hist is not None else None
+                active, scores = active[kept], scores[kept]
                 state, tokens = select_images(state, kept, rows), tokens[rows]
-    # Images still live at max_length: their best live beam when it beats their best finished one.
+    # Images still live after the last step: their best live beam when it beats their best finished one.
     if active.numel():
-        T = seqs.shape[2]
-        live_score = norm(scores.max(dim=1).values, T)
-        use = (live_score > best_score[active]).nonzero().squeeze(1)
-        if use.numel():
-            ids, beam = active[use], scores[use].argmax(dim=1)
-            best_score[ids] = live_score[use]
-            best_seq[ids] = eos
-            best_seq[ids, :T] = seqs[use, beam]
-            best_len[ids] = T
-            if best_alpha is not None and hist is not None:
-                best_alpha[ids] = 0.0
-                best_alpha[ids, :T] = hist[use, beam]
-    T_out = min(int(best_len.max().item()) + 1 if B else 1, max_length)
-    alphas = best_alpha[:, :T_out] if best_alpha is not None else None
-    return Decoded(best_seq[:, :T_out], best_len, best_score, alphas)
+        T = len(word_at)
+        live_score, live_beam = norm(scores.max(dim=1).values, T), scores.argmax(dim=1)
+        use = live_score > best_score[active]
+        ids = active[use]
+        best_score[ids] = live_score[use]
+        best_len[ids] = T
+        best_beam[ids] = live_beam[use]
+        best_eos[ids] = False
+    tokens_out, alphas = _trace_back(B, best_len, best_beam, best_eos, ids_at, word_at, origin_at, alpha_at,
+                                     eos, max_length)
+    return Decoded(tokens_out, best_len, best_score, alphas)
+
+
+def _trace_back(B: int, length: torch.Tensor, beam: torch.Tensor, closed: torch.Tensor, ids_at: list, word_at: list,
+                origin_at: list, alpha_at: list, eos: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Words and attention of each image's chosen hypothesis, from the per-step back-pointers.
+
+    Image b's hypothesis has length[b] words and ends on beam[b] of step length[b]-1 (for a
+    hypothesis closed by <eos> at step length[b], that is the beam <eos> extended).
+    """
+    device = length.device
+    T_out = min(int(length.max().item()) + 1 if B else 1, max_length)
+    tokens = torch.full((B, T_out), eos, dtype=torch.long, device=device)
+    alphas = torch.zeros(B, T_out, alpha_at[0].shape[-1], device=device) if alpha_at else None
+
+    def positions(t: int) -> torch.Tensor:  # image id -> its row at step t (-1: not live then)
+        pos = torch.full((B,), -1, dtype=torch.long, device=device)
+        pos[ids_at[t]] = torch.arange(ids_at[t].shape[0], device=device)
+        return pos
+
+    if alphas is not None:  # the attention of each closing <eos>
+        for t in range(min(T_out, len(alpha_at))):
+            sel = (closed & (length == t)).nonzero().squeeze(1)
+            if sel.numel():
+                alphas[sel, t] = alpha_at[t][positions(t)[sel], beam[sel]]
+    b = beam.clone()
+    for t in range(int(length.max().item()) - 1 if B else -1, -1, -1):
+        sel = (length > t).nonzero().squeeze(1)  # hypotheses with a word at step t
+        p, bb = positions(t)[sel], b[sel]
+        tokens[sel, t] = word_at[t][p, bb]
+        o = origin_at[t][p, bb]  # the beam of step t-1 this one extended
+        if alphas is not None:
+            alphas[sel, t] = alpha_at[t][p, o]
+        b[sel] = o
+    return tokens, alphas

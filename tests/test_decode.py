@@ -81,6 +81,29 @@ def test_batched_beam_equals_one_image_at_a_time():
             torch.testing.assert_close(batched.alphas[i, :n + 1], one.alphas[0, :n + 1], rtol=1e-5, atol=1e-6)
 
 
+def test_beam_words_scores_and_attention_replay_under_teacher_forcing():
+    """Traced back from the per-step pointers, each chosen caption, fed back through the
+    decoder's teacher-forced forward, gives the same score and the same attention."""
+    model = tiny_decoder()
+    feats = 3 * torch.randn(6, 196, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.L_o.bias[EOS] += 0.1  # some captions end early (images leave the batch), some run to max_length
+        out = beam_search(model.step, model.init_state(feats), BOS, EOS, beam_size=3, max_length=7)
+        assert out.alphas.shape[:2] == out.tokens.shape
+        assert {int(n) < 7 for n in out.lengths} == {True, False}
+        for i in range(6):
+            n = int(out.lengths[i])
+            words = out.tokens[i, :n].tolist()
+            closed = n < 7  # ended by <eos> (else cut at max_length)
+            target = words + ([EOS] if closed else [])
+            inputs = torch.tensor([[BOS] + target[:-1]])
+            logits, alphas = model(feats[i:i + 1], inputs)  # (1, T, V), (1, T, L)
+            score = logits.log_softmax(-1)[0, torch.arange(len(target)), torch.tensor(target)].sum()
+            torch.testing.assert_close(out.scores[i], score, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.alphas[i, :len(target)], alphas[0], rtol=1e-5, atol=1e-6)
+            assert (out.tokens[i, n:] == EOS).all()
+
+
 def test_no_beam_finishes():
     step, _ = table_step(0, 5, 4, eos_bias=-1e9)  # <eos> never wins
     out = beam_search(step, {"t": torch.zeros(2, dtype=torch.long)}, BOS, EOS, beam_size=3, max_length=4)
