@@ -26,6 +26,7 @@ class Objective(nn.Module):
         self.register_buffer("baseline", torch.zeros(()))  # hard attention: moving average of log p(y | a, s)
         self.cider = None  # set when self-critical training starts
         self.scst_cfg: dict = {}
+        self.log_greedy = True  # SCST: measure the greedy captions' CIDEr-D this step (the loop sets it)
 
     @property
     def decoder(self) -> Decoder:
@@ -67,6 +68,7 @@ class Objective(nn.Module):
         if self.cider is None:
             raise RuntimeError("self-critical training needs Objective.cider (set by the training loop)")
         features = self.net.encode(inputs) if hasattr(self.net, "encode") else inputs
-        loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, **self.scst_cfg)
+        loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, **self.scst_cfg,
+                                log_greedy=self.log_greedy)
         n = features.shape[0] * self.scst_cfg.get("sample_n", 5)
         return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}

@@ -93,10 +93,12 @@ def words_of(tokens: torch.Tensor, lengths: torch.Tensor, vocab: Vocab) -> list[
 
 def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], image_keys: list, vocab: Vocab,
               cider: CiderD, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+              generator: torch.Generator | None = None, log_greedy: bool = True) -> tuple[torch.Tensor, dict]:
     """Policy-gradient loss of `sample_n` sampled captions per image; returns (loss, stats).
 
-    The loss is -sum(reward * log p(sampled words)) / number of sampled captions.
+    The loss is -sum(reward * log p(sampled words)) / number of sampled captions. The greedy
+    captions' CIDEr-D (stats["greedy_cider"]) is the greedy baseline; with the mean baseline it
+    is only measured, and only when `log_greedy` (a step that is logged).
     """
     B = features.shape[0]
     if baseline == "mean" and sample_n < 2:
@@ -106,14 +108,16 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
     sampled = words_of(out.tokens, out.lengths, vocab)
     rewards = torch.tensor([cider.score(sampled[r], references[r // sample_n], image_keys[r // sample_n])
                             for r in range(B * sample_n)], device=features.device).view(B, sample_n)
-    was = decoder.training
-    decoder.eval()
-    with torch.no_grad():
-        g = greedy(decoder.step, decoder.init_state(features), vocab.bos_id, vocab.eos_id, max_length)
-    decoder.train(was)
-    greedy_words = words_of(g.tokens, g.lengths, vocab)
-    greedy_reward = torch.tensor([cider.score(greedy_words[b], references[b], image_keys[b]) for b in range(B)],
-                                 device=features.device)
+    greedy_reward = None
+    if baseline == "greedy" or log_greedy:
+        was = decoder.training
+        decoder.eval()
+        with torch.no_grad():
+            g = greedy(decoder.step, decoder.init_state(features), vocab.bos_id, vocab.eos_id, max_length)
+        decoder.train(was)
+        greedy_words = words_of(g.tokens, g.lengths, vocab)
+        greedy_reward = torch.tensor([cider.score(greedy_words[b], references[b], image_keys[b]) for b in range(B)],
+                                     device=features.device)
     if baseline == "greedy":
         base = greedy_reward[:, None].expand(B, sample_n)
     elif baseline == "mean":
@@ -126,5 +130,7 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
     mask = torch.arange(T, device=features.device)[None, :] <= out.lengths[:, None]  # (B*n, T)
     logp = (out.logprobs * mask).sum(1)
     loss = -(advantage.detach() * logp).sum() / (B * sample_n)
-    return loss, {"reward": rewards.mean().item(), "greedy_cider": greedy_reward.mean().item(),
-                  "advantage": advantage.abs().mean().item()}
+    stats = {"reward": rewards.mean().item(), "advantage": advantage.abs().mean().item()}
+    if greedy_reward is not None:
+        stats["greedy_cider"] = greedy_reward.mean().item()
+    return loss, stats

@@ -237,7 +237,9 @@ def train_one_epoch(accelerator, model, optimizer, scheduler, batches, n_batches
     bar = tqdm(total=n_batches, initial=progress["batch"], desc=f"epoch {progress['epoch']}", unit="batch",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     t0, caps = time.perf_counter(), 0
+    objective = accelerator.unwrap_model(model)
     for batch in batches:
+        objective.log_greedy = (progress["step"] + 1) % tcfg.log_every == 0  # the stats of a logged step
         features = batch["features"].to(accelerator.device, non_blocking=True)  # grids, or images when fine-tuning
         tokens = batch["tokens"].to(accelerator.device, non_blocking=True)
         targets = batch["targets"].to(accelerator.device, non_blocking=True)

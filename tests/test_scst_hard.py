@@ -46,6 +46,21 @@ def tiny_model(attention="soft"):
                                  dropout=0.0, attention=attention)), Vocab(words)
 
 
+def test_scst_mean_baseline_skips_the_greedy_decode_off_log_steps():
+    model, vocab = tiny_model()
+    feats = torch.randn(2, 196, 6)
+    refs = [[["a", "red", "circle"]] * 3, [["blue", "box"]] * 3]
+    cider = CiderD(refs)
+    losses = []
+    for log_greedy in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        loss, stats = scst_loss(model, feats, refs, ["k0", "k1"], vocab, cider, sample_n=4, baseline="mean",
+                                max_length=5, generator=gen, log_greedy=log_greedy)
+        assert ("greedy_cider" in stats) == log_greedy
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1])  # the measurement does not touch the loss
+
+
 def test_scst_gradient_sign():
     """A sampled caption better than greedy gets its log-probability increased."""
     model, vocab = tiny_model()
