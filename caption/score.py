@@ -8,14 +8,13 @@ results.json is [{"image_id": int, "caption": str}, ...]; image ids are Karpathy
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from caption.evaluate import references_for
 from caption.metrics import ALL, format_table, score
 from shards.karpathy import DatasetError
-from shards.manifest import atomic_write_json
+from shards.manifest import atomic_write_json, read_json
 
 
 class ResultsError(ValueError):
@@ -24,12 +23,7 @@ class ResultsError(ValueError):
 
 def read_results(path: str | Path) -> dict[int, str]:
     p = Path(path)
-    if not p.is_file():
-        raise ResultsError(f"{p}: no such results file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{p}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    data = read_json(p, "results file", ResultsError)
     if not isinstance(data, list):
         raise ResultsError(f'{p}: expected a list of {{"image_id", "caption"}} objects')
     out: dict[int, str] = {}

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from shards.karpathy import load_split
+from shards.manifest import atomic_write_json, read_json
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -67,20 +67,12 @@ class Vocab:
         return out
 
     def save(self, path: str | Path) -> None:
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.words, indent=0))
-        tmp.replace(p)
+        atomic_write_json(path, self.words, indent=0)  # one word per line
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
         p = Path(path)
-        if not p.is_file():
-            raise VocabError(f"{p}: no such vocabulary file")
-        try:
-            words = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise VocabError(f"{p}: malformed JSON: {e.msg}") from None
+        words = read_json(p, "vocabulary file", VocabError)
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise VocabError(f"{p}: expected a JSON list of words")
         try:

@@ -14,7 +14,6 @@ word names. The same seed gives the same files.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from shards.manifest import atomic_write_json
 
 COLORS = {
     "red": (220, 40, 40),
@@ -191,9 +192,7 @@ def generate(out: str | Path, num_images: int = 2400, seed: int = 0, image_size:
             "objects": objs, "width": image_size, "height": image_size,
         })
     path = out / "dataset.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"dataset": "shapes", "images": images}))
-    tmp.replace(path)
+    atomic_write_json(path, {"dataset": "shapes", "images": images})
     return path
 
 

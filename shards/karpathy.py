@@ -10,10 +10,11 @@ and the scorer agree on which images a split holds and what their captions are.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shards.manifest import read_json
 
 SPLITS = ("train", "val", "test", "restval")
 
@@ -39,18 +40,11 @@ def _fail(path: str | os.PathLike, msg: str) -> DatasetError:
     return DatasetError(f"{path}: {msg}")
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """Load a split file, with one-line errors for a missing file or malformed JSON."""
-    p = Path(path)
-    if not p.is_file():
-        raise _fail(p, "no such file (expected Karpathy's dataset_coco.json or a file in its format)")
-    try:
-        with open(p, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise _fail(p, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+def read_split_file(path: str | os.PathLike) -> dict:
+    """Load a split file, with one-line errors for a missing file, malformed JSON, or another format."""
+    data = read_json(path, "file (expected Karpathy's dataset_coco.json or a file in its format)", DatasetError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise _fail(p, 'not a Karpathy split file: expected an object with an "images" list')
+        raise _fail(path, 'not a Karpathy split file: expected an object with an "images" list')
     return data
 
 
@@ -104,7 +98,7 @@ def load_split(path: str | os.PathLike, split: str = "train", restval_in_train: 
         restval_in_train: `train` also takes `restval` (the anchors' choice: 113,287 images).
     """
     wanted = expand_split(split, restval_in_train)
-    data = read_json(path)
+    data = read_split_file(path)
     dataset = str(data.get("dataset", "coco"))
     out, seen = [], set()
     for i, img in enumerate(data["images"]):

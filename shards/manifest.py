@@ -30,24 +30,29 @@ class StoreError(ValueError):
     """A features folder that cannot be used; the message names the file and the problem."""
 
 
-def atomic_write_json(path: Path, obj) -> None:
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
     """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def read_json(path: Path, what: str) -> dict | list:
+def read_json(path: str | os.PathLike, what: str, error: type[Exception] = StoreError):
+    """A JSON file's content, or `error` with one line naming the file: missing, or malformed where."""
+    path = Path(path)
     if not path.is_file():
-        raise StoreError(f"{path}: no {what}")
+        raise error(f"{path}: no such {what}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: malformed {what} ({e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({what}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({what}): {e}") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -102,7 +107,7 @@ def shard_range(plan: dict, k: int) -> range:
 def finalize(root: Path, split: str = "") -> dict:
     """Merge every shard's JSON and every writer's failures into manifest.json (all shards must be done)."""
     root = Path(root)
-    plan = read_json(root / PLAN, "plan.json (not a features folder?)")
+    plan = read_json(root / PLAN, "plan (not a features folder?)")
     missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
     if missing:
         raise StoreError(f"{root}: {len(missing)} of {plan['num_shards']} shards unfinished (first: {missing[0]}); rerun the writer")
