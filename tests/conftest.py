@@ -34,3 +34,13 @@ def tiny_features(shapes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("features")
     assert fz.main(tiny_args(shapes, out, "--split", "all")) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes, tiny_features, tmp_path_factory) -> Path:
+    """A decoder trained 4 epochs on the tiny world's cached grids (its users add eval folders, nothing else)."""
+    from caption import train
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "4",
+                                "--learning_rate", "5e-3", "--batch_size", "8")) == 0
+    return run

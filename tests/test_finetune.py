@@ -13,21 +13,13 @@ from caption import train
 from tests.conftest import ROOT, tiny_args
 
 
-@pytest.fixture(scope="module")
-def cached_run(shapes, tiny_features, tmp_path_factory):
-    run = tmp_path_factory.mktemp("cached") / "run"
-    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "4",
-                                "--learning_rate", "5e-3", "--batch_size", "8")) == 0
-    return run
-
-
 def val_rows(run):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_CIDEr" in r]
 
 
-def test_finetune_mechanics(shapes, tiny_features, cached_run, tmp_path):
+def test_finetune_mechanics(shapes, tiny_features, trained_run, tmp_path):
     run = tmp_path / "ft"
-    args = tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--finetune", "true", "--init_from", str(cached_run),
+    args = tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--finetune", "true", "--init_from", str(trained_run),
                      "--finetune_layers", "layer3", "--cnn_learning_rate", "1e-3", "--max_steps", "6", "--batch_size", "8")
     assert train.main(args) == 0
     before = load_file(str(tiny_features / "backbone.safetensors"))
@@ -38,7 +30,7 @@ def test_finetune_mechanics(shapes, tiny_features, cached_run, tmp_path):
     assert any(k.startswith("stages.layer3.") and "conv" in k for k in changed)
     # step 0 scores what the cached run scored: same decoder, grids from the same backbone
     first = val_rows(run)[0]
-    cached_best = max(val_rows(cached_run), key=lambda r: r["val_CIDEr"])
+    cached_best = max(val_rows(trained_run), key=lambda r: r["val_CIDEr"])
     assert first["step"] == 0
     assert first["val_CIDEr"] == pytest.approx(cached_best["val_CIDEr"], abs=0.02)
     assert first["val_Bleu_4"] == pytest.approx(cached_best["val_Bleu_4"], abs=0.02)
@@ -68,12 +60,12 @@ def test_finetune_needs_a_cached_run(shapes, tiny_features, tmp_path, capsys):
     assert "--init_from" in capsys.readouterr().err
 
 
-def test_two_process_finetune(shapes, tiny_features, cached_run, tmp_path):
+def test_two_process_finetune(shapes, tiny_features, trained_run, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(ROOT / "caption" / "train.py"),
                         *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "ft2"), "--finetune", "true",
-                                   "--init_from", str(cached_run), "--max_steps", "3", "--finetune_start", "1",
+                                   "--init_from", str(trained_run), "--max_steps", "3", "--finetune_start", "1",
                                    "--finetune_layers", "layer3")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
