@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench import device_name, sync
+from bench import add_decoder_dims, decoder_dims, device_name, pick_device, sync
 from caption.decode import beam_search
 from caption.model import Decoder, DecoderConfig
 
@@ -74,22 +74,15 @@ def tutorial_beam(model: Decoder, grid: torch.Tensor, bos: int, eos: int, k: int
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--coco", action="store_true", help="COCO decoder dims (D=2048 E=H=A=512 V=9487)")
-    p.add_argument("--channels", type=int, default=256)
-    p.add_argument("--embed", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--attn", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=1000)
+    add_decoder_dims(p)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--one_by_one", type=int, default=20, help="images decoded one at a time for the baselines")
     p.add_argument("--beam_size", type=int, default=5)
     p.add_argument("--batch", type=int, default=100, help="images per batched beam search")
     p.add_argument("--max_length", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median rate of each loop is reported")
-    a = p.parse_args(argv)
-    if a.coco:
-        a.channels, a.embed, a.hidden, a.attn, a.vocab = 2048, 512, 512, 512, 9487
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a = decoder_dims(p.parse_args(argv))
+    device = pick_device()
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(vocab_size=a.vocab, feature_dim=a.channels, embed_dim=a.embed, hidden_dim=a.hidden,
                                   attn_dim=a.attn)).to(device).eval()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import device_name, sync
+from bench import device_name, pick_device, sync
 from caption.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.extract import autocast, featurize_split
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec", default="blosc-zstd")
     p.add_argument("--writer_threads", type=int, default=0)
     a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         js = make_images(tmp / "data", a.num, a.image_size)

@@ -1,8 +1,7 @@
 """Decoder training throughput: our loop vs the common per-step pattern, same dimensions, one run.
 
     python -m bench.train                                   # CPU, the shapes world's decoder size
-    python -m bench.train --channels 2048 --embed 512 --hidden 512 --attn 512 --batch_images 256 \\
-        --precision bf16 --steps 20                          # a GPU, the COCO setting
+    python -m bench.train --coco --batch_images 256 --precision bf16 --steps 20   # a GPU, the COCO setting
 
 ours      one grid read per image with its 5 captions (seq_per_img), attention keys projected
           once per image, the deep-output layer over all steps in one matmul;
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from bench import device_name, sync
+from bench import add_decoder_dims, decoder_dims, device_name, pick_device, sync
 from caption.data import train_batches
 from caption.model import Decoder, DecoderConfig, sequence_loss
 from caption.vocab import Vocab
@@ -93,18 +92,14 @@ class PairDataset(Dataset):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--channels", type=int, default=256)
-    p.add_argument("--embed", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--attn", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=1000)
+    add_decoder_dims(p)
     p.add_argument("--batch_images", type=int, default=32)
     p.add_argument("--seq_per_img", type=int, default=5)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (both loops)")
-    a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a = decoder_dims(p.parse_args(argv))
+    device = pick_device()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if a.precision == "bf16" else nullcontext()
     n_img = a.batch_images * (a.steps + 2)
     rng = np.random.default_rng(0)
