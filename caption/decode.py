@@ -199,20 +199,20 @@ def _trace_back(B: int, length: torch.Tensor, beam: torch.Tensor, closed: torch.
     tokens = torch.full((B, T_out), eos, dtype=torch.long, device=device)
     alphas = torch.zeros(B, T_out, alpha_at[0].shape[-1], device=device) if alpha_at else None
 
-    def positions(t: int) -> torch.Tensor:  # image id -> its row at step t (-1: not live then)
-        pos = torch.full((B,), -1, dtype=torch.long, device=device)
-        pos[ids_at[t]] = torch.arange(ids_at[t].shape[0], device=device)
-        return pos
+    pos = []  # per step: image id -> its row then (-1: not live)
+    for ids in ids_at[:T_out]:
+        pos.append(torch.full((B,), -1, dtype=torch.long, device=device))
+        pos[-1][ids] = torch.arange(ids.shape[0], device=device)
 
     if alphas is not None:  # the attention of each closing <eos>
         for t in range(min(T_out, len(alpha_at))):
             sel = (closed & (length == t)).nonzero().squeeze(1)
             if sel.numel():
-                alphas[sel, t] = alpha_at[t][positions(t)[sel], beam[sel]]
+                alphas[sel, t] = alpha_at[t][pos[t][sel], beam[sel]]
     b = beam.clone()
     for t in range(int(length.max().item()) - 1 if B else -1, -1, -1):
         sel = (length > t).nonzero().squeeze(1)  # hypotheses with a word at step t
-        p, bb = positions(t)[sel], b[sel]
+        p, bb = pos[t][sel], b[sel]
         tokens[sel, t] = word_at[t][p, bb]
         o = origin_at[t][p, bb]  # the beam of step t-1 this one extended
         if alphas is not None:

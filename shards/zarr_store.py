@@ -139,10 +139,9 @@ def submit_shard(pool: ThreadPoolExecutor | None, data: bytes | mmap.mmap, n: in
     return out, [pool.submit(one, i) for i in range(n)]
 
 
-def decode_shard(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str,
-                 pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def decode_shard(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str) -> np.ndarray:
     """(n, g, g, C) float16 from a shard file's bytes (absent chunks are zeros); NaN/inf raise."""
-    out, futures = submit_shard(pool, data, n, shard_size, codec, shape, where)
+    out, futures = submit_shard(None, data, n, shard_size, codec, shape, where)
     for i, f in enumerate(futures):
         if not f.result():
             raise StoreError(f"{where}: chunk {i} holds NaN or inf")
