@@ -195,11 +195,15 @@ def resume_dir(run: Path) -> Path | None:
 
 # ---- validation -----------------------------------------------------------------------
 @torch.no_grad()
-def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val") -> dict[str, float]:
-    """Greedy captions of `val_images_use` images, scored with CIDEr-D and BLEU-4 on the main process."""
+def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val",
+             entries: list | None = None) -> dict[str, float]:
+    """Greedy captions of `val_images_use` images, scored with CIDEr-D and BLEU-4 on the main process.
+
+    `entries`: the split's images (`load_split`), when the caller keeps them between validations.
+    """
     from accelerate.utils import gather_object
 
-    from caption.evaluate import decode_records, references_for
+    from caption.evaluate import decode_records
     from caption.metrics import score
     from caption.data import eval_records
 
@@ -207,11 +211,12 @@ def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val"
     was_training = net.training
     net.eval()
     rank, world, limit = accelerator.process_index, accelerator.num_processes, cfg.train.val_images_use
+    if entries is None:
+        entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)
     if cfg.train.finetune:  # grids from the backbone as it is now
         from caption.finetune import image_records
-        entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)
-        entries = entries[:limit] if limit >= 0 else entries
-        recs = image_records(entries[rank::world], C.images_root(cfg.data), net.image_size, net.backbone, accelerator.device)
+        use = entries[:limit] if limit >= 0 else entries
+        recs = image_records(use[rank::world], C.images_root(cfg.data), net.image_size, net.backbone, accelerator.device)
         net = net.decoder
     else:
         recs = eval_records(features_dir(cfg, split), rank, world, limit)
@@ -221,8 +226,8 @@ def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val"
     if not accelerator.is_main_process:
         return {}
     results = {r["image_id"]: r["caption"] for r in allres}
-    refs = references_for(cfg.data.input_json, split, results.keys(), cfg.data.restval_in_train)
-    metrics, _ = score(refs, results, scorers=("Bleu", "CIDEr"))
+    raw = {e.image_id: e.raw for e in entries}  # coco-caption tokenizes the raw references with the results
+    metrics, _ = score({i: raw[i] for i in results}, results, scorers=("Bleu", "CIDEr"))
     return {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
 
 
@@ -356,8 +361,12 @@ def train(cfg: C.Config) -> int:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    val_entries: list = []  # the val split's images, read once: Karpathy's whole file is parsed to get them
+
     def evaluate_and_save() -> None:
-        scores = validate(accelerator, model, vocab, cfg)
+        if not val_entries:
+            val_entries.extend(load_split(cfg.data.input_json, "val", cfg.data.restval_in_train))
+        scores = validate(accelerator, model, vocab, cfg, entries=val_entries)
         if accelerator.is_main_process:
             log({"step": progress["step"], "epoch": progress["epoch"], **{f"val_{k}": v for k, v in scores.items()}})
             tqdm.write(f"step {progress['step']}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}")
