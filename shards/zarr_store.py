@@ -109,14 +109,9 @@ def _chunk_into(enc: memoryview, codec: str, out: np.ndarray, where: str) -> Non
         raise StoreError(f"{where}: undecodable chunk ({type(e).__name__}: {e})") from None
 
 
-def submit_shard(pool: ThreadPoolExecutor | None, data: bytes | mmap.mmap, n: int, shard_size: int, codec: str,
-                 shape: tuple, where: str) -> tuple[np.ndarray, list]:
-    """Start decoding a shard file's bytes into a new (n, g, g, C) float16 array.
-
-    Returns the array and one future per chunk (inline results without a pool) whose result
-    says whether that image's values are all finite (checked where it was decoded).
-    Absent chunks read as zeros (the fill value).
-    """
+def _shard_decoder(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str):
+    """A new (n, g, g, C) float16 array and `one(i)`, which decodes chunk i into it and says
+    whether its values are all finite. Absent chunks read as zeros (the fill value)."""
     index = _index(data, shard_size, where)
     view = memoryview(data)
     out = np.empty((n, *shape), dtype=np.float16)
@@ -129,21 +124,21 @@ def submit_shard(pool: ThreadPoolExecutor | None, data: bytes | mmap.mmap, n: in
         _chunk_into(view[off:off + nb], codec, out[i], f"{where}: chunk {i}")
         return fmt.finite(out[i])
 
-    if pool is None:
-        done = []
-        for i in range(n):
-            f: Future = Future()
-            f.set_result(one(i))
-            done.append(f)
-        return out, done
+    return out, one
+
+
+def submit_shard(pool: ThreadPoolExecutor, data: bytes | mmap.mmap, n: int, shard_size: int, codec: str,
+                 shape: tuple, where: str) -> tuple[np.ndarray, list[Future]]:
+    """Start decoding a shard file's bytes in `pool`: the array, and per chunk a future of its finiteness."""
+    out, one = _shard_decoder(data, n, shard_size, codec, shape, where)
     return out, [pool.submit(one, i) for i in range(n)]
 
 
 def decode_shard(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str) -> np.ndarray:
-    """(n, g, g, C) float16 from a shard file's bytes (absent chunks are zeros); NaN/inf raise."""
-    out, futures = submit_shard(None, data, n, shard_size, codec, shape, where)
-    for i, f in enumerate(futures):
-        if not f.result():
+    """(n, g, g, C) float16 from a shard file's bytes, here and now; NaN/inf raise."""
+    out, one = _shard_decoder(data, n, shard_size, codec, shape, where)
+    for i in range(n):
+        if not one(i):
             raise StoreError(f"{where}: chunk {i} holds NaN or inf")
     return out
 
