@@ -8,6 +8,9 @@ In one run, on the same synthetic JPEGs and the same model:
   pipeline   images/s of `featurize_split` end to end (decode, resize, forward, fp16, write);
   compute    images/s of the forward pass alone on batches already on the device;
   naive      images/s of prepro_feats.py's pattern: PIL load, one image through the model, np.save.
+  host       images/s of the same pipeline with the model replaced by ready-made 14x14x2048 grids
+             (32 px JPEGs, so decoding is cheap): the ceiling that the host side (cast, device-to-
+             host copy, validation, encoding, checksums, file writes) puts on any model.
 Efficiency = pipeline / compute (decode and writes hidden behind compute when ~1).
 """
 
@@ -30,15 +33,33 @@ from featurize.extract import autocast, featurize_split
 from featurize.images import load_rgb, to_tensor
 
 
-def make_images(folder: Path, n: int, size: int) -> Path:
-    """n COCO-like 640x480 JPEGs (16 distinct textures, copied) and a Karpathy file listing them as train."""
+class NullBackbone(torch.nn.Module):
+    """Stands in for the model in the host run: ready-made ReLU-like grids (half zeros), no compute."""
+
+    def __init__(self, grid: int, channels: int, batch: int):
+        super().__init__()
+        self.grid, self.channels = grid, channels
+        x = torch.randn(batch, grid * grid * channels, generator=torch.Generator().manual_seed(0)).clamp_(min=0)
+        self.register_buffer("grids", x)  # (B, g*g*C): 2-D, so channels_last leaves it alone
+
+    def freeze(self) -> "NullBackbone":
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.grids[: images.shape[0]].view(-1, self.grid, self.grid, self.channels)  # (b, g, g, C)
+
+
+def make_images(folder: Path, n: int, size: int, shape: tuple[int, int] = (480, 640)) -> Path:
+    """n JPEGs of `shape` (COCO-like 640x480 by default; 16 distinct textures, copied) and a Karpathy
+    file listing them as train."""
     import io
     (folder / "im").mkdir(parents=True)
     rng = np.random.default_rng(0)
     blobs = []
     for _ in range(16):
-        smooth = Image.fromarray(rng.integers(0, 255, (480 // 16, 640 // 16, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
-        arr = np.clip(np.asarray(smooth, dtype=np.int16) + rng.integers(-12, 12, (480, 640, 3)), 0, 255).astype(np.uint8)
+        h, w = shape
+        smooth = Image.fromarray(rng.integers(0, 255, (max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        arr = np.clip(np.asarray(smooth, dtype=np.int16) + rng.integers(-12, 12, (h, w, 3)), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG", quality=90)
         blobs.append(buf.getvalue())
@@ -51,6 +72,21 @@ def make_images(folder: Path, n: int, size: int) -> Path:
     return folder / "dataset.json"
 
 
+
+
+def host_run(a, folder: Path, device: torch.device) -> float:
+    """images/s of featurize_split around a model that costs nothing (NullBackbone, 14x14x2048 grids)."""
+    js = make_images(folder / "data", a.host_num, 32, shape=(32, 32))
+    net = NullBackbone(14, 2048, a.host_batch_size).to(device)
+    fcfg = FeaturizeConfig(backbone="null", layer="layer4", weights="none", image_size=32, batch_size=a.host_batch_size,
+                           num_workers=a.num_workers, precision=a.precision, shard_images=256, decode=a.decode,
+                           codec=a.codec, writer_threads=a.writer_threads)
+    warm = DataConfig(input_json=str(js), features=str(folder / "warm"), format=a.format)
+    featurize_split(warm, FeaturizeConfig(**{**fcfg.__dict__, "limit": a.host_batch_size}), "train", net, {}, progress=False)
+    dcfg = DataConfig(input_json=str(js), features=str(folder / "f"), format=a.format)
+    t = time.perf_counter()
+    featurize_split(dcfg, fcfg, "train", net, {}, progress=False)
+    return a.host_num / (time.perf_counter() - t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", default="workers", choices=["workers", "device"])
     p.add_argument("--codec", default="blosc-zstd")
     p.add_argument("--writer_threads", type=int, default=0)
+    p.add_argument("--host_num", type=int, default=512, help="images in the host run (0: skip it)")
+    p.add_argument("--host_batch_size", type=int, default=64)
+    p.add_argument("--host_only", action="store_true", help="only the host run")
     a = p.parse_args(argv)
     device = pick_device()
+    if a.host_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            host = host_run(a, Path(tmp), device)
+        print(f"device {device_name(device)}; {a.num_workers} workers, {a.writer_threads or 'default'} writer threads, "
+              f"decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
+        print(f"host      {host:9.1f} img/s   (ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, batch {a.host_batch_size})")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         js = make_images(tmp / "data", a.num, a.image_size)
@@ -112,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                 np.save(out / f"{i}.npy", net(im)[0].float().cpu().numpy().astype(np.float16))
         sync(device)
         naive = a.naive_num / (time.perf_counter() - t)
+        host = host_run(a, tmp / "host", device) if a.host_num else 0.0
     name = device_name(device)
     print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, "
           f"precision {a.precision}, decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
     print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")
-    print(f"efficiency pipeline/compute = {pipeline / compute:.2f};  pipeline/naive = {pipeline / naive:.1f}x")
+    if host:
+        print(f"host      {host:9.1f} img/s   (the model replaced by ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, "
+              f"batch {a.host_batch_size}: the host side's ceiling)")
+    print(f"efficiency pipeline/compute = {pipeline / compute:.2f};  pipeline/naive = {pipeline / naive:.1f}x"
+          + (f";  host/compute = {host / compute:.2f}" if host else ""))
     return 0
 
 

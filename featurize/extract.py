@@ -3,15 +3,24 @@
 Work unit: the shard. Shard k holds rows [k*S, (k+1)*S) of the split; process r of W
 takes shards k % W == r, so processes never share a file; a shard is skipped when its
 JSON exists (a restart), and batches never cross a shard boundary, so a resumed run
-computes exactly what an uninterrupted one would. Decoding runs in DataLoader workers,
-writes in a background thread, the model on the main thread.
+computes exactly what an uninterrupted one would. Decoding runs in DataLoader workers
+(or on the GPU), the model on the main thread, validation, encoding and writing in writer
+threads.
+
+The grids travel without host-side copies: each shard in progress owns a buffer of
+(S, g, g, C) float16 (pinned on a GPU, reused from a small pool); every batch's output is
+cast to float16 on the device and copied into its rows asynchronously, and when the shard's
+last batch is in, a writer thread waits for that copy (a CUDA event) and encodes the file
+straight from the buffer. The main thread never waits for the GPU, so the next batch's
+forward pass is queued while earlier shards are copied and written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor, wait
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -106,6 +115,37 @@ def shard_size(fcfg: FeaturizeConfig, fmt_name: str, channels: int) -> int:
     return max(1, min(fcfg.shard_images, fcfg.shard_bytes // raw))
 
 
+class BlockPool:
+    """Reusable host buffers for shards in progress, (S, g, g, C) float16 each, pinned on a GPU so
+    device-to-host copies run asynchronously. At most `size` exist; `acquire` waits for a free one."""
+
+    def __init__(self, shape: tuple, size: int, pinned: bool, max_bytes: int = 4 << 30):
+        block_bytes = int(np.prod(shape)) * 2
+        self.shape, self.size, self.pinned = shape, max(2, min(size, max_bytes // block_bytes)), pinned
+        self.free: queue.Queue = queue.Queue()
+        self.made = 0
+
+    def acquire(self) -> torch.Tensor:
+        if self.free.empty() and self.made < self.size:
+            self.made += 1
+            return torch.empty(self.shape, dtype=torch.float16, pin_memory=self.pinned)
+        return self.free.get()
+
+    def release(self, block: torch.Tensor) -> None:
+        self.free.put(block)
+
+
+def runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) runs of consecutive rows: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
 def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
                     state=None, progress: bool = True) -> dict | None:
     """Featurize one split into FEATURES/split; returns the manifest (main process)."""
@@ -138,53 +178,81 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     backbone = backbone.to(device).freeze()
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
-    pending: dict[int, list] = {k: [] for k in mine}
+    metas: dict[int, list] = {k: [] for k in mine}
     failed: dict[int, list] = {k: [] for k in mine}
     remaining = {k: len(shard_range(plan, k)) for k in mine}
-    futures = []
     total = sum(remaining.values())
-    # Shard files are independent: several threads compress and write them (blosc and zstd release the GIL),
-    # with back-pressure so finished grids never pile up faster than they are written.
+    # Shard files are independent: several threads validate, compress and write them (numpy, blosc,
+    # zstd, crc32c, sha256 and file writes release the GIL). Back-pressure: a shard needs a buffer
+    # from the pool, and buffers come back only when their file is written.
     writers = fcfg.writer_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+    pool = BlockPool((S, fcfg.grid, fcfg.grid, backbone.channels), writers + 2, pinned=device.type == "cuda")
+    blocks: dict[int, tuple] = {}
+    futures = []
     bar = tqdm(total=total, desc=f"featurize {split}" + (f" [rank {state.process_index}]" if state.num_processes > 1 else ""),
                unit="img", disable=not progress or total == 0)
-    with ThreadPoolExecutor(max_workers=writers) as pool, torch.inference_mode():
+
+    def write(k: int, block: torch.Tensor, array: np.ndarray, event, metas_k: list, failed_k: list) -> None:
+        try:
+            if event is not None:
+                event.synchronize()  # the device-to-host copies of this shard's batches are done
+            writer.write_block(k, array, metas_k, failed_k)
+        finally:
+            pool.release(block)
+
+    with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode():
         for batch in loader:
             if on_device:
                 images, ok_list, errors = decode_on_device(batch, device, fcfg.image_size)
                 ok, batch["error"] = torch.tensor(ok_list, dtype=torch.bool), errors
             else:
                 ok = batch["ok"]
-                images = batch["image"][ok].to(device, non_blocking=True)
-            for row, good, err in zip(batch["row"].tolist(), ok.tolist(), batch["error"]):
-                if not good:
+                images = batch["image"]  # pinned by the loader on a GPU: copied asynchronously
+                if not ok.all():
+                    images = images[ok]
+                images = images.to(device, non_blocking=True)
+            rows, good = batch["row"].tolist(), ok.tolist()
+            k = rows[0] // S  # batches never cross a shard boundary
+            start = shard_range(plan, k).start
+            if k not in blocks:
+                block = pool.acquire()
+                n = len(shard_range(plan, k))
+                blocks[k] = (block, block[:n], block[:n].numpy())  # the buffer, its n rows, their numpy view
+            host = blocks[k][1]  # (n, g, g, C) float16 on the host
+            for row, g, err in zip(rows, good, batch["error"]):
+                if not g:
                     if fcfg.strict:
                         raise FeaturizeError(f"{err} (--strict; rerun without it to record such files and go on)")
-                    failed[row // S].append({"filename": entries[row].filename, "reason": err.split(": ", 1)[-1]})
-            grids = None
-            if ok.any():
+                    failed[k].append({"filename": entries[row].filename, "reason": err.split(": ", 1)[-1]})
+                    host[row - start].zero_()  # a failed image's rows read as zeros (the fill value)
+            if any(good):
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast(device, fcfg.precision):
                     grids = backbone(images)  # (b, g, g, C)
-                grids = grids.float().clamp_(-65504, 65504).to(torch.float16).cpu().numpy()
-            j = 0
-            for row, good in zip(batch["row"].tolist(), ok.tolist()):
-                k = row // S
-                if good:
+                # float32 first: clamping in bf16 would round 65504 up to 65536, inf in float16
+                grids = grids.float().clamp_(-65504, 65504)
+                j = 0
+                for a, b in runs([r - start for r, g in zip(rows, good) if g]):
+                    host[a:b].copy_(grids[j:j + b - a], non_blocking=True)  # (b-a, g, g, C) -> float16 rows
+                    j += b - a
+            for row, g in zip(rows, good):
+                if g:
                     e = entries[row]
-                    pending[k].append((row, {"key": e.key, "image_id": e.image_id, "filename": e.filename,
-                                             "features": np.ascontiguousarray(grids[j]), "captions": e.tokens}))
-                    j += 1
-                remaining[k] -= 1
-                if remaining[k] == 0:
-                    futures.append(pool.submit(writer.write_shard, k, pending.pop(k), failed.pop(k)))
-            bar.update(len(ok))
+                    metas[k].append({"row": row, "key": e.key, "image_id": e.image_id, "filename": e.filename,
+                                     "captions": e.tokens})
+            remaining[k] -= len(rows)
+            if remaining[k] == 0:
+                event = None
+                if device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                block, _, array = blocks.pop(k)
+                futures.append(threads.submit(write, k, block, array, event, metas.pop(k), failed.pop(k)))
+            bar.update(len(rows))
             for f in [f for f in futures if f.done()]:
                 f.result()  # surface a writer error now, not at the end
-            busy = [f for f in futures if not f.done()]
-            if len(busy) > 2 * writers:
-                wait(busy[: len(busy) - 2 * writers])
+            futures = [f for f in futures if not f.done()]
     for f in futures:
         f.result()
     bar.close()

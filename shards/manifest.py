@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Iterable
 
 PLAN, MANIFEST = "plan.json", "manifest.json"
 
@@ -40,6 +42,25 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = None) -
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_parts(path: str | os.PathLike, parts: Iterable) -> tuple[int, str]:
+    """Write a file from its pieces (bytes or buffer views, written as they are, never joined)
+    under a temporary name, fsync, rename; returns (bytes, sha256 hex) of what was written.
+    A killed writer leaves only a temporary file; a crash after the rename leaves the whole file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    h, size = hashlib.sha256(), 0
+    with open(tmp, "wb") as f:
+        for part in parts:
+            f.write(part)
+            h.update(part)
+            size += len(memoryview(part).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return size, h.hexdigest()
 
 
 def read_json(path: str | os.PathLike, what: str, error: type[Exception] = StoreError):
@@ -129,6 +150,8 @@ def finalize(root: Path, split: str = "") -> dict:
         "shards": shards,
     }
     atomic_write_json(root / MANIFEST, manifest)
+    for tmp in root.rglob(".*.tmp"):  # what writers killed mid-file left behind; every shard is done now
+        tmp.unlink(missing_ok=True)
     return manifest
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,8 +20,8 @@ import numpy as np
 import webdataset as wds
 
 from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, ensure_plan, load_manifest, read_json,
-                             sha256_file, shard_meta_path, shard_range)
+from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, ensure_plan, load_manifest, read_json,
+                             shard_meta_path, shard_range)
 
 ALLOWED = {"features.npy", "json"}
 _INTERNAL = {"__key__", "__url__", "__local_path__"}
@@ -32,10 +31,27 @@ def shard_name(k: int) -> str:
     return f"shard-{k:06d}.tar"
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _member(name: str, payload: list) -> list:
+    """One tar member as pieces to write: tarfile's own PAX header, the payload (buffers, not
+    copied), zero padding to the 512-byte block. Fixed metadata: same records, same bytes."""
+    size = sum(len(memoryview(p).cast("B")) for p in payload)
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: same records, same bytes
-    tar.addfile(info, io.BytesIO(data))
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    return [info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), *payload, bytes(-size % tarfile.BLOCKSIZE)]
+
+
+def _end_of_archive(written: int) -> bytes:
+    """Two zero blocks, then zeros up to tarfile's record size, as `TarFile.close` writes them."""
+    end = 2 * tarfile.BLOCKSIZE
+    return bytes(end + (-(written + end) % tarfile.RECORDSIZE))
+
+
+def npy_parts(x: np.ndarray) -> list:
+    """`np.save`'s bytes for x as two pieces: the .npy header and a view of x's memory."""
+    x = np.ascontiguousarray(x)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(x))
+    return [head.getvalue(), memoryview(x).cast("B")]
 
 
 def npy_bytes(x: np.ndarray) -> bytes:
@@ -53,25 +69,30 @@ class WdsWriter:
         self.plan = ensure_plan(self.root, plan)
 
     def write_shard(self, k: int, items: list[tuple[int, fmt.Record]], failures: list[dict] = ()) -> None:
+        """Write shard k; items are (row, record) with rows inside the shard's range."""
         rows = shard_range(self.plan, k)
         path = self.root / shard_name(k)
-        tmp = self.root / f".{shard_name(k)}.{os.getpid()}.tmp"
-        metas = []
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for row, rec in items:
-                    if row not in rows:
-                        raise StoreError(f"{self.root}: row {row} is not in shard {k}")
-                    fmt.validate(rec, self.plan["grid"], self.plan["channels"], where=str(path))
-                    _add(tar, f"{rec['key']}.features.npy", npy_bytes(rec["features"]))
-                    _add(tar, f"{rec['key']}.json", json.dumps(fmt.meta(rec)).encode())
-                    metas.append({"row": row, **fmt.meta(rec)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        parts, metas, written = [], [], 0
+        for row, rec in items:
+            if row not in rows:
+                raise StoreError(f"{self.root}: row {row} is not in shard {k}")
+            fmt.validate(rec, self.plan["grid"], self.plan["channels"], where=str(path))
+            for name, payload in ((f"{rec['key']}.features.npy", npy_parts(rec["features"])),
+                                  (f"{rec['key']}.json", [json.dumps(fmt.meta(rec)).encode()])):
+                member = _member(name, payload)
+                parts += member
+                written += sum(len(memoryview(p).cast("B")) for p in member)
+            metas.append({"row": row, **fmt.meta(rec)})
+        size, digest = atomic_write_parts(path, parts + [_end_of_archive(written)])
         atomic_write_json(shard_meta_path(self.root, k), {
-            "file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), "records": metas,
-            "failures": list(failures)})
+            "file": path.name, "bytes": size, "sha256": digest, "records": metas, "failures": list(failures)})
+
+    def write_block(self, k: int, block: np.ndarray, metas: list[dict], failures: list[dict] = ()) -> None:
+        """Write shard k from `block` ((n, g, g, C), the shard's rows in order) and the `metas`
+        of its rows that hold an image (see ZarrWriter.write_block); grids are not copied."""
+        start = shard_range(self.plan, k).start
+        items = [(m["row"], {**fmt.meta(m), "features": block[m["row"] - start]}) for m in metas]
+        self.write_shard(k, items, failures)
 
 
 def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None) -> fmt.Record:

@@ -10,7 +10,6 @@ row serves a map-style Dataset; `iter_records` reads a shard file at a time.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import struct
@@ -25,7 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, ensure_plan, load_manifest, read_json,
+from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, ensure_plan, load_manifest, read_json,
                              sha256_file, shard_meta_path, shard_range)
 
 ARRAY = "features.zarr"
@@ -69,20 +68,27 @@ def _crc(data: bytes | memoryview) -> bytes:
     return struct.pack("<I", google_crc32c.value(np.frombuffer(data, dtype=np.uint8)))  # a view: no copy
 
 
-def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
-    """A shard file's bytes for `block` (n <= shard_size images, (n, g, g, C) float16)."""
+def shard_parts(block: np.ndarray, shard_size: int, codec: str) -> list:
+    """A shard file's bytes for `block` (n <= shard_size images, (n, g, g, C) float16), as the
+    list of pieces to write one after the other: with no codec the chunks are views of `block`
+    itself, so a shard is written without copying its grids."""
     comp = _codec(codec)
     parts, offset = [], 0
-    index = np.full((shard_size, 2), _ABSENT, dtype="<u8")
+    index = np.full((shard_size, 2), _ABSENT, dtype="<u8")  # (S, 2): offset, nbytes of each chunk
     for i, x in enumerate(block):
         x = np.ascontiguousarray(x, dtype="<f2")  # blosc shuffles by the item size: 2
-        enc = bytes(comp.encode(x)) if comp else x.tobytes()
-        enc += _crc(enc)
-        index[i] = (offset, len(enc))
-        offset += len(enc)
-        parts.append(enc)
+        enc = comp.encode(x) if comp else memoryview(x).cast("B")
+        crc = _crc(enc)
+        index[i] = (offset, len(enc) + 4)
+        offset += len(enc) + 4
+        parts += [enc, crc]
     idx = index.tobytes()
-    return b"".join(parts) + idx + _crc(idx)
+    return parts + [idx, _crc(idx)]
+
+
+def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
+    """A shard file's bytes for `block` in one piece (tests, benchmarks; writers use `shard_parts`)."""
+    return b"".join(shard_parts(block, shard_size, codec))
 
 
 def _index(data: bytes | memoryview, shard_size: int, where: str) -> np.ndarray:
@@ -174,15 +180,29 @@ class ZarrWriter:
             fmt.validate(rec, g, c, where=str(self.root))
             block[row - rows.start] = rec["features"]
             metas.append({"row": row, **fmt.meta(rec)})
+        self._write(k, block, metas, failures)
+
+    def write_block(self, k: int, block: np.ndarray, metas: list[dict], failures: list[dict] = ()) -> None:
+        """Write shard k from `block` ((n, g, g, C) float16, the shard's rows in order; rows of
+        images that failed hold zeros) and `metas` ({"row", "key", "image_id", "filename",
+        "captions"} of each row that holds an image). No grid is copied: featurize hands over
+        the buffer the model's output was copied into."""
+        rows = shard_range(self.plan, k)
+        g, c = self.plan["grid"], self.plan["channels"]
+        if block.shape != (len(rows), g, g, c) or block.dtype != fmt.DTYPE:
+            raise StoreError(f"{self.root}: shard {k} block is {block.dtype} {block.shape}, expected float16 {(len(rows), g, g, c)}")
+        for m in metas:
+            if m["row"] not in rows:
+                raise StoreError(f"{self.root}: row {m['row']} is not in shard {k} ({rows.start}..{rows.stop - 1})")
+            fmt.validate({**m, "features": block[m["row"] - rows.start]}, g, c, where=str(self.root))
+        self._write(k, block, [{"row": m["row"], **fmt.meta(m)} for m in metas], failures)
+
+    def _write(self, k: int, block: np.ndarray, metas: list[dict], failures) -> None:
         f = self.shard_file(k)
         if self.plan["codec"] in DIRECT_CODECS:
-            data = encode_shard(block, self.plan["shard_size"], self.plan["codec"])
-            f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_name(f".{f.name}.{os.getpid()}.{k}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, f)  # a reader sees no file or the whole shard
-            size, digest = len(data), hashlib.sha256(data).hexdigest()
+            size, digest = atomic_write_parts(f, shard_parts(block, self.plan["shard_size"], self.plan["codec"]))
         else:
+            rows = shard_range(self.plan, k)
             self.array[rows.start:rows.stop] = block  # one shard file, written whole by zarr
             size, digest = (f.stat().st_size, sha256_file(f)) if f.exists() else (0, "")
         atomic_write_json(shard_meta_path(self.root, k), {

@@ -92,13 +92,22 @@ def test_robust_decoding_records_exactly_the_broken(tmp_path):
     assert load_rgb(d / "im" / "exif.jpg").size == (48, 40)  # EXIF orientation applied: 40x48 -> 48x40
     for n in ("cmyk.jpg", "gray.png", "alpha.png", "palette.gif", "sixteen.png", "png_named.jpg", "wide.jpg"):
         assert load_rgb(d / "im" / n).mode == "RGB"
-    args = tiny_args(d, tmp_path / "f", "--split", "train", "--calibration_images", "4")
+    # 4 images per shard, 3 per batch: the shard buffers are reused (a pool of 3 on 2 cores)
+    args = tiny_args(d, tmp_path / "f", "--split", "train", "--calibration_images", "4", "--shard_images", "4",
+                     "--batch_size", "3", "--writer_threads", "1")
     assert fz.main(args) == 0
     m = load_manifest(tmp_path / "f" / "train")
     failed = {f["filename"]: f["reason"] for f in m["failures"]}
     assert set(failed) == {"im/truncated.jpg", "im/empty.jpg", "im/text.jpg", "im/missing.jpg"}
     assert "empty file" in failed["im/empty.jpg"] and "no such file" in failed["im/missing.jpg"]
     assert m["count"] == 10
+    import zarr
+    grids = zarr.open_array(tmp_path / "f" / "train" / "features.zarr", mode="r")[:]  # (14, 14, 14, C)
+    assert not grids[10:].any() and all(grids[i].any() for i in range(10))  # failed rows are zeros, not stale data
+    good = records(tmp_path / "f" / "train")
+    names = [i["filename"] for i in json.loads((d / "dataset.json").read_text())["images"]]
+    assert [r["filename"] for r in good] == [f"im/{n}" for n in names[:10]]
+    assert all(np.array_equal(r["features"], grids[i]) for i, r in enumerate(good))
 
 
 def test_strict_names_the_first_broken_file(tmp_path, capsys):

@@ -1,4 +1,6 @@
+import hashlib
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 from shards import StoreError, finalize, open_store, write_records
 from shards import format as fmt
 from shards.__main__ import convert, main as shards_main, stats, verify
-from shards.wds import iter_urls
+from shards.wds import iter_urls, npy_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 C = 32
@@ -124,8 +126,6 @@ def tar_with(path, members):
 
 
 def test_pickle_member_is_refused(tmp_path):
-    import json
-    from shards.wds import npy_bytes
     rec = make_records(1)[0]
     tar_with(tmp_path / "evil.tar", [("rec_00000.features.npy", npy_bytes(rec["features"])),
                                      ("rec_00000.json", json.dumps(fmt.meta(rec)).encode()),
@@ -212,3 +212,51 @@ def test_zarr_reads_our_shards_and_we_read_zarrs(tmp_path, codec):
         data = (tmp_path / "s" / "features.zarr" / "c" / "1" / "0" / "0" / "0").read_bytes()
         got = decode_shard(data, 4, 4, codec, (14, 14, C), "x")
         assert all(got[i].tobytes() == recs[i]["features"].tobytes() for i in range(4))
+
+
+def test_tar_shards_are_tarfiles_bytes(tmp_path):
+    """Tar members are written from buffers without joining them: the same bytes `tarfile` and `np.save` write."""
+    recs = make_records(6)
+    m = write(tmp_path / "w", recs, "wds", shard_size=4)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for r in recs[:4]:
+            for name, data in ((f"{r['key']}.features.npy", npy_bytes(r["features"])),
+                               (f"{r['key']}.json", json.dumps(fmt.meta(r)).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    data = (tmp_path / "w" / m["shards"][0]["file"]).read_bytes()
+    assert data == ref.getvalue()
+    assert m["shards"][0]["sha256"] == hashlib.sha256(data).hexdigest() and m["shards"][0]["bytes"] == len(data)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_write_block_matches_write_shard(tmp_path, backend):
+    """featurize's path (a shard's grids in one block, failed rows zero) gives the same files as records."""
+    from shards import create_writer, make_plan
+    recs = make_records(8)
+    plan = make_plan(backend, 8, 4, 14, C, {}, "blosc-zstd" if backend == "zarr" else "")
+    a, b = create_writer(tmp_path / "a", plan), create_writer(tmp_path / "b", plan)
+    fail = [{"filename": recs[5]["filename"], "reason": "truncated"}]
+    for k in range(2):
+        rows = [i for i in range(4 * k, 4 * k + 4) if i != 5]
+        a.write_shard(k, [(i, recs[i]) for i in rows], fail if k else [])
+        block = np.stack([recs[i]["features"] if i != 5 else np.zeros_like(recs[i]["features"]) for i in range(4 * k, 4 * k + 4)])
+        b.write_block(k, block, [{"row": i, **fmt.meta(recs[i])} for i in rows], fail if k else [])
+    ma, mb = finalize(tmp_path / "a"), finalize(tmp_path / "b")
+    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]] and mb["failures"] == fail
+    assert [r["key"] for r in open_store(tmp_path / "b").iter_records()] == [r["key"] for i, r in enumerate(recs) if i != 5]
+    bad = np.stack([recs[i]["features"] for i in range(4)])
+    bad[2, 3, 4, 5] = np.inf
+    with pytest.raises(fmt.RecordError, match=f"record {recs[2]['key']}: features hold NaN or inf"):
+        b.write_block(0, bad, [{"row": i, **fmt.meta(recs[i])} for i in range(4)])
+
+
+def test_finalize_removes_temporary_files_of_killed_writers(tmp_path):
+    recs = make_records(4)
+    write(tmp_path / "s", recs, "zarr")
+    stray = tmp_path / "s" / "features.zarr" / "c" / ".0.12345.678.tmp"
+    stray.write_bytes(b"half a shard")
+    finalize(tmp_path / "s")
+    assert not stray.exists() and verify(tmp_path / "s", progress=False) == []
