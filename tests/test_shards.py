@@ -148,6 +148,12 @@ def test_torn_tar_is_an_error(tmp_path):
     (tmp_path / "torn.tar").write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(StoreError, match="torn.tar|unreadable shard"):
         list(iter_urls([str(tmp_path / "torn.tar")], grid=14))
+    with tarfile.open(tar) as t:  # cut exactly at a member's header: tarfile alone would just stop there
+        cut = t.getmembers()[6].offset
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    with pytest.raises(StoreError, match="cut.tar: torn shard"):
+        list(iter_urls([str(tmp_path / "cut.tar")], grid=14))
+    assert len(list(iter_urls([f"pipe:cat {tar}"], grid=14))) == 8  # the same shard through webdataset's reader
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
