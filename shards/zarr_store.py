@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -158,12 +159,25 @@ class ZarrWriter:
         self.plan = ensure_plan(self.root, plan)
         g, c, s = plan["grid"], plan["channels"], plan["shard_size"]
         path = self.root / ARRAY
-        try:
-            self.array = zarr.open_array(path, mode="r+")
-        except (FileNotFoundError, zarr.errors.ArrayNotFoundError if hasattr(zarr.errors, "ArrayNotFoundError") else FileNotFoundError):
-            self.array = zarr.create_array(
-                path, shape=(plan["num_records"], g, g, c), chunks=(1, g, g, c), shards=(s, g, g, c),
-                dtype="float16", compressors=compressors(plan["codec"]), fill_value=0, overwrite=False)
+        missing = (FileNotFoundError, getattr(zarr.errors, "ArrayNotFoundError", FileNotFoundError))
+        for attempt in range(50):
+            try:
+                self.array = zarr.open_array(path, mode="r+")
+                break
+            except missing:
+                pass
+            except ValueError:  # metadata half written by another writer
+                time.sleep(0.1)
+                continue
+            try:
+                self.array = zarr.create_array(
+                    path, shape=(plan["num_records"], g, g, c), chunks=(1, g, g, c), shards=(s, g, g, c),
+                    dtype="float16", compressors=compressors(plan["codec"]), fill_value=0, overwrite=False)
+                break
+            except getattr(zarr.errors, "ContainsArrayError", FileExistsError):
+                time.sleep(0.1)  # another writer created it a moment ago: open that one
+        else:
+            raise StoreError(f"{path}: cannot open or create the zarr array")
 
     def shard_file(self, k: int) -> Path:
         return self.root / ARRAY / self.array.metadata.encode_chunk_key((k, 0, 0, 0))

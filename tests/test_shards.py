@@ -266,3 +266,38 @@ def test_finalize_removes_temporary_files_of_killed_writers(tmp_path):
     stray.write_bytes(b"half a shard")
     finalize(tmp_path / "s")
     assert not stray.exists() and verify(tmp_path / "s", progress=False) == []
+
+
+def test_finite_on_every_float16():
+    """The bit-level finiteness check agrees with np.isfinite on all 65,536 float16 values, alone and in arrays."""
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):
+        want = np.isfinite(every)
+    assert [fmt.finite(every[i:i + 1]) for i in range(65536)] == want.tolist()
+    grid = np.zeros((14, 14, 8), dtype=np.float16)
+    assert fmt.finite(grid) and fmt.finite(grid[:0])
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        g = grid.copy()
+        g[3, 4, 5] = bad
+        assert not fmt.finite(g) and not fmt.finite(g[1::2]) and fmt.finite(g[::2])  # strided views too
+
+
+def test_load_npy_matches_np_load_and_refuses_pickles():
+    from shards.wds import load_npy
+    rng = np.random.default_rng(0)
+    for x in (rng.standard_normal((14, 14, 8)).astype(np.float16), np.asfortranarray(rng.standard_normal((3, 5))),
+              np.arange(7, dtype=">i4"), np.zeros((0, 4), dtype=np.float16)):
+        for version in ((1, 0), (2, 0)):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, x, version=version)
+            got = load_npy(memoryview(buf.getvalue()))
+            assert got.dtype == x.dtype and got.shape == x.shape and np.array_equal(got, x) and got.flags.writeable
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays need pickle"):
+        load_npy(buf.getvalue())
+    data = npy_bytes(np.ones((4, 4), dtype=np.float16))
+    with pytest.raises(ValueError, match="data bytes for shape"):
+        load_npy(data[:-2])
+    with pytest.raises(ValueError, match="magic"):
+        load_npy(b"PK\x03\x04" + data)
