@@ -4,8 +4,9 @@
                                             name and renamed when closed
     features/<split>/shards/*.json          keys and checksums of each finished shard
 
-Decoding never unpickles: `.npy` through `np.load(allow_pickle=False)`, `.json` through
-`json.loads`; any other member (a `.pyd`, `.pickle`, `.pth`) is an error naming shard and key.
+Decoding never unpickles: `.npy` through numpy's header parser with object arrays refused
+(what `np.load(allow_pickle=False)` allows), `.json` through `json.loads`; any other member
+(a `.pyd`, `.pickle`, `.pth`) is an error naming shard and key.
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
       2. shard shuffle seeded by (seed, epoch): a new order each epoch, the same on every rank;
       3. split_by_node: each process takes every world_size-th shard (training only);
       4. split_by_worker: each DataLoader worker takes its own shards;
-      5. tar -> samples, grouping members by key (a torn tar raises, naming the shard);
+      5. tar -> samples, grouping members by key (a torn tar raises, naming the shard); local
+         files memory-mapped, the next one read in ahead (`tar_to_samples`);
       6. a sample shuffle buffer (training only);
       7. decode without unpickling, validate shape/dtype/finiteness.
     """
