@@ -74,19 +74,26 @@ def make_images(folder: Path, n: int, size: int, shape: tuple[int, int] = (480, 
 
 
 
-def host_run(a, folder: Path, device: torch.device) -> float:
+def host_run(a, folder: Path, device: torch.device, timing: dict) -> float:
     """images/s of featurize_split around a model that costs nothing (NullBackbone, 14x14x2048 grids)."""
     js = make_images(folder / "data", a.host_num, 32, shape=(32, 32))
     net = NullBackbone(14, 2048, a.host_batch_size).to(device)
     fcfg = FeaturizeConfig(backbone="null", layer="layer4", weights="none", image_size=32, batch_size=a.host_batch_size,
-                           num_workers=a.num_workers, precision=a.precision, shard_images=256, decode=a.decode,
-                           codec=a.codec, writer_threads=a.writer_threads)
+                           num_workers=a.num_workers, precision=a.precision, shard_images=a.shard_images,
+                           decode=a.decode, codec=a.codec, writer_threads=a.writer_threads)
     warm = DataConfig(input_json=str(js), features=str(folder / "warm"), format=a.format)
     featurize_split(warm, FeaturizeConfig(**{**fcfg.__dict__, "limit": a.host_batch_size}), "train", net, {}, progress=False)
     dcfg = DataConfig(input_json=str(js), features=str(folder / "f"), format=a.format)
     t = time.perf_counter()
-    featurize_split(dcfg, fcfg, "train", net, {}, progress=False)
+    featurize_split(dcfg, fcfg, "train", net, {}, progress=False, timing=timing)
     return a.host_num / (time.perf_counter() - t)
+
+
+def where(t: dict) -> str:
+    """featurize_split's time breakdown in one line."""
+    return (f"main thread waited {100 * t['wait_images'] / t['total']:.0f}% for images, "
+            f"{100 * t['wait_writers'] / t['total']:.0f}% for writers; {t['writer_threads']} writer threads "
+            f"busy {100 * t['writing'] / (t['writer_threads'] * t['total']):.0f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host_num", type=int, default=512, help="images in the host run (0: skip it)")
     p.add_argument("--host_batch_size", type=int, default=64)
     p.add_argument("--host_only", action="store_true", help="only the host run")
+    p.add_argument("--shard_images", type=int, default=256, help="images per shard (the last shards' writes are not "
+                   "overlapped with anything: a short run with big shards understates the steady rate)")
     a = p.parse_args(argv)
     device = pick_device()
     if a.host_only:
+        host_t: dict = {}
         with tempfile.TemporaryDirectory() as tmp:
-            host = host_run(a, Path(tmp), device)
+            host = host_run(a, Path(tmp), device, host_t)
         print(f"device {device_name(device)}; {a.num_workers} workers, {a.writer_threads or 'default'} writer threads, "
               f"decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
         print(f"host      {host:9.1f} img/s   (ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, batch {a.host_batch_size})")
+        print(f"          {where(host_t)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         fcfg = FeaturizeConfig(backbone=a.backbone, layer=a.layer, weights="none", image_size=a.image_size,
-                               batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=256,
+                               batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=a.shard_images,
                                decode=a.decode, codec=a.codec, writer_threads=a.writer_threads)
         # compute limit: forward on a batch already on the device
         x = torch.randint(0, 255, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
@@ -145,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         dcfg = DataConfig(input_json=str(js), features=str(tmp / "f"), format=a.format)
         featurize_split(dcfg, FeaturizeConfig(**{**fcfg.__dict__, "limit": a.batch_size}), "train", net, {}, progress=False)
         dcfg = DataConfig(input_json=str(js), features=str(tmp / "g"), format=a.format)
+        pipe_t: dict = {}
         t = time.perf_counter()
-        featurize_split(dcfg, fcfg, "train", net, {}, progress=False)
+        featurize_split(dcfg, fcfg, "train", net, {}, progress=False, timing=pipe_t)
         pipeline = a.num / (time.perf_counter() - t)
         # naive: one image at a time, as prepro_feats.py
         out = tmp / "naive"
@@ -158,16 +170,19 @@ def main(argv: list[str] | None = None) -> int:
                 np.save(out / f"{i}.npy", net(im)[0].float().cpu().numpy().astype(np.float16))
         sync(device)
         naive = a.naive_num / (time.perf_counter() - t)
-        host = host_run(a, tmp / "host", device) if a.host_num else 0.0
+        host_t = {}
+        host = host_run(a, tmp / "host", device, host_t) if a.host_num else 0.0
     name = device_name(device)
     print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, "
           f"precision {a.precision}, decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
+    print(f"          {where(pipe_t)}")
     print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")
     if host:
         print(f"host      {host:9.1f} img/s   (the model replaced by ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, "
               f"batch {a.host_batch_size}: the host side's ceiling)")
+        print(f"          {where(host_t)}")
     print(f"efficiency pipeline/compute = {pipeline / compute:.2f};  pipeline/naive = {pipeline / naive:.1f}x"
           + (f";  host/compute = {host / compute:.2f}" if host else ""))
     return 0

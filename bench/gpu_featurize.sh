@@ -9,7 +9,7 @@ export TMPDIR="$PWD/.bench-tmp"  # on disk, not a tmpfs
 for args in "--format zarr --codec blosc-zstd --writer_threads 12" "--format zarr --codec none --writer_threads 8" \
             "--format wds --writer_threads 8"; do
   echo "+ --host_only $args" | tee -a "$OUT/featurize3.txt"
-  timeout 60 $F --host_only --host_num 4096 --host_batch_size 128 --num_workers 4 --decode device $args 2>&1 \
+  timeout 60 $F --host_only --host_num 4096 --host_batch_size 128 --shard_images 64 --num_workers 4 --decode device $args 2>&1 \
     | grep -v "it/s\]" | tee -a "$OUT/featurize3.txt"
 done
 for args in "--num 8192 --decode device --format zarr --codec blosc-zstd --writer_threads 12 --num_workers 4" \

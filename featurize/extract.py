@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
@@ -147,8 +149,13 @@ def runs(rows: list[int]) -> list[tuple[int, int]]:
 
 
 def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
-                    state=None, progress: bool = True) -> dict | None:
-    """Featurize one split into FEATURES/split; returns the manifest (main process)."""
+                    state=None, progress: bool = True, timing: dict | None = None) -> dict | None:
+    """Featurize one split into FEATURES/split; returns the manifest (main process).
+
+    `timing`, when given, receives where this process's time went (seconds): `total`; the main
+    thread waiting for images (`wait_images`) and for a free shard buffer, i.e. for the writers
+    (`wait_writers`); the writer threads' summed busy time (`writing`) and thread count.
+    """
     state = state or _Single()
     device = state.device
     entries = load_split(dcfg.input_json, split, dcfg.restval_in_train)
@@ -192,16 +199,28 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     bar = tqdm(total=total, desc=f"featurize {split}" + (f" [rank {state.process_index}]" if state.num_processes > 1 else ""),
                unit="img", disable=not progress or total == 0)
 
+    lock = threading.Lock()
+    clock = {"total": time.perf_counter(), "wait_images": 0.0, "wait_writers": 0.0, "writing": 0.0, "writer_threads": writers}
+
     def write(k: int, block: torch.Tensor, array: np.ndarray, event, metas_k: list, failed_k: list) -> None:
+        t = time.perf_counter()
         try:
             if event is not None:
                 event.synchronize()  # the device-to-host copies of this shard's batches are done
             writer.write_block(k, array, metas_k, failed_k)
         finally:
             pool.release(block)
+            with lock:
+                clock["writing"] += time.perf_counter() - t
 
+    batches_in = iter(loader)
     with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode():
-        for batch in loader:
+        while True:
+            t = time.perf_counter()
+            batch = next(batches_in, None)
+            clock["wait_images"] += time.perf_counter() - t
+            if batch is None:
+                break
             if on_device:
                 images, ok_list, errors = decode_on_device(batch, device, fcfg.image_size)
                 ok, batch["error"] = torch.tensor(ok_list, dtype=torch.bool), errors
@@ -215,7 +234,9 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
             k = rows[0] // S  # batches never cross a shard boundary
             start = shard_range(plan, k).start
             if k not in blocks:
+                t = time.perf_counter()
                 block = pool.acquire()
+                clock["wait_writers"] += time.perf_counter() - t
                 n = len(shard_range(plan, k))
                 blocks[k] = (block, block[:n], block[:n].numpy())  # the buffer, its n rows, their numpy view
             host = blocks[k][1]  # (n, g, g, C) float16 on the host
@@ -255,9 +276,19 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
             for f in [f for f in futures if f.done()]:
                 f.result()  # surface a writer error now, not at the end
             futures = [f for f in futures if not f.done()]
-    for f in futures:
-        f.result()
+        t = time.perf_counter()
+        for f in futures:
+            f.result()
+        clock["wait_writers"] += time.perf_counter() - t
     bar.close()
+    clock["total"] = time.perf_counter() - clock["total"]
+    if timing is not None:
+        timing.update(clock)
+    if progress and total and clock["total"] > 0:
+        tqdm.write(f"featurize {split}: {total} images in {clock['total']:.1f} s; the main thread waited "
+                   f"{100 * clock['wait_images'] / clock['total']:.0f}% of it for images, "
+                   f"{100 * clock['wait_writers'] / clock['total']:.0f}% for the {writers} writer thread(s), "
+                   f"which were busy {100 * clock['writing'] / (writers * clock['total']):.0f}% of the time")
     state.wait_for_everyone()
     if state.is_main_process:
         return finalize(out, split)
