@@ -29,7 +29,7 @@ from PIL import Image
 from bench import device_name, pick_device, sync
 from caption.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone, BackboneConfig
-from featurize.extract import autocast, featurize_split
+from featurize.extract import autocast, featurize_split, timing_summary
 from featurize.images import load_rgb, to_tensor
 
 
@@ -89,13 +89,6 @@ def host_run(a, folder: Path, device: torch.device, timing: dict) -> float:
     return a.host_num / (time.perf_counter() - t)
 
 
-def where(t: dict) -> str:
-    """featurize_split's time breakdown in one line."""
-    return (f"main thread waited {100 * t['wait_images'] / t['total']:.0f}% for images, "
-            f"{100 * t['wait_writers'] / t['total']:.0f}% for writers; {t['writer_threads']} writer threads "
-            f"busy {100 * t['writing'] / (t['writer_threads'] * t['total']):.0f}%")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.featurize", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet18")
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {device_name(device)}; {a.num_workers} workers, {a.writer_threads or 'default'} writer threads, "
               f"decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
         print(f"host      {host:9.1f} img/s   (ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, batch {a.host_batch_size})")
-        print(f"          {where(host_t)}")
+        print(f"          {timing_summary(host_t)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -176,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name}; {a.backbone} to {a.layer} at {a.image_size} px, batch {a.batch_size}, {a.num_workers} workers, "
           f"precision {a.precision}, decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
-    print(f"          {where(pipe_t)}")
+    print(f"          {timing_summary(pipe_t)}")
     print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")
     if host:
         print(f"host      {host:9.1f} img/s   (the model replaced by ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, "
               f"batch {a.host_batch_size}: the host side's ceiling)")
-        print(f"          {where(host_t)}")
+        print(f"          {timing_summary(host_t)}")
     print(f"efficiency pipeline/compute = {pipeline / compute:.2f};  pipeline/naive = {pipeline / naive:.1f}x"
           + (f";  host/compute = {host / compute:.2f}" if host else ""))
     return 0

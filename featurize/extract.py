@@ -148,6 +148,14 @@ def runs(rows: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def timing_summary(t: dict) -> str:
+    """featurize_split's `timing` in one line."""
+    total = max(t["total"], 1e-9)
+    return (f"the main thread waited {100 * t['wait_images'] / total:.0f}% of the time for images and "
+            f"{100 * t['wait_writers'] / total:.0f}% for the {t['writer_threads']} writer thread(s), "
+            f"which were busy {100 * t['writing'] / (t['writer_threads'] * total):.0f}%")
+
+
 def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
                     state=None, progress: bool = True, timing: dict | None = None) -> dict | None:
     """Featurize one split into FEATURES/split; returns the manifest (main process).
@@ -194,7 +202,7 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     # from the pool, and buffers come back only when their file is written.
     writers = fcfg.writer_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
     pool = BlockPool((S, fcfg.grid, fcfg.grid, backbone.channels), writers + 2, pinned=device.type == "cuda")
-    blocks: dict[int, tuple] = {}
+    blocks: dict[int, torch.Tensor] = {}  # shard -> its buffer from the pool
     futures = []
     bar = tqdm(total=total, desc=f"featurize {split}" + (f" [rank {state.process_index}]" if state.num_processes > 1 else ""),
                unit="img", disable=not progress or total == 0)
@@ -202,12 +210,12 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     lock = threading.Lock()
     clock = {"total": time.perf_counter(), "wait_images": 0.0, "wait_writers": 0.0, "writing": 0.0, "writer_threads": writers}
 
-    def write(k: int, block: torch.Tensor, array: np.ndarray, event, metas_k: list, failed_k: list) -> None:
+    def write(k: int, block: torch.Tensor, event, metas_k: list, failed_k: list) -> None:
         t = time.perf_counter()
         try:
             if event is not None:
                 event.synchronize()  # the device-to-host copies of this shard's batches are done
-            writer.write_block(k, array, metas_k, failed_k)
+            writer.write_block(k, block[:len(shard_range(plan, k))].numpy(), metas_k, failed_k)
         finally:
             pool.release(block)
             with lock:
@@ -232,19 +240,22 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                 images = images.to(device, non_blocking=True)
             rows, good = batch["row"].tolist(), ok.tolist()
             k = rows[0] // S  # batches never cross a shard boundary
-            start = shard_range(plan, k).start
+            span = shard_range(plan, k)
+            start = span.start
             if k not in blocks:
                 t = time.perf_counter()
-                block = pool.acquire()
+                blocks[k] = pool.acquire()
                 clock["wait_writers"] += time.perf_counter() - t
-                n = len(shard_range(plan, k))
-                blocks[k] = (block, block[:n], block[:n].numpy())  # the buffer, its n rows, their numpy view
-            host = blocks[k][1]  # (n, g, g, C) float16 on the host
+            host = blocks[k][:len(span)]  # (n, g, g, C) float16 on the host: this shard's rows
             for row, g, err in zip(rows, good, batch["error"]):
-                if not g:
-                    if fcfg.strict:
-                        raise FeaturizeError(f"{err} (--strict; rerun without it to record such files and go on)")
-                    failed[k].append({"filename": entries[row].filename, "reason": err.split(": ", 1)[-1]})
+                e = entries[row]
+                if g:
+                    metas[k].append({"row": row, "key": e.key, "image_id": e.image_id, "filename": e.filename,
+                                     "captions": e.tokens})
+                elif fcfg.strict:
+                    raise FeaturizeError(f"{err} (--strict; rerun without it to record such files and go on)")
+                else:
+                    failed[k].append({"filename": e.filename, "reason": err.split(": ", 1)[-1]})
                     host[row - start].zero_()  # a failed image's rows read as zeros (the fill value)
             if any(good):
                 if device.type == "cuda":
@@ -259,19 +270,13 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                 for a, b in runs([r - start for r, g in zip(rows, good) if g]):
                     host[a:b].copy_(grids[j:j + b - a], non_blocking=True)  # (b-a, g, g, C) -> float16 rows
                     j += b - a
-            for row, g in zip(rows, good):
-                if g:
-                    e = entries[row]
-                    metas[k].append({"row": row, "key": e.key, "image_id": e.image_id, "filename": e.filename,
-                                     "captions": e.tokens})
             remaining[k] -= len(rows)
             if remaining[k] == 0:
                 event = None
                 if device.type == "cuda":
                     event = torch.cuda.Event()
                     event.record()
-                block, _, array = blocks.pop(k)
-                futures.append(threads.submit(write, k, block, array, event, metas.pop(k), failed.pop(k)))
+                futures.append(threads.submit(write, k, blocks.pop(k), event, metas.pop(k), failed.pop(k)))
             bar.update(len(rows))
             for f in [f for f in futures if f.done()]:
                 f.result()  # surface a writer error now, not at the end
@@ -284,11 +289,8 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     clock["total"] = time.perf_counter() - clock["total"]
     if timing is not None:
         timing.update(clock)
-    if progress and total and clock["total"] > 0:
-        tqdm.write(f"featurize {split}: {total} images in {clock['total']:.1f} s; the main thread waited "
-                   f"{100 * clock['wait_images'] / clock['total']:.0f}% of it for images, "
-                   f"{100 * clock['wait_writers'] / clock['total']:.0f}% for the {writers} writer thread(s), "
-                   f"which were busy {100 * clock['writing'] / (writers * clock['total']):.0f}% of the time")
+    if progress and total:
+        tqdm.write(f"featurize {split}: {total} images in {clock['total']:.1f} s; {timing_summary(clock)}")
     state.wait_for_everyone()
     if state.is_main_process:
         return finalize(out, split)

@@ -56,7 +56,7 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable) -> tuple[int, s
         for part in parts:
             f.write(part)
             h.update(part)
-            size += len(memoryview(part).cast("B"))
+            size += memoryview(part).nbytes
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -123,6 +123,15 @@ def shard_range(plan: dict, k: int) -> range:
     """Record rows of shard k."""
     s = plan["shard_size"]
     return range(k * s, min((k + 1) * s, plan["num_records"]))
+
+
+def check_rows(root: Path, plan: dict, k: int, rows: Iterable[int]) -> range:
+    """Shard k's row range; a StoreError when a row given for it lies outside."""
+    span = shard_range(plan, k)
+    for row in rows:
+        if row not in span:
+            raise StoreError(f"{root}: row {row} is not in shard {k} ({span.start}..{span.stop - 1})")
+    return span
 
 
 def finalize(root: Path, split: str = "") -> dict:

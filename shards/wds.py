@@ -25,8 +25,8 @@ import numpy as np
 import webdataset as wds
 
 from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, ensure_plan, load_manifest, read_json,
-                             shard_meta_path, shard_range)
+from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest,
+                             read_json, shard_meta_path, shard_range)
 
 ALLOWED = {"features.npy", "json"}
 _INTERNAL = {"__key__", "__url__", "__local_path__"}
@@ -39,7 +39,7 @@ def shard_name(k: int) -> str:
 def _member(name: str, payload: list) -> list:
     """One tar member as pieces to write: tarfile's own PAX header, the payload (buffers, not
     copied), zero padding to the 512-byte block. Fixed metadata: same records, same bytes."""
-    size = sum(len(memoryview(p).cast("B")) for p in payload)
+    size = sum(memoryview(p).nbytes for p in payload)
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o644
     return [info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), *payload, bytes(-size % tarfile.BLOCKSIZE)]
@@ -59,12 +59,6 @@ def npy_parts(x: np.ndarray) -> list:
     return [head.getvalue(), memoryview(x).cast("B")]
 
 
-def npy_bytes(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return buf.getvalue()
-
-
 class WdsWriter:
     """Writes whole tar shards of a planned store."""
 
@@ -75,18 +69,16 @@ class WdsWriter:
 
     def write_shard(self, k: int, items: list[tuple[int, fmt.Record]], failures: list[dict] = ()) -> None:
         """Write shard k; items are (row, record) with rows inside the shard's range."""
-        rows = shard_range(self.plan, k)
+        check_rows(self.root, self.plan, k, [row for row, _ in items])
         path = self.root / shard_name(k)
         parts, metas, written = [], [], 0
         for row, rec in items:
-            if row not in rows:
-                raise StoreError(f"{self.root}: row {row} is not in shard {k}")
             fmt.validate(rec, self.plan["grid"], self.plan["channels"], where=str(path))
             for name, payload in ((f"{rec['key']}.features.npy", npy_parts(rec["features"])),
                                   (f"{rec['key']}.json", [json.dumps(fmt.meta(rec)).encode()])):
                 member = _member(name, payload)
                 parts += member
-                written += sum(len(memoryview(p).cast("B")) for p in member)
+                written += sum(memoryview(p).nbytes for p in member)
             metas.append({"row": row, **fmt.meta(rec)})
         size, digest = atomic_write_parts(path, parts + [_end_of_archive(written)])
         atomic_write_json(shard_meta_path(self.root, k), {
@@ -170,16 +162,16 @@ def tar_to_samples(src: Iterable[dict]) -> Iterator[dict]:
     URLs go through webdataset's own tar reader."""
     shards = [(s, _local_path(s["url"])) for s in src]
     local = [i for i, (_, path) in enumerate(shards) if path is not None]
+    following = dict(zip(local, local[1:]))  # each local shard's next local shard
     with ThreadPoolExecutor(max_workers=1) as ahead:
         mapped = {i: ahead.submit(map_shard, shards[i][1]) for i in local[:1]}
         for i, (sample, path) in enumerate(shards):
             if path is None:
                 yield from wds.tarfile_to_samples(handler=_reraise)(iter([sample]))
                 continue
-            nxt = [j for j in local if j > i][:1]
-            mapped.update({j: ahead.submit(map_shard, shards[j][1]) for j in nxt})
-            data = mapped.pop(i).result()
-            yield from wds.tariterators.group_by_keys(local_tar_members(path, data), handler=_reraise)
+            if i in following:
+                mapped[following[i]] = ahead.submit(map_shard, shards[following[i]][1])
+            yield from wds.tariterators.group_by_keys(local_tar_members(path, mapped.pop(i).result()), handler=_reraise)
 
 
 def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None) -> fmt.Record:

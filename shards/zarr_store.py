@@ -25,7 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, ensure_plan, load_manifest, read_json,
+from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest, read_json,
                              sha256_file, shard_meta_path, shard_range)
 
 ARRAY = "features.zarr"
@@ -85,11 +85,6 @@ def shard_parts(block: np.ndarray, shard_size: int, codec: str) -> list:
         parts += [enc, crc]
     idx = index.tobytes()
     return parts + [idx, _crc(idx)]
-
-
-def encode_shard(block: np.ndarray, shard_size: int, codec: str) -> bytes:
-    """A shard file's bytes for `block` in one piece (tests, benchmarks; writers use `shard_parts`)."""
-    return b"".join(shard_parts(block, shard_size, codec))
 
 
 def _index(data: bytes | memoryview, shard_size: int, where: str) -> np.ndarray:
@@ -160,7 +155,7 @@ class ZarrWriter:
         g, c, s = plan["grid"], plan["channels"], plan["shard_size"]
         path = self.root / ARRAY
         missing = (FileNotFoundError, getattr(zarr.errors, "ArrayNotFoundError", FileNotFoundError))
-        for attempt in range(50):
+        for _ in range(50):
             try:
                 self.array = zarr.open_array(path, mode="r+")
                 break
@@ -184,30 +179,24 @@ class ZarrWriter:
 
     def write_shard(self, k: int, items: list[tuple[int, fmt.Record]], failures: list[dict] = ()) -> None:
         """Write shard k; items are (row, record) with rows inside the shard's range."""
-        rows = shard_range(self.plan, k)
+        rows = check_rows(self.root, self.plan, k, [row for row, _ in items])
         g, c = self.plan["grid"], self.plan["channels"]
         block = np.zeros((len(rows), g, g, c), dtype=fmt.DTYPE)  # (S, g, g, C); failed images stay 0
-        metas = []
         for row, rec in items:
-            if row not in rows:
-                raise StoreError(f"{self.root}: row {row} is not in shard {k} ({rows.start}..{rows.stop - 1})")
-            fmt.validate(rec, g, c, where=str(self.root))
+            fmt.validate(rec, g, c, where=str(self.root))  # before the copy: a wrong shape names the key
             block[row - rows.start] = rec["features"]
-            metas.append({"row": row, **fmt.meta(rec)})
-        self._write(k, block, metas, failures)
+        self._write(k, block, [{"row": row, **fmt.meta(rec)} for row, rec in items], failures)
 
     def write_block(self, k: int, block: np.ndarray, metas: list[dict], failures: list[dict] = ()) -> None:
         """Write shard k from `block` ((n, g, g, C) float16, the shard's rows in order; rows of
         images that failed hold zeros) and `metas` ({"row", "key", "image_id", "filename",
         "captions"} of each row that holds an image). No grid is copied: featurize hands over
         the buffer the model's output was copied into."""
-        rows = shard_range(self.plan, k)
+        rows = check_rows(self.root, self.plan, k, [m["row"] for m in metas])
         g, c = self.plan["grid"], self.plan["channels"]
         if block.shape != (len(rows), g, g, c) or block.dtype != fmt.DTYPE:
             raise StoreError(f"{self.root}: shard {k} block is {block.dtype} {block.shape}, expected float16 {(len(rows), g, g, c)}")
         for m in metas:
-            if m["row"] not in rows:
-                raise StoreError(f"{self.root}: row {m['row']} is not in shard {k} ({rows.start}..{rows.stop - 1})")
             fmt.validate({**m, "features": block[m["row"] - rows.start]}, g, c, where=str(self.root))
         self._write(k, block, [{"row": m["row"], **fmt.meta(m)} for m in metas], failures)
 

@@ -14,10 +14,16 @@ import pytest
 from shards import StoreError, finalize, open_store, write_records
 from shards import format as fmt
 from shards.__main__ import convert, main as shards_main, stats, verify
-from shards.wds import iter_urls, npy_bytes
+from shards.wds import iter_urls
 
 ROOT = Path(__file__).resolve().parent.parent
 C = 32
+
+
+def npy_bytes(x):
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
 
 
 def make_records(n, seed=0, channels=C):
@@ -292,10 +298,10 @@ def test_load_npy_matches_np_load_and_refuses_pickles():
             np.lib.format.write_array(buf, x, version=version)
             got = load_npy(memoryview(buf.getvalue()))
             assert got.dtype == x.dtype and got.shape == x.shape and np.array_equal(got, x) and got.flags.writeable
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    buf = io.BytesIO()  # an object array's .npy: its header, then pickle opcodes (written as bytes, never pickled)
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
     with pytest.raises(ValueError, match="object arrays need pickle"):
-        load_npy(buf.getvalue())
+        load_npy(buf.getvalue() + b"\x80\x04K\x01.")
     data = npy_bytes(np.ones((4, 4), dtype=np.float16))
     with pytest.raises(ValueError, match="data bytes for shape"):
         load_npy(data[:-2])
