@@ -6,7 +6,9 @@
 
 In one run, on the same synthetic JPEGs and the same model:
   pipeline   images/s of `featurize_split` end to end (decode, resize, forward, fp16, write);
-  compute    images/s of the forward pass alone on batches already on the device;
+  compute    images/s of the forward pass alone on batches already on the device, for the model
+             as featurize runs it (BatchNorm folded; compiled with --compile) and, as a baseline,
+             the plain eager trunk with its BatchNorms;
   naive      images/s of prepro_feats.py's pattern: PIL load, one image through the model, np.save.
   host       images/s of the same pipeline with the model replaced by ready-made 14x14x2048 grids
              (32 px JPEGs, so decoding is cheap): the ceiling that the host side (cast, device-to-
@@ -29,8 +31,9 @@ from PIL import Image
 from bench import device_name, pick_device, sync
 from caption.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone, BackboneConfig
-from featurize.extract import autocast, featurize_split, timing_summary
+from featurize.extract import autocast, featurize_split, inference_model, timing_summary
 from featurize.images import load_rgb, to_tensor
+from shards import open_store
 
 
 class NullBackbone(torch.nn.Module):
@@ -74,6 +77,19 @@ def make_images(folder: Path, n: int, size: int, shape: tuple[int, int] = (480, 
 
 
 
+def copies_agree(root: Path, distinct: int = 16) -> float:
+    """The bench's images are copies of `distinct` JPEGs (row i of image i % distinct): the largest
+    difference between a record and the first copy of its image, relative to that copy's largest
+    value. Batch composition may move the last bits; a record written from the wrong memory would not."""
+    first: dict[int, np.ndarray] = {}
+    worst = 0.0
+    for r in open_store(root).iter_records():
+        x = r["features"].astype(np.float32)
+        ref = first.setdefault(int(r["image_id"]) % distinct, x)
+        worst = max(worst, float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-6)))
+    return worst
+
+
 def host_run(a, folder: Path, device: torch.device, timing: dict) -> float:
     """images/s of featurize_split around a model that costs nothing (NullBackbone, 14x14x2048 grids)."""
     js = make_images(folder / "data", a.host_num, 32, shape=(32, 32))
@@ -106,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host_num", type=int, default=512, help="images in the host run (0: skip it)")
     p.add_argument("--host_batch_size", type=int, default=64)
     p.add_argument("--host_only", action="store_true", help="only the host run")
+    p.add_argument("--compile", action="store_true", help="featurize with --compile true (torch.compile)")
     p.add_argument("--shard_images", type=int, default=256, help="images per shard (the last shards' writes are not "
                    "overlapped with anything: a short run with big shards understates the steady rate)")
     a = p.parse_args(argv)
@@ -130,21 +147,31 @@ def main(argv: list[str] | None = None) -> int:
             net = net.to(memory_format=torch.channels_last)
         fcfg = FeaturizeConfig(backbone=a.backbone, layer=a.layer, weights="none", image_size=a.image_size,
                                batch_size=a.batch_size, num_workers=a.num_workers, precision=a.precision, shard_images=a.shard_images,
-                               decode=a.decode, codec=a.codec, writer_threads=a.writer_threads)
-        # compute limit: forward on a batch already on the device
+                               decode=a.decode, codec=a.codec, writer_threads=a.writer_threads, compile=a.compile)
+        # compute limit: forward on a batch already on the device, for featurize's model and the plain trunk
         x = torch.randint(0, 255, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        t = time.perf_counter()
+        model = inference_model(net, device, a.compile)
         with torch.inference_mode(), autocast(device, a.precision):
-            for _ in range(2):
-                net(x)
-            sync(device)
-            reps = max(2, a.num // a.batch_size)
-            t = time.perf_counter()
-            for _ in range(reps):
-                net(x).float().half()  # the forward and the cast to the stored dtype
-            sync(device)
-            compute = reps * a.batch_size / (time.perf_counter() - t)
+            model(x)
+        sync(device)
+        prepare = time.perf_counter() - t
+        reps = max(2, a.num // a.batch_size)
+
+        def forward_rate(m) -> float:
+            with torch.inference_mode(), autocast(device, a.precision):
+                for _ in range(2):
+                    m(x)
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(reps):
+                    m(x).float().half()  # the forward and the cast to the stored dtype
+                sync(device)
+                return reps * a.batch_size / (time.perf_counter() - t)
+
+        plain, compute = forward_rate(net), forward_rate(model)
         # our pipeline, end to end (warm-up pass on a small slice first)
         dcfg = DataConfig(input_json=str(js), features=str(tmp / "f"), format=a.format)
         featurize_split(dcfg, FeaturizeConfig(**{**fcfg.__dict__, "limit": a.batch_size}), "train", net, {}, progress=False)
@@ -153,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         featurize_split(dcfg, fcfg, "train", net, {}, progress=False, timing=pipe_t)
         pipeline = a.num / (time.perf_counter() - t)
+        agree = copies_agree(tmp / "g" / "train")
         # naive: one image at a time, as prepro_feats.py
         out = tmp / "naive"
         out.mkdir()
@@ -170,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
           f"precision {a.precision}, decode {a.decode}, {a.format} {a.codec if a.format == 'zarr' else ''}")
     print(f"pipeline  {pipeline:9.1f} img/s   (decode + resize + forward + fp16 + {a.format} write, {a.num} JPEGs 640x480)")
     print(f"          {timing_summary(pipe_t)}")
-    print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device)")
+    print(f"          copies of one image agree within {agree:.2g} of its largest value (written from the right memory)")
+    print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device: featurize's model, BatchNorm "
+          f"folded{', compiled in %.1f s' % prepare if a.compile else ''})")
+    print(f"          {plain:9.1f} img/s   the plain eager trunk with its BatchNorms; ratio {compute / plain:.2f}x")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")
     if host:
         print(f"host      {host:9.1f} img/s   (the model replaced by ready-made 14x14x2048 grids, {a.host_num} 32 px JPEGs, "

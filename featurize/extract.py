@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
@@ -109,6 +110,28 @@ def build_backbone(dcfg: DataConfig, fcfg: FeaturizeConfig, state=None) -> tuple
                  "bn_calibration": {"images": saved["calibration_images"], "split": "train"}}
 
 
+_PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> (key, its inference model)
+
+
+def inference_model(backbone: Backbone, device: torch.device, compile: bool = False) -> torch.nn.Module:
+    """What featurize runs: the frozen backbone on `device` with its BatchNorms folded into the
+    convolutions, channels_last on a GPU, optionally compiled (static shapes: pass full batches).
+    Kept per backbone, so the splits of one run compile once."""
+    key = (str(device), compile)
+    if backbone in _PREPARED and _PREPARED[backbone][0] == key:
+        return _PREPARED[backbone][1]
+    model = backbone.to(device).freeze()
+    model = model.fused() if hasattr(model, "fused") else model
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
+    if compile:
+        model = torch.compile(model, dynamic=False)
+    if model is not backbone:  # (a value holding its key would keep it alive)
+        _PREPARED[backbone] = (key, model)
+    return model
+
+
 def shard_size(fcfg: FeaturizeConfig, fmt_name: str, channels: int) -> int:
     """Images per shard: zarr `shard_images`; wds as many as fit `shard_bytes` (capped by `shard_images`)."""
     raw = fcfg.grid * fcfg.grid * channels * 2
@@ -187,12 +210,11 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
         raise FeaturizeError(f"unknown --decode {fcfg.decode!r}: workers or device")
     on_device = fcfg.decode == "device"
     dataset = (SplitFiles if on_device else SplitImages)(entries, images_root(dcfg), fcfg.image_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=fcfg.num_workers, pin_memory=device.type == "cuda",
+    # pinned image batches cross to the GPU asynchronously; undecoded JPEGs go to nvjpeg, not pinned
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=fcfg.num_workers, pin_memory=device.type == "cuda" and not on_device,
                         collate_fn=collate_files if on_device else None,
                         persistent_workers=False, prefetch_factor=4 if fcfg.num_workers else None)
-    backbone = backbone.to(device).freeze()
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
+    model = inference_model(backbone, device, fcfg.compile)
     metas: dict[int, list] = {k: [] for k in mine}
     failed: dict[int, list] = {k: [] for k in mine}
     remaining = {k: len(shard_range(plan, k)) for k in mine}
@@ -258,10 +280,13 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                     failed[k].append({"filename": e.filename, "reason": err.split(": ", 1)[-1]})
                     host[row - start].zero_()  # a failed image's rows read as zeros (the fill value)
             if any(good):
+                n = images.shape[0]
+                if fcfg.compile and n < fcfg.batch_size:  # one static shape: pad with blank images
+                    images = torch.cat([images, images.new_zeros((fcfg.batch_size - n, *images.shape[1:]))])
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast(device, fcfg.precision):
-                    grids = backbone(images)  # (b, g, g, C)
+                    grids = model(images)[:n]  # (b, g, g, C)
                 # float32 first: clamping in bf16 would round 65504 up to 65536, inf in float16
                 grids = grids.float().clamp_(-65504, 65504)
                 if device.type == "cuda":

@@ -105,12 +105,11 @@ JPEG_MAGIC = b"\xff\xd8"
 
 class SplitFiles(SplitImages):
     """Like SplitImages, but a plain RGB/grayscale JPEG comes back undecoded, as bytes ("jpeg"), with
-    its EXIF orientation, for `decode_on_device`; anything else is decoded here as usual."""
+    its EXIF orientation, for `decode_on_device`; anything else is decoded here as usual ("image")."""
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         path = self.root / self.entries[row].filename
-        empty = torch.empty(0, dtype=torch.uint8)
         try:
             if path.is_file() and path.stat().st_size > 0:
                 data = path.read_bytes()
@@ -118,19 +117,26 @@ class SplitFiles(SplitImages):
                     with Image.open(io.BytesIO(data)) as im:  # header only: mode and EXIF
                         mode, orientation = im.mode, im.getexif().get(0x0112, 1)
                     if mode in ("RGB", "L"):
-                        return {"row": row, "image": empty, "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                "orientation": int(orientation), "ok": True, "error": ""}
+                        return {"row": row, "image": None, "jpeg": data, "orientation": int(orientation), "ok": True, "error": ""}
             image = to_tensor(load_rgb(path), self.image_size)
-            return {"row": row, "image": image, "jpeg": empty, "orientation": 1, "ok": True, "error": ""}
+            return {"row": row, "image": image, "jpeg": b"", "orientation": 1, "ok": True, "error": ""}
         except (ImageError, OSError, SyntaxError, ValueError) as e:
             err = str(e) if isinstance(e, ImageError) else f"{path}: cannot decode ({e})"
-            return {"row": row, "image": empty, "jpeg": empty, "orientation": 1, "ok": False, "error": err}
+            return {"row": row, "image": None, "jpeg": b"", "orientation": 1, "ok": False, "error": err}
 
 
 def collate_files(items: list[dict]) -> dict:
+    """A SplitFiles batch in a few tensors (each tensor crosses from a worker through its own shared
+    memory segment, so one per image would cost more than the decoding): every JPEG's bytes in one
+    flat uint8 tensor with per-row sizes, and the images decoded here stacked, with their rows."""
+    data = b"".join(it["jpeg"] for it in items)
+    here = [i for i, it in enumerate(items) if it["image"] is not None]
     return {"row": torch.tensor([it["row"] for it in items]), "ok": torch.tensor([it["ok"] for it in items]),
-            "error": [it["error"] for it in items], "image": [it["image"] for it in items],
-            "jpeg": [it["jpeg"] for it in items], "orientation": [it["orientation"] for it in items]}
+            "error": [it["error"] for it in items], "orientation": [it["orientation"] for it in items],
+            "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8),
+            "jpeg_sizes": [len(it["jpeg"]) for it in items],
+            "image": torch.stack([items[i]["image"] for i in here]) if here else torch.empty(0, dtype=torch.uint8),  # (m, 3, S, S)
+            "image_rows": here}
 
 
 def apply_orientation(t: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -158,34 +164,70 @@ def decode_on_device(batch: dict, device: torch.device, image_size: int) -> tupl
     Returns the images of the rows that decoded, and per row ok / error (a JPEG the device
     decoder refuses is a failure with its reason, like a file PIL refuses).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     ok, errors = list(batch["ok"].tolist()), list(batch["error"])
-    jpeg_rows = [i for i, (good, j) in enumerate(zip(ok, batch["jpeg"])) if good and j.numel()]
+    sizes = batch["jpeg_sizes"]
+    jpegs = torch.split(batch["jpeg"], sizes)  # views, one per row (empty where not a JPEG)
+    jpeg_rows = [i for i, (good, n) in enumerate(zip(ok, sizes)) if good and n]
     decoded: dict[int, torch.Tensor] = {}
     if jpeg_rows:
-        datas = [batch["jpeg"][i] for i in jpeg_rows]
-        try:
-            outs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad file fails the batch call: decode one by one
-            outs = []
-            for d in datas:
-                try:
-                    outs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as e:
-                    outs.append(e)
+        outs = _decode_jpegs([jpegs[i] for i in jpeg_rows], device)
         for i, out in zip(jpeg_rows, outs):
             if isinstance(out, Exception):
                 ok[i], errors[i] = False, f"cannot decode JPEG ({str(out).splitlines()[0]})"
             else:
                 decoded[i] = apply_orientation(out, batch["orientation"][i])
-    images = []
-    for i, good in enumerate(ok):
-        if not good:
-            continue
-        if i in decoded:
-            images.append(TF.resize(decoded[i], [image_size, image_size], antialias=True))
-        else:
-            images.append(batch["image"][i].to(device, non_blocking=True))
-    stacked = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8, device=device)
-    return stacked, ok, errors
+    # resize the images of one size together: one call per distinct (H, W), not per image
+    by_shape: dict[tuple, list[int]] = {}
+    for i, t in decoded.items():
+        by_shape.setdefault(tuple(t.shape), []).append(i)
+    resized: dict[int, torch.Tensor] = dict(zip(batch["image_rows"], batch["image"]))  # decoded by the workers
+    for rows in by_shape.values():
+        x = torch.stack([decoded[i] for i in rows])  # (n, 3, H, W)
+        resized.update(zip(rows, TF.resize(x, [image_size, image_size], antialias=True)))  # (n, 3, S, S)
+    images = [resized[i] for i, good in enumerate(ok) if good]
+    if not images:
+        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8, device=device), ok, errors
+    return torch.stack([t.to(device, non_blocking=True) for t in images]), ok, errors
+
+
+_DECODE_STREAMS: dict = {}  # device -> the side stream JPEGs are decoded with
+
+
+def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list:
+    """decode_jpeg on a list, one by one if the batch call fails (one bad file fails the batch): a
+    (3, H, W) tensor or the exception per file.
+
+    On CUDA, torchvision decodes on its own stream into tensors allocated from the current
+    stream's memory pool. A block just freed on the compute stream (a batch's grids, still to be
+    copied to the host) could then be overwritten before the compute stream is done with it. So
+    the decode runs with a side stream current (its outputs come from that stream's pool), the
+    compute stream waits for it, and each output is marked as used there (`record_stream`), so
+    its memory is not handed to the next decode before the compute stream has read it.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode() -> list:
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            outs: list = []
+            for d in datas:
+                try:
+                    outs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as e:
+                    outs.append(e)
+            return outs
+
+    if device.type != "cuda":
+        return decode()
+    main = torch.cuda.current_stream(device)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _DECODE_STREAMS[device]
+    with torch.cuda.stream(side):
+        outs = decode()
+    main.wait_stream(side)
+    for out in outs:
+        if isinstance(out, torch.Tensor):
+            out.record_stream(main)
+    return outs

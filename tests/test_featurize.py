@@ -57,6 +57,34 @@ def test_wds_matches_zarr_and_batch_size_does_not_matter(shapes, tiny_features, 
     assert load_manifest(out / "test")["backend"] == "wds"
 
 
+def test_compiled_featurize_matches_eager(shapes, tiny_features, tmp_path):
+    """--compile: BatchNorm-folded, torch.compile'd, short batches padded to one static shape."""
+    out = tmp_path / "f"
+    out.mkdir()
+    for f in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(tiny_features / f, out / f)
+    # 12 test images in batches of 5, 5 and 2: the last one is padded to 5
+    assert fz.main(tiny_args(shapes, out, "--split", "test", "--batch_size", "5", "--compile", "true")) == 0
+    a, b = records(tiny_features / "test"), records(out / "test")
+    assert [r["key"] for r in a] == [r["key"] for r in b] and len(b) == 12
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra["features"].astype(np.float32), rb["features"].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_fused_backbone_is_the_same_function(tmp_path):
+    net = Backbone(BackboneConfig("resnet18", "layer4", "none"))
+    x = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    net.calibrate_bn(iter(x.view(2, 4, 3, 64, 64)))
+    keys = set(net.state_dict())
+    fused = net.fused()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert set(net.state_dict()) == keys and any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    with torch.inference_mode():
+        a, b = net(x), fused(x)  # (8, 14, 14, 512) each
+    assert a.shape == b.shape == (8, 14, 14, 512)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
 def make_broken_world(tmp_path) -> Path:
     """A Karpathy file whose images cover what real data throws at a decoder."""
     d = tmp_path / "world"
