@@ -77,10 +77,6 @@ def make_images(folder: Path, n: int, size: int, shape: tuple[int, int] = (480, 
 
 
 
-def model_kind(compile: bool, device: torch.device) -> str:
-    return ", BatchNorm folded" if compile or device.type == "cpu" else ", eager"
-
-
 def copies_agree(root: Path, distinct: int = 16) -> float:
     """The bench's images are copies of `distinct` JPEGs (row i of image i % distinct): the largest
     difference between a record and the first copy of its image, relative to that copy's largest
@@ -204,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"          {timing_summary(pipe_t)}")
     print(f"          copies of one image agree within {agree:.2g} of its largest value (written from the right memory)")
     print(f"compute   {compute:9.1f} img/s   (forward only, batches already on the device: featurize's model"
-          f"{model_kind(a.compile, device)}{', compiled in %.1f s' % prepare if a.compile else ''})")
+          f"{', BatchNorm folded, compiled in %.1f s' % prepare if a.compile else ', eager'})")
     print(f"          {plain:9.1f} img/s   the plain eager trunk with its BatchNorms; ratio {compute / plain:.2f}x")
     print(f"naive     {naive:9.1f} img/s   (PIL load, one image through the model, np.save per image)")
     if host:

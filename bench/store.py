@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--zeros", default="0.37,0.6", help="zero fractions to try (random-init ResNets ~0.37)")
     p.add_argument("--codecs", default="blosc-zstd,zstd,lz4,none,wds", help="zarr codecs to try, and wds")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="decoding threads of the zarr reader")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="decoding threads of the zarr reader, and writer threads (against 1, the baseline)")
     p.add_argument("--features", default=None, help="also measure this real features folder (one split)")
     a = p.parse_args(argv)
     rows = []
@@ -97,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             for codec in a.codecs.split(","):
                 backend = "wds" if codec == "wds" else "zarr"
                 root = Path(tmp) / f"{codec}-{z}"
-                t = time.perf_counter()
-                write_records(root, relu_grids(a.num, a.channels, z), backend=backend, num_records=a.num, grid=14,
-                              channels=a.channels, shard_size=64, codec=codec)
-                w = time.perf_counter() - t
+                records = list(relu_grids(a.num, a.channels, z))  # made before the clock starts
+                w = {}
+                for threads, where in ((1, root.with_name(root.name + "-1")), (a.threads, root)):
+                    t = time.perf_counter()
+                    write_records(where, records, backend=backend, num_records=a.num, grid=14,
+                                  channels=a.channels, shard_size=64, codec=codec, threads=threads)
+                    w[threads] = time.perf_counter() - t
+                del records
                 rows.append({"data": f"relu zeros={z:.2f}", "store": codec if backend == "wds" else f"zarr {codec}",
-                             **measure(root, a.num, raw, w, a.threads)})
+                             **measure(root, a.num, raw, w[a.threads], a.threads), "write1_MBps": raw / w[1] / 1e6})
         if a.features:
             src = open_store(a.features)
             n, m = len(src), src.manifest
@@ -115,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 convert(a.features, dst, backend)
                 rows.append({"data": f"{a.features} (C={m['channels']})", "store": backend,
                              **measure(dst, n, raw, time.perf_counter() - t, a.threads)})
-    print(f"{a.threads} reader threads; cold: file pages evicted before reading (from disk); hot: page cache")
-    head = (f"{'data':<26} {'store':<16} {'B/img':>9} {'ratio':>6} {'write MB/s':>10} {'read MB/s':>9} "
+    print(f"{a.threads} reader and writer threads (write MB/s; '1 thread': the same writes by one); cold: file pages evicted before reading (from disk); hot: page cache")
+    head = (f"{'data':<26} {'store':<16} {'B/img':>9} {'ratio':>6} {'write MB/s':>10} {'1 thread':>8} {'read MB/s':>9} "
             f"{'cold img/s':>10} {'cat cold':>9} {'cold r/c':>8} {'hot img/s':>9} {'cat hot':>8} {'hot r/c':>7}")
     print(head)
     for r in rows:
-        print(f"{r['data']:<26} {r['store']:<16} {r['bytes_per_image']:>9.0f} {r['ratio']:>6.2f} {r['write_MBps']:>10.0f} "
+        print(f"{r['data']:<26} {r['store']:<16} {r['bytes_per_image']:>9.0f} {r['ratio']:>6.2f} {r['write_MBps']:>10.0f} {r.get('write1_MBps', float('nan')):>8.0f} "
               f"{r['read_MBps']:>9.0f} {r['cold_read_img_s']:>10.0f} {r['cold_cat_img_s']:>9.0f} {r['cold_read_vs_cat']:>8.2f} "
               f"{r['read_img_s']:>9.0f} {r['cat_img_s']:>8.0f} {r['read_vs_cat']:>7.2f}")
     return 0

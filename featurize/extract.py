@@ -115,15 +115,16 @@ _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone
 
 def inference_model(backbone: Backbone, device: torch.device, compile: bool = False) -> torch.nn.Module:
     """What featurize runs: the frozen backbone on `device`, channels_last on a GPU, optionally
-    compiled (static shapes: pass full batches). BatchNorms are folded into the convolutions when
-    compiling and on a CPU (1.2x there); not for the eager model on a GPU, where cuDNN's BatchNorm
-    beats a separate bias add (an H100 ran the folded eager ResNet-101 at 0.88x the plain one).
-    Kept per backbone, so the splits of one run compile once."""
+    compiled (static shapes: pass full batches) with its BatchNorms folded into the convolutions
+    first. The eager model keeps them: an H100 ran the folded eager ResNet-101 at 0.88x the plain
+    one (cuDNN's BatchNorm beats a separate bias add), a 2-core CPU at 1.06-1.18x, too little to
+    change the features that existing runs were trained on. Kept per backbone, so the splits of
+    one run compile once."""
     key = (str(device), compile)
     if backbone in _PREPARED and _PREPARED[backbone][0] == key:
         return _PREPARED[backbone][1]
     model = backbone.to(device).freeze()
-    if hasattr(model, "fused") and (compile or device.type == "cpu"):
+    if hasattr(model, "fused") and compile:
         model = model.fused()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

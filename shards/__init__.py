@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -42,27 +44,37 @@ def open_store(root: str | Path):
 
 def write_records(root: str | Path, records: Iterable[Record], *, backend: str, num_records: int, grid: int,
                   channels: int, shard_size: int, info: dict | None = None, codec: str = "blosc-zstd",
-                  rank: int = 0, world_size: int = 1, split: str = "") -> dict | None:
+                  rank: int = 0, world_size: int = 1, split: str = "", threads: int = 0) -> dict | None:
     """Write records (in row order) into a store, skipping shards already done; returns the manifest.
 
+    Complete shards are validated, encoded and written by `threads` threads (0: one per CPU
+    core, at most 16) while the next shard's records come in; at most ~2 GB of records wait.
     With world_size > 1 this process writes only shards k with k % world_size == rank and
     does not finalize (the caller finalizes once every writer is done).
     """
     plan = make_plan(backend, num_records, shard_size, grid, channels, info or {}, codec if backend == "zarr" else "")
     writer = create_writer(root, plan)
     done = done_shards(Path(root))
+    threads = threads or max(1, min(16, os.cpu_count() or 1))
+    waiting = max(1, min(threads, (2 << 30) // max(1, shard_size * grid * grid * channels * 2)))  # shards in flight
     pending: list = []
     k = 0
-    for row, rec in enumerate(records):
-        k = row // shard_size
-        if k % world_size != rank or k in done:
-            continue
-        pending.append((row, rec))
-        if row == shard_range(plan, k).stop - 1:
-            writer.write_shard(k, pending)
-            pending = []
-    if pending:
-        writer.write_shard(k, pending)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        inflight: list = []
+        for row, rec in enumerate(records):
+            k = row // shard_size
+            if k % world_size != rank or k in done:
+                continue
+            pending.append((row, rec))
+            if row == shard_range(plan, k).stop - 1:
+                inflight.append(pool.submit(writer.write_shard, k, pending))
+                pending = []
+                while len(inflight) > waiting or (inflight and inflight[0].done()):
+                    inflight.pop(0).result()  # back-pressure, and a writer's error surfaces now
+        if pending:
+            inflight.append(pool.submit(writer.write_shard, k, pending))
+        for f in inflight:
+            f.result()
     return finalize(Path(root), split) if world_size == 1 else None
 
 
