@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards import StoreError, finalize, open_store, write_records
+from shards import StoreError, done_shards, finalize, open_store, write_records
 from shards import format as fmt
 from shards.__main__ import convert, main as shards_main, stats, verify
 from shards.wds import iter_urls
@@ -189,6 +189,24 @@ def test_bad_records_are_refused(tmp_path):
     for rec, msg in bad:
         with pytest.raises(fmt.RecordError, match=msg):
             fmt.validate(rec, 14, C, where="x")
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_threaded_writes_stop_on_a_bad_record_and_resume(tmp_path, backend):
+    """Shards are written by several threads; a bad record fails its shard with the key named,
+    the other shards stay whole, and a rerun with good records completes the store exactly."""
+    recs = make_records(20)
+    bad = [dict(r) for r in recs]
+    bad[9] = {**bad[9], "features": np.full((14, 14, C), np.inf, np.float16)}  # shard 2 of 5
+    with pytest.raises(fmt.RecordError, match="rec_00009.*NaN or inf"):
+        write(tmp_path / "s", bad, backend, threads=3)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    assert 2 not in done_shards(tmp_path / "s")
+    m = write(tmp_path / "s", recs, backend, threads=3)
+    assert m["count"] == 20 and m["num_shards"] == 5
+    back = list(open_store(tmp_path / "s").iter_records())
+    assert len(back) == 20 and all(fmt.equal(a, b) for a, b in zip(recs, back))
+    assert verify(tmp_path / "s", progress=False) == []
 
 
 def test_pipe_urls_and_stats(tmp_path, capsys):
