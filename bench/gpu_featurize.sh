@@ -28,6 +28,11 @@ done
 log "--decode device --num_workers 6 --naive_num 20 --host_num 0 --format wds --writer_threads 8 --num 8192"
 timeout 120 $F --decode device --num_workers 6 --naive_num 20 --host_num 0 --format wds --writer_threads 8 --num 8192 2>&1 \
   | grep -v "it/s\]\|Warning\|np.save\|warn" | tee -a "$OUT/featurize5.txt"
+# the store in RAM (/dev/shm): what the software does when the disk is not the limit
+log "TMPDIR=/dev/shm --compile --decode device --num_workers 6 --naive_num 50 --host_num 4096 --host_batch_size 128 --format zarr --codec none --writer_threads 16 --num 8192"
+mkdir -p /dev/shm/bench && TMPDIR=/dev/shm/bench timeout 150 $F --compile --decode device --num_workers 6 --naive_num 50 --host_num 4096 \
+  --host_batch_size 128 --format zarr --codec none --writer_threads 16 --num 8192 2>&1 \
+  | grep -v "it/s\]\|Warning\|np.save\|warn" | tee -a "$OUT/featurize5.txt"
 [ "${STORE:-0}" = 1 ] || exit 0
 # the feature store's read speed with this host's cores (CPU only; on disk, not a tmpfs)
 echo "+ bench.store --num 1024 --threads $(nproc)" | tee -a "$OUT/store2.txt"
