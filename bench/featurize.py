@@ -19,6 +19,7 @@ Efficiency = pipeline / compute (decode and writes hidden behind compute when ~1
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import tempfile
 import time
@@ -55,7 +56,6 @@ class NullBackbone(torch.nn.Module):
 def make_images(folder: Path, n: int, size: int, shape: tuple[int, int] = (480, 640)) -> Path:
     """n JPEGs of `shape` (COCO-like 640x480 by default; 16 distinct textures, copied) and a Karpathy
     file listing them as train."""
-    import io
     (folder / "im").mkdir(parents=True)
     rng = np.random.default_rng(0)
     blobs = []
@@ -73,8 +73,6 @@ def make_images(folder: Path, n: int, size: int, shape: tuple[int, int] = (480, 
                        "sentences": [{"tokens": ["x"], "raw": "x", "imgid": i, "sentid": i}]})
     (folder / "dataset.json").write_text(json.dumps({"dataset": "bench", "images": images}))
     return folder / "dataset.json"
-
-
 
 
 def copies_agree(root: Path, distinct: int = 16) -> float:

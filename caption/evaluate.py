@@ -68,13 +68,19 @@ def decode_records(model: Decoder, vocab: Vocab, records: Iterable[Record], devi
     return out
 
 
-def references_for(input_json: str, split: str, image_ids: Iterable[int] | None = None,
-                   restval_in_train: bool = True) -> dict[int, list[str]]:
-    """Raw reference sentences by image id (coco-caption tokenizes them together with the results)."""
-    refs = {e.image_id: e.raw for e in load_split(input_json, split, restval_in_train)}
+def raw_references(entries: list, image_ids: Iterable[int] | None = None) -> dict[int, list[str]]:
+    """Raw reference sentences by image id, from a split's entries (`load_split`): coco-caption
+    tokenizes them together with the results."""
+    refs = {e.image_id: e.raw for e in entries}
     if image_ids is None:
         return refs
     return {i: refs[i] for i in image_ids}
+
+
+def references_for(input_json: str, split: str, image_ids: Iterable[int] | None = None,
+                   restval_in_train: bool = True) -> dict[int, list[str]]:
+    """`raw_references` of a split read from its file."""
+    return raw_references(load_split(input_json, split, restval_in_train), image_ids)
 
 
 # ---- attention grounding (shapes world) ------------------------------------------------

@@ -203,7 +203,7 @@ def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val"
     """
     from accelerate.utils import gather_object
 
-    from caption.evaluate import decode_records
+    from caption.evaluate import decode_records, raw_references
     from caption.metrics import score
     from caption.data import eval_records
 
@@ -226,8 +226,7 @@ def validate(accelerator, model, vocab: Vocab, cfg: C.Config, split: str = "val"
     if not accelerator.is_main_process:
         return {}
     results = {r["image_id"]: r["caption"] for r in allres}
-    raw = {e.image_id: e.raw for e in entries}  # coco-caption tokenizes the raw references with the results
-    metrics, _ = score({i: raw[i] for i in results}, results, scorers=("Bleu", "CIDEr"))
+    metrics, _ = score(raw_references(entries, results), results, scorers=("Bleu", "CIDEr"))
     return {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
 
 

@@ -18,7 +18,6 @@ forward pass is queued while earlier shards are copied and written.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from caption.config import DataConfig, FeaturizeConfig, images_root
 from featurize.backbone import Backbone, BackboneConfig, file_digest, imagenet_weights
 from featurize.images import SplitFiles, SplitImages, collate_files, decode_on_device
-from shards import create_writer, done_shards, finalize, make_plan, shard_range
+from shards import create_writer, done_shards, finalize, make_plan, shard_range, writer_threads
 from shards.karpathy import load_split
 from shards.manifest import atomic_write_json
 
@@ -223,10 +222,9 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     failed: dict[int, list] = {k: [] for k in mine}
     remaining = {k: len(shard_range(plan, k)) for k in mine}
     total = sum(remaining.values())
-    # Shard files are independent: several threads validate, compress and write them (numpy, blosc,
-    # zstd, crc32c, sha256 and file writes release the GIL). Back-pressure: a shard needs a buffer
-    # from the pool, and buffers come back only when their file is written.
-    writers = fcfg.writer_threads or max(1, min(16, os.cpu_count() or 1))
+    # Shard files are independent: several threads validate, compress and write them. Back-pressure:
+    # a shard needs a buffer from the pool, and buffers come back only when their file is written.
+    writers = writer_threads(fcfg.writer_threads)
     pool = BlockPool((S, fcfg.grid, fcfg.grid, backbone.channels), writers + 2, pinned=device.type == "cuda")
     blocks: dict[int, torch.Tensor] = {}  # shard -> its buffer from the pool
     futures = []
@@ -256,15 +254,15 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
             if batch is None:
                 break
             if on_device:
-                images, ok_list, errors = decode_on_device(batch, device, fcfg.image_size)
-                ok, batch["error"] = torch.tensor(ok_list, dtype=torch.bool), errors
+                images, good, errors = decode_on_device(batch, device, fcfg.image_size)
             else:
-                ok = batch["ok"]
+                ok, errors = batch["ok"], batch["error"]
                 images = batch["image"]  # pinned by the loader on a GPU: copied asynchronously
                 if not ok.all():
                     images = images[ok]
                 images = images.to(device, non_blocking=True)
-            rows, good = batch["row"].tolist(), ok.tolist()
+                good = ok.tolist()
+            rows = batch["row"].tolist()
             k = rows[0] // S  # batches never cross a shard boundary
             span = shard_range(plan, k)
             start = span.start
@@ -273,7 +271,7 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                 blocks[k] = pool.acquire()
                 clock["wait_writers"] += time.perf_counter() - t
             host = blocks[k][:len(span)]  # (n, g, g, C) float16 on the host: this shard's rows
-            for row, g, err in zip(rows, good, batch["error"]):
+            for row, g, err in zip(rows, good, errors):
                 e = entries[row]
                 if g:
                     metas[k].append({"row": row, "key": e.key, "image_id": e.image_id, "filename": e.filename,

@@ -42,6 +42,12 @@ def open_store(root: str | Path):
     raise StoreError(f"{Path(root) / 'manifest.json'}: unknown backend {manifest['backend']!r}")
 
 
+def writer_threads(n: int = 0) -> int:
+    """Threads that encode and write shard files: n, or one per CPU core (at most 16) when n is 0.
+    Encoding (numpy, blosc, zstd, crc32c), hashing and file writes release the GIL."""
+    return n or max(1, min(16, os.cpu_count() or 1))
+
+
 def write_records(root: str | Path, records: Iterable[Record], *, backend: str, num_records: int, grid: int,
                   channels: int, shard_size: int, info: dict | None = None, codec: str = "blosc-zstd",
                   rank: int = 0, world_size: int = 1, split: str = "", threads: int = 0) -> dict | None:
@@ -55,7 +61,7 @@ def write_records(root: str | Path, records: Iterable[Record], *, backend: str, 
     plan = make_plan(backend, num_records, shard_size, grid, channels, info or {}, codec if backend == "zarr" else "")
     writer = create_writer(root, plan)
     done = done_shards(Path(root))
-    threads = threads or max(1, min(16, os.cpu_count() or 1))
+    threads = writer_threads(threads)
     waiting = max(1, min(threads, (2 << 30) // max(1, shard_size * grid * grid * channels * 2)))  # shards in flight
     pending: list = []
     k = 0
@@ -79,4 +85,4 @@ def write_records(root: str | Path, records: Iterable[Record], *, backend: str, 
 
 
 __all__ = ["BACKENDS", "Record", "RecordError", "StoreError", "create_writer", "done_shards", "finalize",
-           "load_manifest", "make_plan", "open_store", "shard_range", "validate", "write_records"]
+           "load_manifest", "make_plan", "open_store", "shard_range", "validate", "write_records", "writer_threads"]

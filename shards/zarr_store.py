@@ -10,6 +10,7 @@ row serves a map-style Dataset; `iter_records` reads a shard file at a time.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -59,7 +60,9 @@ BLOSC_BLOCK = 1 << 18  # 256 KiB: a 14x14x2048 grid in ~3 blocks; smaller blocks
 _ABSENT = 2**64 - 1
 
 
+@functools.lru_cache(maxsize=None)
 def _codec(codec: str):
+    """The numcodecs codec of a direct codec name (None: no codec); built once, shared by threads."""
     if codec == "blosc-zstd":
         return numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=BLOSC_BLOCK)
     return numcodecs.Zstd(level=1) if codec == "zstd" else None

@@ -71,7 +71,7 @@ def test_compiled_featurize_matches_eager(shapes, tiny_features, tmp_path):
         np.testing.assert_allclose(ra["features"].astype(np.float32), rb["features"].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
-def test_fused_backbone_is_the_same_function(tmp_path):
+def test_fused_backbone_is_the_same_function():
     net = Backbone(BackboneConfig("resnet18", "layer4", "none"))
     x = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
     net.calibrate_bn(iter(x.view(2, 4, 3, 64, 64)))
