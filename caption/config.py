@@ -51,6 +51,8 @@ class FeaturizeConfig:
     num_workers: int = _f(4, "DataLoader workers decoding and resizing images")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
     decode: str = _f("workers", "workers (PIL in DataLoader workers) or device (JPEGs decoded on the model's device: nvjpeg on a GPU)")
+    decode_ahead: int = _f(2, "batches prepared ahead (decoded, resized, on the model's device) in a thread of their own, "
+                                "overlapped with the forward pass; 0: on the main thread, between forward passes")
     strict: bool = _f(False, "stop at the first image that cannot be decoded instead of recording it")
     limit: int = _f(0, "featurize only the first N images of the split (0: all)")
     calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics")

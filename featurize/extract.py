@@ -4,8 +4,8 @@ Work unit: the shard. Shard k holds rows [k*S, (k+1)*S) of the split; process r 
 takes shards k % W == r, so processes never share a file; a shard is skipped when its
 JSON exists (a restart), and batches never cross a shard boundary, so a resumed run
 computes exactly what an uninterrupted one would. Decoding runs in DataLoader workers
-(or on the GPU), the model on the main thread, validation, encoding and writing in writer
-threads.
+(or on the GPU, from a thread of its own that keeps `decode_ahead` batches ready, on a side
+stream), the model on the main thread, validation, encoding and writing in writer threads.
 
 The grids travel without host-side copies: each shard in progress owns a buffer of
 (S, g, g, C) float16 (pinned on a GPU, reused from a small pool); every batch's output is
@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -163,6 +163,88 @@ class BlockPool:
         self.free.put(block)
 
 
+class Ahead:
+    """Batches prepared ahead in a thread of their own: `prepare(batch)` (decoding, resizing,
+    the copy to the device) runs there on a CUDA stream of its own while the main thread
+    queues forward passes, at most `depth` batches ahead. Iterating yields (batch, prepared)
+    in order; an error in the thread is raised in the iterating thread; `close` stops the
+    thread (also on an error in the iterating thread) without waiting for the loader's end.
+
+    On CUDA the prepared tensors were made on the side stream: the consumer's stream waits
+    for them (an event) and they are marked as used there (`record_stream`), so their memory
+    is not reused before the forward pass that reads them has run.
+    """
+
+    _END = object()
+
+    def __init__(self, batches, prepare, depth: int, device: torch.device):
+        self.batches, self.prepare, self.device = batches, prepare, device
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.busy = 0.0  # seconds the thread spent preparing
+        self.thread = threading.Thread(target=self._run, name="featurize-prepare", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        cuda = self.device.type == "cuda"
+        try:
+            with (torch.cuda.device(self.device) if cuda else nullcontext()), torch.inference_mode():
+                stream = torch.cuda.Stream(self.device) if cuda else None
+                with torch.cuda.stream(stream) if cuda else nullcontext():
+                    for batch in self.batches:
+                        if self.stop.is_set():
+                            return
+                        t = time.perf_counter()
+                        out = self.prepare(batch)
+                        event = None
+                        if cuda:
+                            event = torch.cuda.Event()
+                            event.record(stream)
+                        self.busy += time.perf_counter() - t
+                        if not self._put((batch, out, event)):
+                            return
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+            return
+        self._put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        batch, out, event = item
+        if event is not None:
+            here = torch.cuda.current_stream(self.device)
+            here.wait_event(event)
+            for t in out:
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(here)
+        return batch, out
+
+    def close(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # free a put waiting for room
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
 def runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted rows as [start, stop) runs of consecutive rows: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
     out: list[tuple[int, int]] = []
@@ -177,9 +259,11 @@ def runs(rows: list[int]) -> list[tuple[int, int]]:
 def timing_summary(t: dict) -> str:
     """featurize_split's `timing` in one line."""
     total = max(t["total"], 1e-9)
+    ahead = "" if t.get("preparing") is None else \
+        f"; the thread preparing batches (decode, resize, copy to the device) was busy {100 * t['preparing'] / total:.0f}%"
     return (f"the main thread waited {100 * t['wait_images'] / total:.0f}% of the time for images and "
             f"{100 * t['wait_writers'] / total:.0f}% for the {t['writer_threads']} writer thread(s), "
-            f"which were busy {100 * t['writing'] / (t['writer_threads'] * total):.0f}%")
+            f"which were busy {100 * t['writing'] / (t['writer_threads'] * total):.0f}%{ahead}")
 
 
 def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
@@ -188,7 +272,8 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
 
     `timing`, when given, receives where this process's time went (seconds): `total`; the main
     thread waiting for images (`wait_images`) and for a free shard buffer, i.e. for the writers
-    (`wait_writers`); the writer threads' summed busy time (`writing`) and thread count.
+    (`wait_writers`); the writer threads' summed busy time (`writing`) and thread count; the
+    busy time of the thread preparing batches (`preparing`, None without one).
     """
     state = state or _Single()
     device = state.device
@@ -245,23 +330,28 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
             with lock:
                 clock["writing"] += time.perf_counter() - t
 
-    batches_in = iter(loader)
-    with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode():
+    def prepare(batch: dict) -> tuple[torch.Tensor, list[bool], list[str]]:
+        """A loader batch as (b, 3, S, S) uint8 images of the rows that decoded, on the device; per row ok, error."""
+        if on_device:
+            return decode_on_device(batch, device, fcfg.image_size)
+        ok = batch["ok"]
+        images = batch["image"]  # pinned by the loader on a GPU: copied asynchronously
+        if not ok.all():
+            images = images[ok]
+        return images.to(device, non_blocking=True), ok.tolist(), batch["error"]
+
+    # the loader's workers start here, on the main thread; the thread only takes batches from them
+    ahead = Ahead(iter(loader), prepare, fcfg.decode_ahead, device) if fcfg.decode_ahead > 0 and batches else None
+    batches_in = ahead if ahead is not None else ((b, prepare(b)) for b in loader)
+    with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode(), \
+            (closing(ahead) if ahead is not None else nullcontext()):
         while True:
             t = time.perf_counter()
-            batch = next(batches_in, None)
+            item = next(batches_in, None)
             clock["wait_images"] += time.perf_counter() - t
-            if batch is None:
+            if item is None:
                 break
-            if on_device:
-                images, good, errors = decode_on_device(batch, device, fcfg.image_size)
-            else:
-                ok, errors = batch["ok"], batch["error"]
-                images = batch["image"]  # pinned by the loader on a GPU: copied asynchronously
-                if not ok.all():
-                    images = images[ok]
-                images = images.to(device, non_blocking=True)
-                good = ok.tolist()
+            batch, (images, good, errors) = item
             rows = batch["row"].tolist()
             k = rows[0] // S  # batches never cross a shard boundary
             span = shard_range(plan, k)
@@ -313,6 +403,7 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
             f.result()
         clock["wait_writers"] += time.perf_counter() - t
     bar.close()
+    clock["preparing"] = ahead.busy if ahead is not None else None
     clock["total"] = time.perf_counter() - clock["total"]
     if timing is not None:
         timing.update(clock)

@@ -142,6 +142,8 @@ def test_strict_names_the_first_broken_file(tmp_path, capsys):
     d = make_broken_world(tmp_path)
     assert fz.main(tiny_args(d, tmp_path / "f", "--split", "train", "--strict", "true", "--calibration_images", "4")) == 1
     assert "truncated.jpg" in capsys.readouterr().err
+    import threading
+    assert not [t for t in threading.enumerate() if t.name == "featurize-prepare"]  # stopped with the error
 
 
 def test_imagenet_weights_offline_message(tmp_path, monkeypatch):
@@ -265,3 +267,54 @@ def test_exif_orientation_on_tensors():
         im.getexif()[0x0112] = o
         ref = np.asarray(ImageOps.exif_transpose(im))
         assert np.array_equal(apply_orientation(t, o).permute(1, 2, 0).numpy(), ref), o
+
+
+def test_decode_ahead_changes_nothing(tmp_path):
+    """Batches prepared in a thread of their own give the store the main thread gives, to the bit."""
+    d = make_broken_world(tmp_path)
+    common = ("--split", "train", "--calibration_images", "4", "--decode", "device", "--batch_size", "3",
+              "--shard_images", "4", "--writer_threads", "1")
+    assert fz.main(tiny_args(d, tmp_path / "f", *common, "--decode_ahead", "0")) == 0
+    (tmp_path / "g").mkdir()
+    for f in ("backbone.safetensors", "backbone.json"):
+        shutil.copy(tmp_path / "f" / f, tmp_path / "g" / f)
+    timing = {}
+    import argparse
+
+    from caption import config as C
+    from featurize.extract import build_backbone, featurize_split
+    p = argparse.ArgumentParser()
+    p.add_argument("--split")
+    cfg, _ = C.parse(tiny_args(d, tmp_path / "g", *common, "--decode_ahead", "2"), p, ("data", "featurize"))
+    net, info = build_backbone(cfg.data, cfg.featurize)
+    featurize_split(cfg.data, cfg.featurize, "train", net, info, progress=False, timing=timing)
+    assert timing["preparing"] > 0  # the thread did the preparing
+    ma, mb = load_manifest(tmp_path / "f" / "train"), load_manifest(tmp_path / "g" / "train")
+    assert ma["failures"] == mb["failures"] and ma["count"] == mb["count"] == 10
+    for x, y in zip(records(tmp_path / "f" / "train"), records(tmp_path / "g" / "train"), strict=True):
+        assert fmt.meta(x) == fmt.meta(y) and np.array_equal(x["features"], y["features"])
+
+
+def test_ahead_order_errors_and_stop():
+    import threading
+
+    from featurize.extract import Ahead
+    cpu = torch.device("cpu")
+    assert [b for b, _ in Ahead(iter(range(20)), lambda b: (b * 2,), 2, cpu)] == list(range(20))
+    assert [o for _, (o,) in Ahead(iter(range(5)), lambda b: (b * 2,), 1, cpu)] == [0, 2, 4, 6, 8]
+
+    def bad(b):
+        if b == 3:
+            raise ValueError("batch 3 is broken")
+        return (b,)
+    got = []
+    with pytest.raises(ValueError, match="batch 3 is broken"):
+        for b, _ in Ahead(iter(range(10)), bad, 2, cpu):
+            got.append(b)
+    assert got == [0, 1, 2]  # everything before the error, in order
+    # a consumer that stops early: the thread, blocked on a full queue over an endless source, ends
+    a = Ahead(iter(int, 1), lambda b: (b,), 2, cpu)
+    next(a)
+    a.close()
+    assert not a.thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "featurize-prepare"]
