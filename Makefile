@@ -19,6 +19,7 @@ demo: .venv
 
 bench: .venv
 	$(PY) -m bench.store
+	$(PY) -m bench.gil
 	$(PY) -m bench.featurize
 	$(PY) -m bench.train
 	$(PY) -m bench.decode
