@@ -182,6 +182,7 @@ class Ahead:
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.busy = 0.0  # seconds the thread spent preparing
+        self.finished = False  # the end, an error or close() was seen: no more batches
         self.thread = threading.Thread(target=self._run, name="featurize-prepare", daemon=True)
         self.thread.start()
 
@@ -221,8 +222,11 @@ class Ahead:
         return self
 
     def __next__(self):
+        if self.finished:
+            raise StopIteration
         item = self.queue.get()
         if item is self._END:
+            self.finished = True
             raise StopIteration
         if isinstance(item, BaseException):
             self.close()
@@ -237,6 +241,7 @@ class Ahead:
         return batch, out
 
     def close(self) -> None:
+        self.finished = True
         self.stop.set()
         while self.thread.is_alive():  # free a put waiting for room
             try:

@@ -312,9 +312,11 @@ def test_ahead_order_errors_and_stop():
         for b, _ in Ahead(iter(range(10)), bad, 2, cpu):
             got.append(b)
     assert got == [0, 1, 2]  # everything before the error, in order
+    a = Ahead(iter(range(3)), lambda b: (b,), 2, cpu)
+    assert len(list(a)) == 3 and next(a, None) is None  # stays ended
     # a consumer that stops early: the thread, blocked on a full queue over an endless source, ends
     a = Ahead(iter(int, 1), lambda b: (b,), 2, cpu)
     next(a)
     a.close()
-    assert not a.thread.is_alive()
+    assert not a.thread.is_alive() and next(a, None) is None
     assert not [t for t in threading.enumerate() if t.name == "featurize-prepare"]
