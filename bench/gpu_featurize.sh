@@ -12,6 +12,8 @@ F="python3 -m bench.featurize --backbone resnet101 --layer layer4 --image_size 4
 LOG="$OUT/featurize6.txt"
 log() { echo "+ $*" | tee -a "$LOG"; }
 clean() { grep -v "it/s\]\|Warning\|np.save\|warn" | tail -40 | tee -a "$LOG"; }
+# 0. the disk's own write speed, fsync included (what featurize's writers are held to)
+for i in 1 2; do dd if=/dev/zero of=.bench-tmp/dd bs=64M count=64 conv=fsync 2>&1 | tail -1 | tee -a "$LOG"; rm -f .bench-tmp/dd; done
 # 1. the store in RAM (/dev/shm): what the software does when the disk is not the limit (compiles once)
 A="--compile --decode device --num_workers 6 --naive_num 50 --host_num 4096 --host_batch_size 128 --format zarr --codec none --writer_threads 16 --num 8192"
 log "TMPDIR=/dev/shm $A"
