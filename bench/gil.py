@@ -12,7 +12,11 @@ the `crc32c` package the store uses and, as the baseline in the same run, google
   holds GIL  a pure Python loop on the main thread, while another thread runs only CRCs of
              grids, keeps this fraction of its solo speed (~0.5 on 2 cores: the GIL is held; ~1: released);
   per image  ms of CRCs per image in the write path (`shard_parts`) and the read path
-             (`decode_shard`), against the whole path's ms per image (one thread).
+             (`decode_shard`), against the whole path's ms per image (one thread);
+  beside     one thread writing or reading shards in a loop while the main thread issues small
+             torch ops, as featurize's main thread does between writers: the speed each keeps
+             against its own alone. Each torch op releases the GIL and takes it back; a thread
+             that holds the GIL for CRC after CRC makes it wait a switch interval (5 ms) each time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 
 import google_crc32c
 import numpy as np
+import torch
 
 from bench.store import relu_grids
 from shards import zarr_store
@@ -70,6 +75,36 @@ def per_image(work, images: int) -> float:
         work()
         best = min(best, time.perf_counter() - t)
     return 1e3 * best / images
+
+
+def torch_ops(seconds: float) -> float:
+    """Small torch ops per second on this thread, as a main thread launching a model issues them
+    (each op releases the GIL inside and must take it back)."""
+    x = torch.zeros(8)
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        for _ in range(20):
+            x = x + 1
+        n += 20
+    return n / (time.perf_counter() - t)
+
+
+def beside(work, images: int, seconds: float = 1.5) -> tuple[float, float]:
+    """(the main thread's torch ops/s, the worker's images/s) while a thread runs `work` in a loop."""
+    stop, done = threading.Event(), [0]
+
+    def loop():
+        while not stop.is_set():
+            work()
+            done[0] += images
+
+    th = threading.Thread(target=loop)
+    th.start()
+    t = time.perf_counter()
+    ops = torch_ops(seconds)
+    stop.set()
+    th.join()
+    return ops, done[0] / (time.perf_counter() - t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +154,25 @@ def main(argv: list[str] | None = None) -> int:
                 caps = {n: (f"{1e3 / crc_ms[n]:,.0f}" if held[n] < 0.75 else "none") for n in crcs}
                 print(f"{codec:11s} {path:6s} {total:9.3f} | {'':13s} {crc_ms['google_crc32c']:13.3f} {crc_ms['crc32c']:8.3f} | "
                       f"{'':21s} {caps['google_crc32c']:>13s} {caps['crc32c']:>8s}")
+        solo = torch_ops(0.75)
+        print(f"\nbeside a main thread issuing small torch ops ({solo:,.0f} ops/s alone): its speed and the thread's, "
+              "each against its own alone")
+        print(f"{'codec':11s} {'path':6s} | main thread: {'google_crc32c':>13s} {'crc32c':>8s} | "
+              f"the thread, img/s: {'google_crc32c':>13s} {'crc32c':>8s}")
+        for codec in a.codecs.split(","):
+            data = b"".join(bytes(x) for x in zarr_store.shard_parts(block, a.num, codec))
+            paths = {"write": lambda: zarr_store.shard_parts(block, a.num, codec),
+                     "read": lambda: zarr_store.decode_shard(data, a.num, a.num, codec, block.shape[1:], "bench")}
+            for path, work in paths.items():
+                main_, thread_ = {}, {}
+                for name, crc in crcs.items():
+                    zarr_store._crc = crc
+                    alone = 1e3 / per_image(work, a.num)
+                    ops, rate = beside(work, a.num)
+                    main_[name], thread_[name] = ops / solo, f"{rate:,.0f} ({rate / alone:.2f})"
+                print(f"{codec:11s} {path:6s} | {'':12s} {main_['google_crc32c']:13.2f} {main_['crc32c']:8.2f} | "
+                      f"{'':17s} {thread_['google_crc32c']:>13s} {thread_['crc32c']:>8s}")
+                zarr_store._crc = ours
     finally:
         zarr_store._crc = ours
     return 0
