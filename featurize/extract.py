@@ -240,12 +240,15 @@ class Ahead:
                     t.record_stream(here)
         return batch, out
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread: it ends after the batch it is preparing (a daemon: after `timeout`
+        seconds, say on a loader that hangs, it is left behind rather than waited for)."""
         self.finished = True
         self.stop.set()
-        while self.thread.is_alive():  # free a put waiting for room
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive() and time.monotonic() < deadline:
             try:
-                self.queue.get(timeout=0.1)
+                self.queue.get(timeout=0.1)  # free a put waiting for room
             except queue.Empty:
                 pass
 
