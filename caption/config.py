@@ -59,7 +59,8 @@ class FeaturizeConfig:
     shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar")
     shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard")
     codec: str = _f("blosc-zstd", "zarr compression: blosc-zstd (byte shuffle + zstd-1, chosen by bench/store.py), zstd, lz4 or none")
-    writer_threads: int = _f(0, "threads compressing and writing shards (0: one per CPU core, at most 16)")
+    writer_threads: int = _f(0, "threads compressing and writing shards (0: one per CPU core, the cores shared by the processes "
+                                "launched on this machine, at most 16)")
     compile: bool = _f(False, "torch.compile the (BatchNorm-folded) backbone: tens of seconds once, then faster "
                               "forward passes; worth it for a large split")
 

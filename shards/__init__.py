@@ -43,9 +43,18 @@ def open_store(root: str | Path):
 
 
 def writer_threads(n: int = 0) -> int:
-    """Threads that encode and write shard files: n, or one per CPU core (at most 16) when n is 0.
-    Encoding (numpy, blosc, zstd, crc32c), hashing and file writes release the GIL."""
-    return n or max(1, min(16, os.cpu_count() or 1))
+    """Threads that encode and write shard files: n, or when n is 0 one per CPU core this process
+    may run on (its affinity mask), the cores shared among the processes a launcher started on
+    this machine (LOCAL_WORLD_SIZE, e.g. one per GPU), at most 16. Encoding (numpy, blosc, zstd,
+    crc32c), hashing and file writes release the GIL."""
+    if n:
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(16, cores // local))
 
 
 def write_records(root: str | Path, records: Iterable[Record], *, backend: str, num_records: int, grid: int,

@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -325,3 +326,17 @@ def test_load_npy_matches_np_load_and_refuses_pickles():
         load_npy(data[:-2])
     with pytest.raises(ValueError, match="magic"):
         load_npy(b"PK\x03\x04" + data)
+
+
+def test_writer_threads_share_the_cores(monkeypatch):
+    from shards import writer_threads
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert writer_threads(3) == 3 and writer_threads() == max(1, min(16, cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes than cores: one each
+    assert writer_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GPU processes on 64 cores
+    assert writer_threads() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert writer_threads() == 16
