@@ -35,46 +35,12 @@ from bench.store import relu_grids
 from shards import zarr_store
 
 
-def spin(seconds: float) -> float:
+def python_loop(seconds: float) -> float:
     """Iterations per second of a pure Python loop on this thread."""
     t, n = time.perf_counter(), 0
     while time.perf_counter() - t < seconds:
         n += 1
-    return n / seconds
-
-
-def kept_speed(work, seconds: float = 0.6, rounds: int = 3) -> float:
-    """The main thread's Python speed while another thread runs `work` in a loop, over its solo speed (median)."""
-    ratios = []
-    for _ in range(rounds):
-        solo = spin(seconds / 2)
-        stop = threading.Event()
-
-        def loop():
-            while not stop.is_set():
-                work()
-
-        th = threading.Thread(target=loop)
-        th.start()
-        time.sleep(0.02)
-        ratios.append(spin(seconds) / solo)
-        stop.set()
-        th.join()
-    return statistics.median(ratios)
-
-
-def google_crc(data) -> bytes:
-    return struct.pack("<I", google_crc32c.value(np.frombuffer(data, dtype=np.uint8)))
-
-
-def per_image(work, images: int) -> float:
-    """ms per image of `work()` (best of 3)."""
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - t)
-    return 1e3 * best / images
+    return n / (time.perf_counter() - t)
 
 
 def torch_ops(seconds: float) -> float:
@@ -89,8 +55,9 @@ def torch_ops(seconds: float) -> float:
     return n / (time.perf_counter() - t)
 
 
-def beside(work, images: int, seconds: float = 1.5) -> tuple[float, float]:
-    """(the main thread's torch ops/s, the worker's images/s) while a thread runs `work` in a loop."""
+def beside(work, main_loop, seconds: float, images: int = 1) -> tuple[float, float]:
+    """(`main_loop`'s rate on this thread, the thread's images/s) while another thread runs `work`
+    (`images` images per call) in a loop."""
     stop, done = threading.Event(), [0]
 
     def loop():
@@ -101,10 +68,36 @@ def beside(work, images: int, seconds: float = 1.5) -> tuple[float, float]:
     th = threading.Thread(target=loop)
     th.start()
     t = time.perf_counter()
-    ops = torch_ops(seconds)
+    rate = main_loop(seconds)
     stop.set()
     th.join()
-    return ops, done[0] / (time.perf_counter() - t)
+    return rate, done[0] / (time.perf_counter() - t)
+
+
+def google_crc(data) -> bytes:
+    return struct.pack("<I", google_crc32c.value(np.frombuffer(data, dtype=np.uint8)))
+
+
+def best_of_3(run) -> float:
+    """The least of three `run()` results (each a time)."""
+    return min(run() for _ in range(3))
+
+
+def timed(f):
+    """`f`, and its wall time, as one call: () -> seconds."""
+    def run() -> float:
+        t = time.perf_counter()
+        f()
+        return time.perf_counter() - t
+    return run
+
+
+def store_paths(block: np.ndarray, codec: str) -> dict:
+    """The store's write path (`shard_parts`) and read path (`decode_shard`) over one shard of `block`."""
+    n = block.shape[0]
+    data = b"".join(bytes(x) for x in zarr_store.shard_parts(block, n, codec))
+    return {"write": lambda: zarr_store.shard_parts(block, n, codec),
+            "read": lambda: zarr_store.decode_shard(data, n, n, codec, block.shape[1:], "bench")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ours = zarr_store._crc
     crcs = {"google_crc32c": google_crc, "crc32c": ours}
     grids = [memoryview(x).cast("B") for x in block]
-    held = {name: kept_speed(lambda: [crc(g) for g in grids]) for name, crc in crcs.items()}
+    held = {name: statistics.median(beside(lambda: [crc(g) for g in grids], python_loop, 0.6)[0] / python_loop(0.3)
+                                    for _ in range(3))
+            for name, crc in crcs.items()}
     print(f"{a.num} grids 14x14x{a.channels}, {a.zeros:.0%} zeros, one shard per call")
     print("main thread's Python speed while another thread computes CRCs: "
           + ", ".join(f"{n} {v:.2f} ({'holds' if v < 0.75 else 'releases'} the GIL)" for n, v in held.items()))
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"GIL-bound cap, img/s: {'google_crc32c':>13s} {'crc32c':>8s}")
     spent = [0.0]
 
-    def timed(crc):
+    def counting(crc):  # crc, adding its time to spent[0]
         def f(data):
             t = time.perf_counter()
             out = crc(data)
@@ -134,23 +129,20 @@ def main(argv: list[str] | None = None) -> int:
             return out
         return f
 
+    def crc_seconds(work) -> float:
+        spent[0] = 0.0
+        work()
+        return spent[0]
+
     try:
         for codec in a.codecs.split(","):
-            data = b"".join(bytes(x) for x in zarr_store.shard_parts(block, a.num, codec))
-            paths = {"write": lambda: zarr_store.shard_parts(block, a.num, codec),
-                     "read": lambda: zarr_store.decode_shard(data, a.num, a.num, codec, block.shape[1:], "bench")}
-            for path, work in paths.items():
-                total = per_image(work, a.num)
+            for path, work in store_paths(block, codec).items():
+                total = 1e3 * best_of_3(timed(work)) / a.num
                 crc_ms = {}
                 for name, crc in crcs.items():
-                    zarr_store._crc = timed(crc)
-                    best = float("inf")
-                    for _ in range(3):
-                        spent[0] = 0.0
-                        work()
-                        best = min(best, spent[0])
-                    crc_ms[name] = 1e3 * best / a.num
-                    zarr_store._crc = ours
+                    zarr_store._crc = counting(crc)
+                    crc_ms[name] = 1e3 * best_of_3(lambda: crc_seconds(work)) / a.num
+                zarr_store._crc = ours
                 caps = {n: (f"{1e3 / crc_ms[n]:,.0f}" if held[n] < 0.75 else "none") for n in crcs}
                 print(f"{codec:11s} {path:6s} {total:9.3f} | {'':13s} {crc_ms['google_crc32c']:13.3f} {crc_ms['crc32c']:8.3f} | "
                       f"{'':21s} {caps['google_crc32c']:>13s} {caps['crc32c']:>8s}")
@@ -160,19 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'codec':11s} {'path':6s} | main thread: {'google_crc32c':>13s} {'crc32c':>8s} | "
               f"the thread, img/s: {'google_crc32c':>13s} {'crc32c':>8s}")
         for codec in a.codecs.split(","):
-            data = b"".join(bytes(x) for x in zarr_store.shard_parts(block, a.num, codec))
-            paths = {"write": lambda: zarr_store.shard_parts(block, a.num, codec),
-                     "read": lambda: zarr_store.decode_shard(data, a.num, a.num, codec, block.shape[1:], "bench")}
-            for path, work in paths.items():
+            for path, work in store_paths(block, codec).items():
                 main_, thread_ = {}, {}
                 for name, crc in crcs.items():
                     zarr_store._crc = crc
-                    alone = 1e3 / per_image(work, a.num)
-                    ops, rate = beside(work, a.num)
+                    alone = a.num / best_of_3(timed(work))
+                    ops, rate = beside(work, torch_ops, 1.5, a.num)
                     main_[name], thread_[name] = ops / solo, f"{rate:,.0f} ({rate / alone:.2f})"
+                zarr_store._crc = ours
                 print(f"{codec:11s} {path:6s} | {'':12s} {main_['google_crc32c']:13.2f} {main_['crc32c']:8.2f} | "
                       f"{'':17s} {thread_['google_crc32c']:>13s} {thread_['crc32c']:>8s}")
-                zarr_store._crc = ours
     finally:
         zarr_store._crc = ours
     return 0

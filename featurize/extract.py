@@ -349,7 +349,7 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
         return images.to(device, non_blocking=True), ok.tolist(), batch["error"]
 
     # the loader's workers start here, on the main thread; the thread only takes batches from them
-    ahead = Ahead(iter(loader), prepare, fcfg.decode_ahead, device) if fcfg.decode_ahead > 0 and batches else None
+    ahead = Ahead(iter(loader), prepare, fcfg.decode_ahead, device) if fcfg.decode_ahead > 0 else None
     batches_in = ahead if ahead is not None else ((b, prepare(b)) for b in loader)
     with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode(), \
             (closing(ahead) if ahead is not None else nullcontext()):

@@ -198,11 +198,12 @@ def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list:
     (3, H, W) tensor or the exception per file.
 
     On CUDA, torchvision decodes on its own stream into tensors allocated from the current
-    stream's memory pool. A block just freed on the compute stream (a batch's grids, still to be
-    copied to the host) could then be overwritten before the compute stream is done with it. So
-    the decode runs with a side stream current (its outputs come from that stream's pool), the
-    compute stream waits for it, and each output is marked as used there (`record_stream`), so
-    its memory is not handed to the next decode before the compute stream has read it.
+    stream's memory pool. A block just freed on the current stream (the compute stream's grids,
+    still to be copied to the host, or the preparing thread's last batch, still being resized)
+    could then be overwritten before that stream is done with it. So the decode runs with a side
+    stream current (its outputs come from that stream's pool), the current stream waits for it,
+    and each output is marked as used there (`record_stream`), so its memory is not handed to
+    the next decode before the current stream has read it.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 

@@ -62,8 +62,8 @@ def write_records(root: str | Path, records: Iterable[Record], *, backend: str, 
                   rank: int = 0, world_size: int = 1, split: str = "", threads: int = 0) -> dict | None:
     """Write records (in row order) into a store, skipping shards already done; returns the manifest.
 
-    Complete shards are validated, encoded and written by `threads` threads (0: one per CPU
-    core, at most 16) while the next shard's records come in; at most ~2 GB of records wait.
+    Complete shards are validated, encoded and written by `threads` threads (0: the default of
+    `writer_threads`) while the next shard's records come in; at most ~2 GB of records wait.
     With world_size > 1 this process writes only shards k with k % world_size == rank and
     does not finalize (the caller finalizes once every writer is done).
     """
