@@ -23,7 +23,7 @@ from caption.data import EpochBatches, collate, pick_captions
 from caption.model import Decoder
 from caption.vocab import Vocab
 from featurize.backbone import Backbone, BackboneConfig
-from featurize.images import ImageError, load_rgb, to_tensor
+from featurize.images import ImageError, image_file, load_rgb, to_tensor
 from shards.karpathy import ImageEntry
 
 
@@ -89,7 +89,7 @@ class CaptionedImages(Dataset):
     def __getitem__(self, i: int) -> dict:
         e = self.entries[i]
         try:
-            image = to_tensor(load_rgb(self.root / e.filename), self.image_size)
+            image = to_tensor(load_rgb(image_file(self.root, e.filename)), self.image_size)
         except ImageError:  # a broken training image: a black frame (featurize listed it in its manifest)
             image = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         rng = np.random.default_rng([self.seed, self.epoch, i])
@@ -120,7 +120,7 @@ def image_records(entries: list[ImageEntry], root: str | Path, image_size: int, 
         images = []
         for e in chunk:
             try:
-                images.append(to_tensor(load_rgb(Path(root) / e.filename), image_size))
+                images.append(to_tensor(load_rgb(image_file(root, e.filename)), image_size))
             except ImageError:
                 images.append(torch.zeros(3, image_size, image_size, dtype=torch.uint8))
         grids = backbone(torch.stack(images).to(device)).float().clamp(-65504, 65504).half().cpu().numpy()

@@ -193,6 +193,8 @@ class Backbone(nn.Module):
         self.train()
         n = 0
         for images in batches:
+            if images.shape[0] == 0:  # every image of the batch failed to decode
+                continue
             self(images)
             n += images.shape[0]
         for m in bns:

@@ -36,8 +36,8 @@ from caption.config import DataConfig, FeaturizeConfig, images_root
 from featurize.backbone import Backbone, BackboneConfig, file_digest, imagenet_weights
 from featurize.images import SplitFiles, SplitImages, collate_files, decode_on_device
 from shards import create_writer, done_shards, finalize, make_plan, shard_range, writer_threads
-from shards.karpathy import load_split
-from shards.manifest import atomic_write_json
+from shards.karpathy import DatasetError, load_split
+from shards.manifest import WriterLock, atomic_write_json, row_runs
 
 RANDOM_BACKBONE = "backbone.safetensors"  # in the features root: the calibrated random backbone all splits share
 
@@ -93,10 +93,24 @@ def build_backbone(dcfg: DataConfig, fcfg: FeaturizeConfig, state=None) -> tuple
     if state.is_main_process and not (path.exists() and meta_path.exists()):
         root.mkdir(parents=True, exist_ok=True)
         net = Backbone(bcfg)
-        entries = load_split(dcfg.input_json, "train", dcfg.restval_in_train)[: fcfg.calibration_images]
+        try:
+            entries = load_split(dcfg.input_json, "train", dcfg.restval_in_train)[: fcfg.calibration_images]
+        except DatasetError as e:
+            raise FeaturizeError(f"--weights none re-estimates BatchNorm statistics on train images, and there are "
+                                 f"none: {e}") from None
         ds = SplitImages(entries, images_root(dcfg), fcfg.image_size)
         loader = DataLoader(ds, batch_size=min(32, fcfg.calibration_images), num_workers=0)
-        used = net.calibrate_bn(b["image"][b["ok"]] for b in tqdm(loader, desc="calibrate BatchNorm", unit="batch"))
+        errors: list[str] = []
+
+        def good_images():
+            for b in tqdm(loader, desc="calibrate BatchNorm", unit="batch"):
+                errors.extend(e for e, ok in zip(b["error"], b["ok"].tolist()) if not ok)
+                yield b["image"][b["ok"]]
+
+        used = net.calibrate_bn(good_images())
+        if used == 0:  # nothing saved: a later run must not reuse an uncalibrated backbone
+            raise FeaturizeError(f"--weights none: none of the {len(entries)} train images for BatchNorm calibration "
+                                 f"could be read (first: {errors[0] if errors else '?'}); check --images_root")
         net.save(path)
         atomic_write_json(meta_path, {**meta, "calibration_images": used, "sha256": file_digest(path)})
     state.wait_for_everyone()
@@ -253,17 +267,6 @@ class Ahead:
                 pass
 
 
-def runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted rows as [start, stop) runs of consecutive rows: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
-    out: list[tuple[int, int]] = []
-    for r in rows:
-        if out and out[-1][1] == r:
-            out[-1] = (out[-1][0], r + 1)
-        else:
-            out.append((r, r + 1))
-    return out
-
-
 def timing_summary(t: dict) -> str:
     """featurize_split's `timing` in one line."""
     total = max(t["total"], 1e-9)
@@ -284,7 +287,6 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     busy time of the thread preparing batches (`preparing`, None without one).
     """
     state = state or _Single()
-    device = state.device
     entries = load_split(dcfg.input_json, split, dcfg.restval_in_train)
     if fcfg.limit:
         entries = entries[: fcfg.limit]
@@ -293,6 +295,15 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
     plan = make_plan(dcfg.format, len(entries), S, fcfg.grid, backbone.channels,
                      {**info, "split": split, "input_json": dcfg.input_json, "images_root": str(images_root(dcfg)),
                       "limit": fcfg.limit}, fcfg.codec if dcfg.format == "zarr" else "")
+    with WriterLock(out, state.process_index):  # a second command writing this folder stops here, with a message
+        return _featurize_locked(dcfg, fcfg, split, backbone, state, entries, out, plan, progress, timing)
+
+
+def _featurize_locked(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, state, entries: list,
+                      out: Path, plan: dict, progress: bool, timing: dict | None) -> dict | None:
+    """featurize_split's work, with this process's lock on the folder held."""
+    device = state.device
+    S = plan["shard_size"]
     if state.is_main_process:
         writer = create_writer(out, plan)  # writes plan.json and creates the zarr array once
     state.wait_for_everyone()
@@ -392,7 +403,7 @@ def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbon
                 if device.type == "cuda":
                     grids = grids.half()  # cast on the GPU: half the bytes cross to the host
                 j = 0
-                for a, b in runs([r - start for r, g in zip(rows, good) if g]):
+                for a, b in row_runs([r - start for r, g in zip(rows, good) if g]):
                     host[a:b].copy_(grids[j:j + b - a], non_blocking=True)  # (b-a, g, g, C) -> float16 rows
                     j += b - a
             remaining[k] -= len(rows)

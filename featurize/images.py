@@ -28,18 +28,28 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from shards.karpathy import ImageEntry
+from shards.manifest import inside, regular_file
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded; the message names the file and the reason."""
 
 
+def image_file(root: str | os.PathLike, filename: str) -> Path:
+    """root/filename, when it lies inside the image root with symlinks resolved; else an ImageError
+    (recorded as a failed image, like an unreadable one). A split file's paths are checked as text
+    when it is read; this also refuses a link under the root to a file elsewhere. Image folders
+    that are links to another disk work when --images_root names the folder they really live in."""
+    try:
+        return inside(root, filename, f"{Path(root) / filename}", ImageError)
+    except ImageError as e:
+        raise ImageError(f"{e}; point --images_root at the folder that really holds the images") from None
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode any image PIL reads into 8-bit RGB with EXIF orientation applied."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    if regular_file(path, "file", ImageError).st_size == 0:
         raise ImageError(f"{path}: empty file")
     try:
         with warnings.catch_warnings():
@@ -93,7 +103,7 @@ class SplitImages(Dataset):
         row = self.rows[i]
         entry = self.entries[row]
         try:
-            image, ok, error = to_tensor(load_rgb(self.root / entry.filename), self.image_size), True, ""
+            image, ok, error = to_tensor(load_rgb(image_file(self.root, entry.filename)), self.image_size), True, ""
         except ImageError as e:
             image, ok, error = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), False, str(e)
         return {"row": row, "image": image, "ok": ok, "error": error}
@@ -109,8 +119,8 @@ class SplitFiles(SplitImages):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        path = self.root / self.entries[row].filename
         try:
+            path = image_file(self.root, self.entries[row].filename)
             if path.is_file() and path.stat().st_size > 0:
                 data = path.read_bytes()
                 if data[:2] == JPEG_MAGIC:
@@ -121,7 +131,7 @@ class SplitFiles(SplitImages):
             image = to_tensor(load_rgb(path), self.image_size)
             return {"row": row, "image": image, "jpeg": b"", "orientation": 1, "ok": True, "error": ""}
         except (ImageError, OSError, SyntaxError, ValueError) as e:
-            err = str(e) if isinstance(e, ImageError) else f"{path}: cannot decode ({e})"
+            err = str(e) if isinstance(e, ImageError) else f"{self.root / self.entries[row].filename}: cannot decode ({e})"
             return {"row": row, "image": None, "jpeg": b"", "orientation": 1, "ok": False, "error": err}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from shards.format import Record, RecordError, validate
-from shards.manifest import StoreError, done_shards, finalize, load_manifest, make_plan, shard_range
+from shards.manifest import StoreError, WriterLock, done_shards, finalize, load_manifest, make_plan, shard_range
 
 BACKENDS = ("zarr", "wds")
 
@@ -68,6 +68,12 @@ def write_records(root: str | Path, records: Iterable[Record], *, backend: str, 
     does not finalize (the caller finalizes once every writer is done).
     """
     plan = make_plan(backend, num_records, shard_size, grid, channels, info or {}, codec if backend == "zarr" else "")
+    with WriterLock(root, rank):  # another command writing this folder as this rank: a message, not a race
+        return _write_locked(root, records, plan, rank, world_size, split, threads)
+
+
+def _write_locked(root, records, plan: dict, rank: int, world_size: int, split: str, threads: int) -> dict | None:
+    shard_size, grid, channels = plan["shard_size"], plan["grid"], plan["channels"]
     writer = create_writer(root, plan)
     done = done_shards(Path(root))
     threads = writer_threads(threads)

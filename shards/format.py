@@ -14,12 +14,24 @@ from __future__ import annotations
 import re
 from typing import TypedDict
 
+import crc32c
 import numpy as np
 
 DTYPE = np.dtype("float16")
 GRID = 14
 FIELDS = ("key", "image_id", "filename", "features", "captions")
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots: a dot would split webdataset's field names
+
+
+def good_key(key: str) -> bool:
+    return bool(_KEY.match(key))
+
+
+def checksum(x: np.ndarray) -> int:
+    """CRC-32C of a grid's bytes (C order, little-endian float16): the per-record checksum the
+    WebDataset backend stores beside each grid and checks at every read (zarr checks its own
+    crc32c per chunk). The `crc32c` package releases the GIL."""
+    return crc32c.crc32c(memoryview(np.ascontiguousarray(x, dtype="<f2")).cast("B"))
 
 
 class Record(TypedDict):
@@ -53,7 +65,7 @@ def validate(record: dict, grid: int | None = GRID, channels: int | None = None,
     """
     prefix = f"{where}: " if where else ""
     key = record.get("key")
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not good_key(key):
         raise RecordError(f"{prefix}bad key {key!r} (letters, digits, _ and - only)")
     at = f"{prefix}record {key}: "
     missing = [f for f in FIELDS if f not in record]

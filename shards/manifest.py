@@ -17,13 +17,18 @@ manifest.json (so nobody mistakes the folder for complete).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
 from typing import Iterable
+
+from shards.format import good_key
 
 PLAN, MANIFEST = "plan.json", "manifest.json"
 
@@ -63,17 +68,84 @@ def atomic_write_parts(path: str | os.PathLike, parts: Iterable) -> tuple[int, s
     return size, h.hexdigest()
 
 
-def read_json(path: str | os.PathLike, what: str, error: type[Exception] = StoreError):
-    """A JSON file's content, or `error` with one line naming the file: missing, or malformed where."""
+def regular_file(path: str | os.PathLike, what: str, error: type[Exception] = StoreError) -> os.stat_result:
+    """stat() of a regular file, or `error` saying what is there instead: nothing, a folder, a
+    symlink loop, a FIFO or device (which would block or never end when read)."""
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: no such {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{path}: a broken symlink, not a {what}" if path.is_symlink() else f"{path}: no such {what}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{path}: a symlink loop, not a {what}") from None
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path}: a folder, not a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: not a regular file (a FIFO, socket or device), not a {what}")
+    return st
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[Exception] = StoreError):
+    """A JSON file's content, or `error` with one line naming the file: missing, not a file, or
+    malformed where. A UTF-8 byte-order mark is accepted (editors on Windows write one)."""
+    path = Path(path)
+    regular_file(path, what, error)
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({what}): {e.msg}") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({what}): {e}") from None
+
+
+def inside(root: str | os.PathLike, rel, where: str, error: type[Exception] = StoreError) -> Path:
+    """root/rel, when `rel` (from a manifest, shard JSON or split file) names a path inside root:
+    relative, no `..`, and, symlinks resolved, still under the resolved root. Else `error`."""
+    root = Path(root)
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise error(f"{where}: path {rel!r} is not inside {root} (relative paths below it only)")
+    path = root / rel
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        raise error(f"{where}: {path} resolves to {real}, outside {root} (a symlink)")
+    return path
+
+
+class WriterLock:
+    """An exclusive lock on a features folder for one writing process (rank): a second command
+    writing the same folder as the same rank stops at once with a message, instead of the two
+    deleting each other's temporary files. flock: released by the kernel when the process dies,
+    so a killed run's rerun is never locked out."""
+
+    def __init__(self, root: str | os.PathLike, rank: int = 0):
+        self.path = Path(root) / f".writer-{rank}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "?"
+            self.file.close()
+            raise StoreError(f"{Path(root)}: another process (pid {pid}) is writing this features folder; "
+                             "wait for it to finish or write elsewhere") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -125,6 +197,17 @@ def shard_range(plan: dict, k: int) -> range:
     return range(k * s, min((k + 1) * s, plan["num_records"]))
 
 
+def row_runs(rows: Iterable[int]) -> list[list[int]]:
+    """Sorted rows as [start, stop) runs of consecutive rows: [0, 1, 2, 5, 6] -> [[0, 3], [5, 7]]."""
+    out: list[list[int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1][1] = r + 1
+        else:
+            out.append([r, r + 1])
+    return out
+
+
 def check_rows(root: Path, plan: dict, k: int, rows: Iterable[int]) -> range:
     """Shard k's row range; a StoreError when a row given for it lies outside."""
     span = shard_range(plan, k)
@@ -134,23 +217,94 @@ def check_rows(root: Path, plan: dict, k: int, rows: Iterable[int]) -> range:
     return span
 
 
+def check_shard_meta(root: Path, k: int, meta, count: int | None, num_rows: int, shard_size: int,
+                     keys: set | None = None) -> list[dict]:
+    """Shard k's metadata (its JSON), checked: its file inside the folder, as many records as the
+    manifest says (`count`, None: not known yet), each record's row inside the shard's range and
+    rising, keys well formed and unique across the store (`keys` collects them). Returns the records."""
+    where = shard_meta_path(root, k)
+    if not isinstance(meta, dict) or not isinstance(meta.get("records"), list):
+        raise StoreError(f"{where}: not shard metadata (no records list)")
+    inside(root, meta.get("file"), str(where))
+    recs = meta["records"]
+    if count is not None and len(recs) != count:
+        raise StoreError(f"{where}: {len(recs)} records, the manifest says {count}")
+    lo, hi = k * shard_size, min((k + 1) * shard_size, num_rows)
+    last = lo - 1
+    for r in recs:
+        row, key = r.get("row") if isinstance(r, dict) else None, r.get("key") if isinstance(r, dict) else None
+        if not isinstance(row, int) or isinstance(row, bool) or not last < row < hi:
+            raise StoreError(f"{where}: record {key!r} has row {row!r}, outside shard {k}'s rows {lo}..{hi - 1} "
+                             "or out of order")
+        if not isinstance(key, str) or not good_key(key):
+            raise StoreError(f"{where}: row {row} has a bad key {key!r}")
+        if keys is not None:
+            if key in keys:
+                raise StoreError(f"{where}: key {key} appears twice in the store")
+            keys.add(key)
+        last = row
+    return recs
+
+
+def shard_index(root: Path, manifest: dict) -> list[tuple[dict, Path, list[dict]]]:
+    """(manifest entry, data file, records) of every shard of a finished store, each checked
+    against the manifest before anything is read as data: the shard list complete and in order,
+    every shard's JSON agreeing with it (file, count, rows, unique keys), the counts adding up,
+    and every data file inside the folder, a regular file, of the size written. A shard whose
+    images all failed may have no file (zarr writes no chunk of fill values)."""
+    root = Path(root)
+    mpath = root / MANIFEST
+    shards, S = manifest["shards"], manifest.get("shard_size")
+    if not isinstance(shards, list) or not isinstance(S, int) or S < 1 or len(shards) != manifest.get("num_shards", len(shards)):
+        raise StoreError(f"{mpath}: the shard list does not match num_shards / shard_size")
+    num_rows = manifest.get("num_rows", len(shards) * S)
+    out, keys, total = [], set(), 0
+    for k, s in enumerate(shards):
+        if not isinstance(s, dict) or s.get("index") != k:
+            raise StoreError(f"{mpath}: shard entry {k} is not shard {k}")
+        meta = read_json(shard_meta_path(root, k), "shard metadata")
+        recs = check_shard_meta(root, k, meta, s.get("count"), num_rows, S, keys)
+        if meta["file"] != s.get("file"):
+            raise StoreError(f"{shard_meta_path(root, k)}: file {meta['file']!r}, the manifest says {s.get('file')!r}")
+        path = inside(root, s["file"], f"{mpath}: shard {k}")
+        if recs or s.get("bytes", 0) or path.exists() or path.is_symlink():
+            st = regular_file(path, "shard file")
+            if st.st_size != s.get("bytes"):
+                raise StoreError(f"{path}: {st.st_size} bytes, the manifest says {s.get('bytes')} (cut short or changed "
+                                 "after it was written; `python -m shards verify` checks every file)")
+        total += len(recs)
+        out.append((s, path, recs))
+    if total != manifest["count"]:
+        raise StoreError(f"{mpath}: count {manifest['count']}, the shards hold {total} records")
+    return out
+
+
 def finalize(root: Path, split: str = "") -> dict:
-    """Merge every shard's JSON and every writer's failures into manifest.json (all shards must be done)."""
+    """Merge every shard's JSON and every writer's failures into manifest.json (all shards must be
+    done, and at least one image must have been read: a store of failures only is an error, with
+    the first failure named, not an empty store)."""
     root = Path(root)
     plan = read_json(root / PLAN, "plan (not a features folder?)")
     missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
     if missing:
         raise StoreError(f"{root}: {len(missing)} of {plan['num_shards']} shards unfinished (first: {missing[0]}); rerun the writer")
-    shards, failures, count = [], [], 0
+    shards, failures, count, keys, checksums, rows = [], [], 0, set(), set(), []
     for k in range(plan["num_shards"]):
         m = read_json(shard_meta_path(root, k), "shard metadata")
-        shards.append({"index": k, "file": m["file"], "count": len(m["records"]), "bytes": m["bytes"], "sha256": m["sha256"]})
-        count += len(m["records"])
+        checksums.add(m.get("record_checksum", ""))
+        recs = check_shard_meta(root, k, m, None, plan["num_records"], plan["shard_size"], keys)
+        shards.append({"index": k, "file": m["file"], "count": len(recs), "bytes": m["bytes"], "sha256": m["sha256"]})
+        rows += [r["row"] for r in recs]
+        count += len(recs)
         failures += m.get("failures", [])
+    if count == 0:
+        first = f" (first: {failures[0]['filename']}: {failures[0]['reason']})" if failures else ""
+        raise StoreError(f"{root}: none of the {plan['num_records']} images could be read{first}; check --images_root "
+                         f"and the split file, then delete {root} and rerun")
     data_bytes = sum(s["bytes"] for s in shards)
     manifest = {
         "backend": plan["backend"], "split": split or plan["info"].get("split", ""), "count": count,
-        "num_shards": plan["num_shards"], "shard_size": plan["shard_size"],
+        "num_rows": plan["num_records"], "num_shards": plan["num_shards"], "shard_size": plan["shard_size"],
         "grid": plan["grid"], "channels": plan["channels"], "dtype": plan["dtype"], "codec": plan["codec"],
         "bytes_on_disk": data_bytes, "bytes_per_image": data_bytes / max(count, 1),
         "raw_bytes_per_image": plan["grid"] ** 2 * plan["channels"] * 2,
@@ -158,6 +312,11 @@ def finalize(root: Path, split: str = "") -> dict:
         "failures": failures, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shards": shards,
     }
+    if plan["backend"] == "zarr":  # mark the rows that hold an image where zarr-python alone sees it
+        from shards.zarr_store import mark_filled_rows  # (zarr_store builds on this module)
+        mark_filled_rows(root, rows)
+    if checksums == {"crc32c"}:  # every shard's records carry their grid's CRC-32C (wds; zarr checks per chunk)
+        manifest["record_checksum"] = "crc32c"
     atomic_write_json(root / MANIFEST, manifest)
     for tmp in root.rglob(".*.tmp"):  # what writers killed mid-file left behind; every shard is done now
         tmp.unlink(missing_ok=True)
@@ -174,7 +333,12 @@ def load_manifest(root: Path) -> dict:
         hint = " (a writer has not finished: rerun it to resume)" if (root / PLAN).exists() else " (not a features folder?)"
         raise StoreError(f"{path}: no manifest{hint}")
     m = read_json(path, "manifest")
-    for k in ("backend", "count", "grid", "channels", "shards"):
+    if not isinstance(m, dict):
+        raise StoreError(f"{path}: not a manifest (expected a JSON object)")
+    for k in ("backend", "count", "grid", "channels", "shard_size", "shards"):
         if k not in m:
             raise StoreError(f"{path}: manifest lacks {k!r}")
+    for k in ("count", "grid", "channels", "shard_size"):
+        if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] < 1:
+            raise StoreError(f"{path}: {k} must be a positive integer, got {m[k]!r}")
     return m

@@ -7,6 +7,10 @@
 Decoding never unpickles: `.npy` through numpy's header parser with object arrays refused
 (what `np.load(allow_pickle=False)` allows), `.json` through `json.loads`; any other member
 (a `.pyd`, `.pickle`, `.pth`) is an error naming shard and key.
+
+Each record's `.json` carries `crc32c`, the CRC-32C of its grid's bytes (`shards.format.checksum`),
+checked at every read, so a flipped byte in a payload is an error naming shard and key, whether
+the shard is read from a folder or streamed from a URL (a tar has no checksum of its own).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import webdataset as wds
 
 from shards import format as fmt
 from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest,
-                             read_json, shard_meta_path, shard_range)
+                             shard_index, shard_meta_path, shard_range)
 
 ALLOWED = {"features.npy", "json"}
 _INTERNAL = {"__key__", "__url__", "__local_path__"}
@@ -74,15 +78,17 @@ class WdsWriter:
         parts, metas, written = [], [], 0
         for row, rec in items:
             fmt.validate(rec, self.plan["grid"], self.plan["channels"], where=str(path))
+            member_meta = {**fmt.meta(rec), "crc32c": fmt.checksum(rec["features"])}
             for name, payload in ((f"{rec['key']}.features.npy", npy_parts(rec["features"])),
-                                  (f"{rec['key']}.json", [json.dumps(fmt.meta(rec)).encode()])):
+                                  (f"{rec['key']}.json", [json.dumps(member_meta).encode()])):
                 member = _member(name, payload)
                 parts += member
                 written += sum(memoryview(p).nbytes for p in member)
             metas.append({"row": row, **fmt.meta(rec)})
         size, digest = atomic_write_parts(path, parts + [_end_of_archive(written)])
         atomic_write_json(shard_meta_path(self.root, k), {
-            "file": path.name, "bytes": size, "sha256": digest, "records": metas, "failures": list(failures)})
+            "file": path.name, "bytes": size, "sha256": digest, "records": metas, "failures": list(failures),
+            "record_checksum": "crc32c"})
 
     def write_block(self, k: int, block: np.ndarray, metas: list[dict], failures: list[dict] = ()) -> None:
         """Write shard k from `block` ((n, g, g, C), the shard's rows in order) and the `metas`
@@ -174,8 +180,12 @@ def tar_to_samples(src: Iterable[dict]) -> Iterator[dict]:
             yield from wds.tariterators.group_by_keys(local_tar_members(path, mapped.pop(i).result()), handler=_reraise)
 
 
-def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None) -> fmt.Record:
-    """A raw tar sample (bytes per extension) -> the record, or a StoreError naming shard and key."""
+def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None,
+                  require_checksum: bool = False) -> fmt.Record:
+    """A raw tar sample (bytes per extension) -> the record, or a StoreError naming shard and key.
+
+    The grid is checked against the `crc32c` its `.json` carries; `require_checksum`: a sample
+    without one is an error (stores written since checksums were added all have them)."""
     url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
     where = f"{url}: {key}"
     extra = sorted(set(sample) - ALLOWED - _INTERNAL)
@@ -197,9 +207,14 @@ def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | Non
     rec = {"key": key, "image_id": meta.get("image_id"), "filename": meta.get("filename"),
            "captions": meta.get("captions"), "features": features}
     try:
-        return fmt.validate(rec, grid, channels, where=str(url))
+        fmt.validate(rec, grid, channels, where=str(url))
     except fmt.RecordError as e:
         raise StoreError(str(e)) from None
+    if "crc32c" in meta or require_checksum:
+        if meta.get("crc32c") != fmt.checksum(features):
+            why = "has no checksum" if "crc32c" not in meta else "fails its crc32c"
+            raise StoreError(f"{where}.features.npy: corrupted data (the grid {why})")
+    return rec
 
 
 def _reraise(exn: Exception) -> bool:
@@ -210,7 +225,8 @@ def _reraise(exn: Exception) -> bool:
 
 
 def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None = None, shuffle: bool = False,
-           seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, split_nodes: bool = False) -> wds.DataPipeline:
+           seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, split_nodes: bool = False,
+           require_checksum: bool = False) -> wds.DataPipeline:
     """The streaming reader: local paths or `pipe:` URLs (e.g. `pipe:aws s3 cp s3://b/shard-000000.tar -`).
 
     Stages, in order:
@@ -221,7 +237,7 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
       5. tar -> samples, grouping members by key (a torn tar raises, naming the shard); local
          files memory-mapped, the next one read in ahead (`tar_to_samples`);
       6. a sample shuffle buffer (training only);
-      7. decode without unpickling, validate shape/dtype/finiteness.
+      7. decode without unpickling, validate shape/dtype/finiteness and the grid's crc32c.
     """
     stages: list = [wds.SimpleShardList(list(urls))]
     if shuffle:
@@ -232,7 +248,7 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
     stages.append(tar_to_samples)
     if shuffle and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None, seed=seed + epoch))
-    stages.append(wds.map(lambda s: decode_sample(s, grid, channels), handler=_reraise))
+    stages.append(wds.map(lambda s: decode_sample(s, grid, channels, require_checksum), handler=_reraise))
     return wds.DataPipeline(*stages)
 
 
@@ -243,25 +259,41 @@ class WdsReader:
         self.root = Path(root)
         self.manifest = manifest or load_manifest(self.root)
         self.records: list[dict] = []
-        for s in self.manifest["shards"]:
-            self.records += read_json(shard_meta_path(self.root, s["index"]), "shard metadata")["records"]
+        self.paths: list[Path] = []  # each shard's tar, checked to lie inside the folder
+        for _, path, recs in shard_index(self.root, self.manifest):  # counts, rows, keys, files checked
+            self.records += recs
+            self.paths.append(path)
+        # Stores written with per-record checksums say so in every record's .json: from then on
+        # a record without one is refused. (Older stores hold none: their grids are read unchecked.)
+        self.require_checksum = bool(self.manifest.get("record_checksum"))
 
     def __len__(self) -> int:
         return len(self.records)
 
     def urls(self) -> list[str]:
-        return [str(self.root / s["file"]) for s in self.manifest["shards"]]
+        return [str(p) for p in self.paths]
+
+    def stream(self, **kw) -> wds.DataPipeline:
+        """`stream` over this store's shards, with its grid, channels and checksum rule."""
+        return stream(self.urls(), grid=self.manifest["grid"], channels=self.manifest["channels"],
+                      require_checksum=self.require_checksum, **kw)
 
     def iter_records(self) -> Iterator[fmt.Record]:
-        for (s, path) in self.shard_files():
-            if not path.exists():
-                raise StoreError(f"{path}: shard listed in the manifest is missing")
-        yield from stream(self.urls(), grid=self.manifest["grid"], channels=self.manifest["channels"])
+        """All records in order; each one's key must be the one its shard's JSON lists at that place."""
+        n = 0
+        for rec in self.stream():
+            want = self.records[n]["key"] if n < len(self.records) else None
+            if rec["key"] != want:
+                raise StoreError(f"{self.root}: record {n} is {rec['key']}, the shard metadata lists {want}")
+            n += 1
+            yield rec
+        if n != len(self.records):
+            raise StoreError(f"{self.root}: {n} records in the shards, the shard metadata lists {len(self.records)}")
 
     __iter__ = iter_records
 
     def shard_files(self) -> list[tuple[dict, Path]]:
-        return [(s, self.root / s["file"]) for s in self.manifest["shards"]]
+        return list(zip(self.manifest["shards"], self.paths))
 
 
 def iter_urls(urls: Iterable[str], grid: int | None = None, channels: int | None = None) -> Iterator[fmt.Record]:

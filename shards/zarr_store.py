@@ -26,8 +26,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest, read_json,
-                             sha256_file, shard_meta_path, shard_range)
+from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest,
+                             row_runs, sha256_file, shard_index, shard_meta_path, shard_range)
 
 ARRAY = "features.zarr"
 
@@ -218,6 +218,22 @@ class ZarrWriter:
             "failures": list(failures)})
 
 
+FILLED_ROWS = "filled_rows"  # features.zarr attribute: [[start, stop), ...] rows that hold an image
+
+
+def mark_filled_rows(root: str | Path, rows: list[int]) -> None:
+    """Record in the array's own attributes which rows hold an image (the others, images that
+    failed to decode, hold zeros), so a reader with zarr-python alone can skip them:
+
+        z = zarr.open_array("features/train/features.zarr")
+        rows = [r for a, b in z.attrs["filled_rows"] for r in range(a, b)]
+    """
+    array = zarr.open_array(Path(root) / ARRAY, mode="r+")
+    array.attrs.update({FILLED_ROWS: row_runs(sorted(rows)),
+                        "filled_rows_about": "[start, stop) row ranges holding an image; other rows are zeros "
+                                             "(images that failed to decode, listed in ../manifest.json)"})
+
+
 class ZarrReader:
     """Records of a finished zarr store: `len`, random access by index, and sequential iteration."""
 
@@ -226,10 +242,11 @@ class ZarrReader:
         self.manifest = manifest or load_manifest(self.root)
         self.records: list[dict] = []
         self.shard_of: list[int] = []
-        for s in self.manifest["shards"]:
-            meta = read_json(shard_meta_path(self.root, s["index"]), "shard metadata")
-            self.records += meta["records"]
-            self.shard_of += [s["index"]] * len(meta["records"])
+        self.paths: list[Path] = []  # each shard's data file, checked to lie inside the folder
+        for s, path, recs in shard_index(self.root, self.manifest):  # counts, rows, keys, files checked
+            self.records += recs
+            self.shard_of += [s["index"]] * len(recs)
+            self.paths.append(path)
         self._array = None  # opened lazily: once per DataLoader worker
         self.direct = self.manifest.get("codec") in DIRECT_CODECS  # shard files decoded here, not by zarr
         self.shape = (self.manifest["grid"], self.manifest["grid"], self.manifest["channels"])
@@ -263,18 +280,21 @@ class ZarrReader:
         if not self.direct:
             return self._record(meta, self._read(meta["row"], f"record {meta['key']}"))
         k, S = self.shard_of[i], self.manifest["shard_size"]
-        path = self.root / self.manifest["shards"][k]["file"]
+        path = self.paths[k]
         where = f"{path}: record {meta['key']}"
-        if not path.exists():
-            raise StoreError(f"{where}: shard file missing")
-        with open(path, "rb") as f:  # two reads: the index at the end, then the one chunk
-            f.seek(-(S * 16 + 4), os.SEEK_END)
-            off, nb = (int(v) for v in _index(f.read(S * 16 + 4), S, where)[meta["row"] - k * S])
-            out = np.zeros(self.shape, dtype=np.float16)
-            if off != _ABSENT:
-                f.seek(off)
-                _chunk_into(memoryview(f.read(nb)), self.manifest["codec"], out, where)
-            return self._record(meta, out)
+        try:
+            with open(path, "rb") as f:  # two reads: the index at the end, then the one chunk
+                if os.fstat(f.fileno()).st_size < S * 16 + 4:
+                    raise StoreError(f"{where}: corrupted data (shard file shorter than its index)")
+                f.seek(-(S * 16 + 4), os.SEEK_END)
+                off, nb = (int(v) for v in _index(f.read(S * 16 + 4), S, where)[meta["row"] - k * S])
+                out = np.zeros(self.shape, dtype=np.float16)
+                if off != _ABSENT:  # an absent chunk is zarr's fill value (zarr skips all-zero chunks)
+                    f.seek(off)
+                    _chunk_into(memoryview(f.read(nb)), self.manifest["codec"], out, where)
+        except OSError as e:
+            raise StoreError(f"{where}: cannot read ({e.strerror or e})") from None
+        return self._record(meta, out)
 
     def iter_records(self, threads: int | None = None) -> Iterator[fmt.Record]:
         """All records in order, reading each shard file once.
@@ -299,10 +319,8 @@ class ZarrReader:
                     yield self._record(m, np.ascontiguousarray(block[m["row"] - lo]))
             return
 
-        def load(path: Path) -> mmap.mmap | bytes | None:
+        def load(path: Path) -> mmap.mmap | bytes:
             """The shard file mapped, not copied; the kernel starts reading it ahead of its turn."""
-            if not path.exists():
-                return None  # every image of the shard failed: nothing was written
             with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
                     return b""  # reported as a corrupted index
@@ -315,11 +333,12 @@ class ZarrReader:
         def start(j: int) -> tuple:
             s, metas = shards[j]
             first, hi = s["index"] * S, metas[-1]["row"] + 1
-            data = load(self.root / s["file"])
-            if data is None:
-                return first, np.zeros((hi - first, *self.shape), dtype=np.float16), None
-            return (first, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape,
-                                         str(self.root / s["file"])))
+            path = self.paths[s["index"]]
+            try:
+                data = load(path)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot read ({e.strerror or e})") from None
+            return (first, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape, str(path)))
 
         # Two shards in flight: the next one decodes in the pool while this one's records go out.
         with ThreadPoolExecutor(threads) as pool:
@@ -330,9 +349,9 @@ class ZarrReader:
                     queue.append(start(j + 2))
                 for m in metas:
                     i = m["row"] - first
-                    yield self._record(m, block[i], futures[i].result() if futures else True)
+                    yield self._record(m, block[i], futures[i].result())
 
     __iter__ = iter_records
 
     def shard_files(self) -> list[tuple[dict, Path]]:
-        return [(s, self.root / s["file"]) for s in self.manifest["shards"]]
+        return list(zip(self.manifest["shards"], self.paths))

@@ -246,14 +246,18 @@ def test_zarr_reads_our_shards_and_we_read_zarrs(tmp_path, codec):
 
 
 def test_tar_shards_are_tarfiles_bytes(tmp_path):
-    """Tar members are written from buffers without joining them: the same bytes `tarfile` and `np.save` write."""
+    """Tar members are written from buffers without joining them: the same bytes `tarfile` and `np.save`
+    write; each .json carries the CRC-32C of the grid's bytes (np.save's payload after its header)."""
+    import crc32c
     recs = make_records(6)
     m = write(tmp_path / "w", recs, "wds", shard_size=4)
     ref = io.BytesIO()
     with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for r in recs[:4]:
-            for name, data in ((f"{r['key']}.features.npy", npy_bytes(r["features"])),
-                               (f"{r['key']}.json", json.dumps(fmt.meta(r)).encode())):
+            npy = npy_bytes(r["features"])
+            crc = crc32c.crc32c(npy[-r["features"].nbytes:])
+            for name, data in ((f"{r['key']}.features.npy", npy),
+                               (f"{r['key']}.json", json.dumps({**fmt.meta(r), "crc32c": crc}).encode())):
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
