@@ -25,10 +25,49 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or flag and the problem."""
 
 
-def _f(default, help: str):  # noqa: A002 - the name dataclasses users expect
+def _f(default, help: str, **valid):  # noqa: A002 - the name dataclasses users expect
+    """A field with its help text and its valid values: ge/gt/le/lt bounds, `choices`, or
+    `not_zero` (e.g. -1 meaning "all", 0 meaningless); checked for YAML values and flags alike."""
+    meta = {"help": help, **valid}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# The decoder's fields live in caption/model.py (the model never sees this module); their valid values here.
+MODEL_VALID = {
+    "vocab_size": {"ge": 0}, "feature_dim": {"ge": 0}, "embed_dim": {"ge": 1}, "hidden_dim": {"ge": 1},
+    "attn_dim": {"ge": 1}, "dropout": {"ge": 0, "lt": 1}, "attention": {"choices": ("soft", "hard")},
+    "semi_sampling_p": {"ge": 0, "le": 1}, "entropy_weight": {"ge": 0}, "baseline_decay": {"ge": 0, "le": 1},
+}
+
+
+def check_value(value, valid: dict, where: str):
+    """`value`, or a ConfigError naming `where` (the flag or YAML key) and what is allowed."""
+    if "choices" in valid and value not in valid["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(map(str, valid['choices']))}, got {value!r}")
+    bounds = [("ge", "at least", lambda v, b: v >= b), ("gt", "greater than", lambda v, b: v > b),
+              ("le", "at most", lambda v, b: v <= b), ("lt", "less than", lambda v, b: v < b)]
+    for key, words, ok in bounds:
+        if key in valid and not ok(value, valid[key]):
+            raise ConfigError(f"{where}: must be {words} {valid[key]}, got {value!r}")
+    if valid.get("not_zero") and value == 0:
+        raise ConfigError(f"{where}: must not be 0 ({valid.get('help', 'not zero')})")
+    return value
+
+
+def check_args(ns: argparse.Namespace, valid: dict[str, dict]) -> argparse.Namespace:
+    """Plain argparse flags checked like config fields: {"beam_size": {"ge": 1}, ...}."""
+    for name, v in valid.items():
+        check_value(getattr(ns, name), v, f"--{name}")
+    return ns
+
+
+def _valid(section_type: type, name: str) -> dict:
+    if section_type is DecoderConfig:
+        return MODEL_VALID.get(name, {})
+    meta = next(f.metadata for f in fields(section_type) if f.name == name)
+    return {k: v for k, v in meta.items()}
 
 
 @dataclass(frozen=True)
@@ -36,31 +75,31 @@ class DataConfig:
     input_json: str = _f("data/shapes/dataset.json", "Karpathy-format split file (dataset_coco.json)")
     images_root: str = _f("", "folder the split file's filepath/filename are relative to; default: the JSON's folder")
     features: str = _f("features/shapes", "features folder holding one subfolder per split")
-    format: str = _f("zarr", "feature store backend: zarr or wds")
+    format: str = _f("zarr", "feature store backend: zarr or wds", choices=("zarr", "wds"))
     restval_in_train: bool = _f(True, "the train split also takes Karpathy's restval images")
 
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
-    backbone: str = _f("resnet101", "resnet18|resnet34|resnet50|resnet101|resnet152")
-    layer: str = _f("layer4", "last ResNet stage kept: layer4 (stride 32) or layer3 (stride 16)")
+    backbone: str = _f("resnet101", "resnet18|resnet34|resnet50|resnet101|resnet152", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+    layer: str = _f("layer4", "last ResNet stage kept: layer4 (stride 32) or layer3 (stride 16)", choices=("layer3", "layer4"))
     weights: str = _f("imagenet", "imagenet (torchvision's cache), none (random init, BatchNorm re-estimated) or a path")
-    image_size: int = _f(448, "square input side; the grid is adaptive-pooled to grid x grid if it is not already")
-    grid: int = _f(14, "output grid side (14 gives L = 196 locations)")
-    batch_size: int = _f(32, "images per forward pass")
-    num_workers: int = _f(4, "DataLoader workers decoding and resizing images")
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16")
-    decode: str = _f("workers", "workers (PIL in DataLoader workers) or device (JPEGs decoded on the model's device: nvjpeg on a GPU)")
+    image_size: int = _f(448, "square input side; the grid is adaptive-pooled to grid x grid if it is not already", ge=32)
+    grid: int = _f(14, "output grid side (14 gives L = 196 locations)", ge=1)
+    batch_size: int = _f(32, "images per forward pass", ge=1)
+    num_workers: int = _f(4, "DataLoader workers decoding and resizing images", ge=0)
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16", choices=("auto", "fp32", "fp16", "bf16"))
+    decode: str = _f("workers", "workers (PIL in DataLoader workers) or device (JPEGs decoded on the model's device: nvjpeg on a GPU)", choices=("workers", "device"))
     decode_ahead: int = _f(2, "batches prepared ahead (decoded, resized, on the model's device) in a thread of their own, "
-                                "overlapped with the forward pass; 0: on the main thread, between forward passes")
+                                "overlapped with the forward pass; 0: on the main thread, between forward passes", ge=0)
     strict: bool = _f(False, "stop at the first image that cannot be decoded instead of recording it")
-    limit: int = _f(0, "featurize only the first N images of the split (0: all)")
-    calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics")
-    shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar")
-    shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard")
-    codec: str = _f("blosc-zstd", "zarr compression: blosc-zstd (byte shuffle + zstd-1, chosen by bench/store.py), zstd, lz4 or none")
+    limit: int = _f(0, "featurize only the first N images of the split (0: all)", ge=0)
+    calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics", ge=1)
+    shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar", ge=1)
+    shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard", ge=1)
+    codec: str = _f("blosc-zstd", "zarr compression: blosc-zstd (byte shuffle + zstd-1, chosen by bench/store.py), zstd, lz4 or none", choices=("blosc-zstd", "zstd", "lz4", "none"))
     writer_threads: int = _f(0, "threads compressing and writing shards (0: one per CPU core, the cores shared by the processes "
-                                "launched on this machine, at most 16)")
+                                "launched on this machine, at most 16)", ge=0)
     compile: bool = _f(False, "torch.compile the (BatchNorm-folded) backbone: tens of seconds once, then faster "
                               "forward passes; worth it for a large split")
 
@@ -71,43 +110,43 @@ class TrainConfig:
     checkpoint_path: str = _f("runs/shapes", "run folder: config, vocab, checkpoints, logs")
     init_from: str = _f("", "start from this run's `best` decoder weights and vocabulary")
     resume: bool = _f(False, "continue from the run folder's `last` state")
-    seed: int = _f(123, "random seed")
-    batch_size: int = _f(10, "images per batch per process (each brings seq_per_img captions)")
-    seq_per_img: int = _f(5, "captions per image in a batch; the grid is read once for all")
-    max_epochs: int = _f(30, "epochs to train")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
-    learning_rate: float = _f(4e-4, "Adam learning rate")
-    learning_rate_decay_start: int = _f(-1, "epoch the step decay starts (-1: never)")
-    learning_rate_decay_every: int = _f(3, "epochs between decays")
-    learning_rate_decay_rate: float = _f(0.8, "multiplier per decay")
-    optim_alpha: float = _f(0.9, "Adam beta1")
-    optim_beta: float = _f(0.999, "Adam beta2")
-    optim_epsilon: float = _f(1e-8, "Adam epsilon")
-    weight_decay: float = _f(0.0, "Adam weight decay")
-    grad_clip: float = _f(2.0, "clip the gradient's global norm to this (0: off)")
-    alpha_c: float = _f(1.0, "lambda of the doubly stochastic attention regularizer (paper Eq. 14)")
-    max_length: int = _f(16, "captions are cut at this many words")
-    word_count_threshold: int = _f(5, "words seen this many times or fewer become <unk>")
-    count_splits: str = _f("train", "splits whose captions build the vocabulary: train or all")
-    scheduled_sampling_start: int = _f(-1, "epoch scheduled sampling starts (-1: never)")
-    scheduled_sampling_increase_every: int = _f(5, "epochs between increases")
-    scheduled_sampling_increase_prob: float = _f(0.05, "increase per step of the schedule")
-    scheduled_sampling_max_prob: float = _f(0.25, "ceiling of the sampling probability")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (the launcher's --mixed_precision wins when given)")
-    gradient_accumulation_steps: int = _f(1, "batches per optimizer step")
-    num_workers: int = _f(2, "DataLoader workers")
-    shuffle_buffer: int = _f(1000, "wds: sample shuffle buffer")
-    save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)")
-    val_images_use: int = _f(5000, "validation images scored (-1: all)")
-    log_every: int = _f(25, "steps between logged losses")
-    self_critical_after: int = _f(-1, "epoch to switch to self-critical training (-1: never)")
-    sc_sample_n: int = _f(5, "SCST: samples per image; >1 uses their mean reward as baseline (new SC)")
-    sc_baseline: str = _f("mean", "SCST baseline: greedy (Rennie et al.) or mean of the other samples")
+    seed: int = _f(123, "random seed", ge=0)
+    batch_size: int = _f(10, "images per batch per process (each brings seq_per_img captions)", ge=1)
+    seq_per_img: int = _f(5, "captions per image in a batch; the grid is read once for all", ge=1)
+    max_epochs: int = _f(30, "epochs to train", ge=1)
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)", ge=0)
+    learning_rate: float = _f(4e-4, "Adam learning rate", gt=0)
+    learning_rate_decay_start: int = _f(-1, "epoch the step decay starts (-1: never)", ge=-1)
+    learning_rate_decay_every: int = _f(3, "epochs between decays", ge=1)
+    learning_rate_decay_rate: float = _f(0.8, "multiplier per decay", gt=0, le=1)
+    optim_alpha: float = _f(0.9, "Adam beta1", ge=0, lt=1)
+    optim_beta: float = _f(0.999, "Adam beta2", ge=0, lt=1)
+    optim_epsilon: float = _f(1e-8, "Adam epsilon", gt=0)
+    weight_decay: float = _f(0.0, "Adam weight decay", ge=0)
+    grad_clip: float = _f(2.0, "clip the gradient's global norm to this (0: off)", ge=0)
+    alpha_c: float = _f(1.0, "lambda of the doubly stochastic attention regularizer (paper Eq. 14)", ge=0)
+    max_length: int = _f(16, "captions are cut at this many words", ge=1)
+    word_count_threshold: int = _f(5, "words seen this many times or fewer become <unk>", ge=0)
+    count_splits: str = _f("train", "splits whose captions build the vocabulary: train or all", choices=("train", "all"))
+    scheduled_sampling_start: int = _f(-1, "epoch scheduled sampling starts (-1: never)", ge=-1)
+    scheduled_sampling_increase_every: int = _f(5, "epochs between increases", ge=1)
+    scheduled_sampling_increase_prob: float = _f(0.05, "increase per step of the schedule", ge=0, le=1)
+    scheduled_sampling_max_prob: float = _f(0.25, "ceiling of the sampling probability", ge=0, le=1)
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (the launcher's --mixed_precision wins when given)", choices=("no", "bf16", "fp16"))
+    gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
+    num_workers: int = _f(2, "DataLoader workers", ge=0)
+    shuffle_buffer: int = _f(1000, "wds: sample shuffle buffer", ge=0)
+    save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)
+    val_images_use: int = _f(5000, "validation images scored (-1: all)", ge=-1, not_zero=True)
+    log_every: int = _f(25, "steps between logged losses", ge=1)
+    self_critical_after: int = _f(-1, "epoch to switch to self-critical training (-1: never)", ge=-1)
+    sc_sample_n: int = _f(5, "SCST: samples per image; >1 uses their mean reward as baseline (new SC)", ge=1)
+    sc_baseline: str = _f("mean", "SCST baseline: greedy (Rennie et al.) or mean of the other samples", choices=("greedy", "mean"))
     finetune: bool = _f(False, "train the backbone's upper blocks from images with the decoder")
     finetune_layers: list = _f(["layer4"], "backbone stages that train when finetune is on")
-    cnn_learning_rate: float = _f(1e-5, "learning rate of the fine-tuned backbone blocks")
-    cnn_weight_decay: float = _f(0.0, "weight decay of the fine-tuned backbone blocks")
-    finetune_start: int = _f(0, "step from which the backbone trains (before it: frozen)")
+    cnn_learning_rate: float = _f(1e-5, "learning rate of the fine-tuned backbone blocks", ge=0)
+    cnn_weight_decay: float = _f(0.0, "weight decay of the fine-tuned backbone blocks", ge=0)
+    finetune_start: int = _f(0, "step from which the backbone trains (before it: frozen)", ge=0)
     freeze_bn: bool = _f(True, "keep BatchNorm statistics and affine weights frozen while fine-tuning")
     activation_checkpointing: bool = _f(False, "recompute backbone activations in backward to save memory")
 
@@ -170,7 +209,8 @@ def _build(section_type: type, values: dict, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return section_type(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+    return section_type(**{k: check_value(_coerce(v, hints[k], f"{where}.{k}"), _valid(section_type, k), f"{where}.{k}")
+                           for k, v in values.items()})
 
 
 def from_dict(d: dict | None, where: str = "config") -> Config:
@@ -212,21 +252,50 @@ def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             names = [f"--{s}.{f.name}"]
             if counts[f.name] == 1:
                 names.insert(0, f"--{f.name}")
-            group.add_argument(*names, dest=f"{s}.{f.name}", default=None, metavar=f.name.upper(),
-                               help=f.metadata.get("help", ""))
+            help_ = f.metadata.get("help", "")
+            if typing.get_type_hints(types_[s])[f.name] is bool:  # `--resume` alone means true; also true/false
+                group.add_argument(*names, dest=f"{s}.{f.name}", default=None, nargs="?", const="true",
+                                   metavar="true|false", help=help_)
+            else:
+                group.add_argument(*names, dest=f"{s}.{f.name}", default=None, metavar=f.name.upper(), help=help_)
 
 
 def apply_overrides(cfg: Config, ns: argparse.Namespace) -> Config:
     """Replace fields given on the command line (dest `section.field`), typed like the YAML."""
     types_ = _section_types()
+    used = {d.split(".", 1)[0] for d in vars(ns) if "." in d}
+    counts: dict[str, int] = {}
+    for sec in used:
+        for f in fields(types_[sec]):
+            counts[f.name] = counts.get(f.name, 0) + 1
     updates: dict[str, dict] = {}
     for dest, value in vars(ns).items():
         if "." not in dest or value is None:
             continue
         s, name = dest.split(".", 1)
         hint = typing.get_type_hints(types_[s])[name]
-        updates.setdefault(s, {})[name] = _coerce(value, hint, f"--{name}")
+        flag = f"--{name}" if counts.get(name) == 1 else f"--{s}.{name}"
+        updates.setdefault(s, {})[name] = check_value(_coerce(value, hint, flag), _valid(types_[s], name), flag)
     return replace(cfg, **{s: replace(getattr(cfg, s), **u) for s, u in updates.items()})
+
+
+# Flags of the seed's command line (neuraltalk2 / self-critical.pytorch) that are named otherwise here.
+SEED_FLAGS = {
+    "--input_h5": "--features (a folder from `python -m featurize`)",
+    "--input_fc_dir": "--features (a folder from `python -m featurize`)",
+    "--input_att_dir": "--features (a folder from `python -m featurize`)",
+    "--input_label_h5": "--input_json (captions come from the split file and the records)",
+    "--start_from": "--resume (continue this run) or --init_from RUN (start from another run's weights)",
+    "--rnn_size": "--hidden_dim", "--input_encoding_size": "--embed_dim", "--att_hid_size": "--attn_dim",
+    "--drop_prob_lm": "--dropout", "--losses_log_every": "--log_every",
+    "--language_eval": "python -m caption.evaluate (validation always scores CIDEr-D and BLEU-4)",
+}
+
+
+def obsolete_hint(unknown: list[str]) -> str:
+    """'; --start_from is now --resume ...' for the seed's flags among `unknown`."""
+    hints = [f"{u.split('=')[0]} is now {SEED_FLAGS[u.split('=')[0]]}" for u in unknown if u.split("=")[0] in SEED_FLAGS]
+    return f"; {'; '.join(hints)}" if hints else ""
 
 
 def parse(argv: list[str] | None, parser: argparse.ArgumentParser, sections: tuple[str, ...],
@@ -236,7 +305,7 @@ def parse(argv: list[str] | None, parser: argparse.ArgumentParser, sections: tup
     add_override_flags(parser, sections)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise ConfigError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+        raise ConfigError(f"unknown option(s): {' '.join(unknown)}{obsolete_hint(unknown)} (see --help)")
     cfg = from_dict(read_yaml(ns.config), where=str(ns.config))
     return apply_overrides(cfg, ns), ns
 

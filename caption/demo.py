@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     t = stage("4/5 evaluate on the test split (beam 3) with attention grounding")
     from caption.evaluate import evaluate
     m = evaluate(run, "test", beam_size=3, with_grounding=True)
-    skipped, eval_dir = m.pop("_skipped"), m.pop("_out")
+    skipped, eval_dir, _ = m.pop("_skipped"), m.pop("_out"), m.pop("_coverage")
     times["evaluate"] = time.perf_counter() - t
 
     t = stage("5/5 caption test images with attention figures")

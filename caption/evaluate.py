@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from caption.config import ConfigError, check_args
 from caption.decode import beam_search
 from caption.metrics import format_table, score
 from caption.model import Decoder
 from caption.vocab import Vocab
 from shards.format import Record
 from shards.karpathy import DatasetError, load_split
-from shards.manifest import StoreError, atomic_write_json
+from shards.manifest import StoreError, atomic_write_json, check_same_features, foreign_records, identity, read_json
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:
@@ -156,6 +157,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab, cfg = load_decoder(run, checkpoint, device)
+    coverage = ""
     from_images = cfg.train.finetune if from_images is None else from_images
     if from_images:
         m = load_manifest(features_dir(cfg, "train"))
@@ -169,7 +171,17 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         store = open_store(root)
         if store.manifest["channels"] != cfg.model.feature_dim:
             raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
+        check_same_features(store.manifest, *run_features(run, cfg, root))
+        ids = {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+        bad = foreign_records(store.records, ids)
+        if bad:
+            raise StoreError(f"{root}: {len(bad)} record(s) are not images of split {split!r} in {cfg.data.input_json} "
+                             f"(first: {bad[0]['key']}); featurize this split from the run's split file")
         n, grid = (len(store) if limit < 0 else min(limit, len(store))), int(store.manifest["grid"])
+        if limit < 0 and len(store) < len(ids):  # scored anyway (COCO has a broken image), but said
+            failed = len(store.manifest.get("failures", []))
+            coverage = (f"{root}: scoring {len(store)} of the {len(ids)} images of split {split!r} "
+                        f"({failed} failed to decode, listed in its manifest; {len(ids) - len(store) - failed} not featurized)")
         records = eval_records(root, limit=limit)
     res = decode_records(model, vocab, records, device, beam_size, batch_size, max_length,
                          length_penalty, suppress_unk, keep_alphas=with_grounding, progress=progress, total=n)
@@ -186,7 +198,20 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         atomic_write_json(out / "skipped.json", skipped)
     metrics["_skipped"] = skipped
     metrics["_out"] = str(out)
+    metrics["_coverage"] = coverage
     return metrics
+
+
+def run_features(run: str | Path, cfg, root: Path) -> tuple[dict, str, str]:
+    """(identity, where, against) for `check_same_features` of the features in `root`: the encoder a run was trained on, from
+    RUN/features.json (runs from before it: the run's train features' manifest)."""
+    from caption.train import features_dir
+    from shards import load_manifest
+    saved = Path(run) / "features.json"
+    if saved.exists():
+        return read_json(saved, "features identity"), str(root), f"the run's ({saved})"
+    train = features_dir(cfg, "train")
+    return identity(load_manifest(train)), str(root), f"the run's train features ({train})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,13 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute grids from the images with the run's encoder (default: true for fine-tuned runs)")
     a = p.parse_args(argv)
     try:
+        check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}, "batch_size": {"ge": 1},
+                       "limit": {"ge": -1, "not_zero": True, "help": "-1: every image"}})
         m = evaluate(a.run, a.split, a.beam_size, a.features, a.checkpoint, a.max_length, a.length_penalty,
                      a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out,
                      from_images=None if a.from_images is None else a.from_images == "true")
-    except (StoreError, DatasetError, ValueError, RuntimeError) as e:
+    except (ConfigError, StoreError, DatasetError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    skipped, out = m.pop("_skipped"), m.pop("_out")
+    skipped, out, coverage = m.pop("_skipped"), m.pop("_out"), m.pop("_coverage")
+    if coverage:
+        print(f"note: {coverage}", file=sys.stderr)
     print(format_table({k: v for k, v in m.items() if not k.startswith("grounding")}, skipped))
     if a.grounding:
         print(f"grounding: argmax attention inside the named object for {m['grounding']:.1%} of {m['grounding_words']} "

@@ -25,6 +25,7 @@ from caption.vocab import Vocab
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.images import ImageError, image_file, load_rgb, to_tensor
 from shards.karpathy import ImageEntry
+from shards.manifest import inside
 
 
 def backbone_from_manifest(manifest: dict, features_root: str | Path, override: str | Path | None = None) -> Backbone:
@@ -32,8 +33,8 @@ def backbone_from_manifest(manifest: dict, features_root: str | Path, override: 
     weights = manifest["weights"]
     if override and Path(override).exists():
         weights = str(override)
-    elif weights == "none":
-        weights = str(Path(features_root) / manifest["backbone_file"])
+    elif weights == "none":  # the calibrated random backbone, inside the features folder
+        weights = str(inside(features_root, manifest.get("backbone_file"), f"{features_root}: manifest's backbone_file"))
     elif weights.startswith("imagenet"):
         weights = "imagenet"
     return Backbone(BackboneConfig(manifest["backbone"], manifest["layer"], weights, manifest["grid"]))

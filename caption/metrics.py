@@ -126,6 +126,11 @@ def score(references: dict, results: dict, scorers=ALL) -> tuple[dict[str, float
     Both are PTB-tokenized together, as coco-caption does with COCO's captions file.
     """
     ids = list(results)
+    if not ids:  # (METEOR's protocol breaks on an empty set, and its process then never exits)
+        raise ValueError("no captions to score")
+    missing = [i for i in ids if not references.get(i)]
+    if missing:
+        raise ValueError(f"{len(missing)} captioned image(s) have no references (first: image id {missing[0]})")
     both = tokenize_groups({**{("gt", i): references[i] for i in ids}, **{("res", i): [results[i]] for i in ids}})
     gts = {i: both[("gt", i)] for i in ids}
     res = {i: both[("res", i)] for i in ids}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caption.config import ConfigError, check_args
 from caption.evaluate import caption_features
 from caption.visualize import attention_figure
 from caption.finetune import backbone_from_manifest
@@ -36,10 +37,14 @@ def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
 
 
 def list_images(paths: list[str]) -> list[Path]:
+    """Files as given, folders expanded to their images; a folder without one is an ImageError."""
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"{p}: a folder without images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out += found
         else:
             out.append(p)
     return out
@@ -48,7 +53,8 @@ def list_images(paths: list[str]) -> list[Path]:
 @torch.no_grad()
 def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: int = 20, attention: str | None = None,
             checkpoint: str = "best") -> list[dict]:
-    """[{"image", "caption", "figure"}] for each image path (folders expanded)."""
+    """[{"image", "caption", "figure", "error"}] for each image path (folders expanded). An image
+    that cannot be read has its reason in "error" (caption and figure None); the others are captioned."""
     from caption.train import load_decoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,12 +64,16 @@ def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: 
     paths = list_images(images)
     out = []
     for path in paths:
-        image = load_rgb(path)
+        try:
+            image = load_rgb(path)
+        except ImageError as e:
+            out.append({"image": str(path), "caption": None, "figure": None, "error": str(e)})
+            continue
         x = to_tensor(image, int(m["image_size"]))[None].to(device)  # (1, 3, S, S) uint8
         grid = backbone(x).float().clamp(-65504, 65504).half()  # (1, g, g, C), fp16 like the cached grids
         dec = caption_features(model, vocab, grid, beam_size, max_length)
         words = vocab.decode(dec.tokens[0].tolist())
-        item = {"image": str(path), "caption": " ".join(words), "figure": None}
+        item = {"image": str(path), "caption": " ".join(words), "figure": None, "error": None}
         if attention:
             target = Path(attention)
             if len(paths) > 1 or target.suffix.lower() != ".png":
@@ -84,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", default=None, help="PNG path (one image) or folder: attention figures")
     a = p.parse_args(argv)
     try:
-        for r in predict(a.run, a.images, a.beam_size, a.max_length, a.attention, a.checkpoint):
-            print(f"{r['image']}: {r['caption']}" + (f"  [{r['figure']}]" if r["figure"] else ""))
-    except (ImageError, BackboneError, StoreError, ValueError, RuntimeError) as e:
+        check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}})
+        results = predict(a.run, a.images, a.beam_size, a.max_length, a.attention, a.checkpoint)
+    except (ConfigError, ImageError, BackboneError, StoreError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    for r in results:
+        if r["error"]:
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['image']}: {r['caption']}" + (f"  [{r['figure']}]" if r["figure"] else ""))
+    return 1 if any(r["error"] for r in results) else 0
 
 
 if __name__ == "__main__":

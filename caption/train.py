@@ -35,9 +35,9 @@ from caption.data import train_batches
 from caption.model import Decoder
 from caption.objective import Objective
 from caption.vocab import Vocab, build_from_split_file
-from shards import load_manifest
+from shards import load_manifest, open_store
 from shards.karpathy import DatasetError, load_split
-from shards.manifest import StoreError
+from shards.manifest import StoreError, atomic_write_json, check_same_features, foreign_records, identity, read_json
 
 
 class TrainError(RuntimeError):
@@ -174,7 +174,9 @@ def save_checkpoint(accelerator, model, run: Path, progress: dict) -> None:
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()  # save_state has no barrier at its end
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(progress))
+        # JSON has no infinity: `best` is null until a validation has scored
+        (tmp / "progress.json").write_text(json.dumps({**progress, "best": None if progress["best"] == -math.inf
+                                                                   else progress["best"]}))
         save_weights(accelerator.unwrap_model(model).net, run / "last.safetensors")
         if final.exists():
             if old.exists():
@@ -306,7 +308,8 @@ def train(cfg: C.Config) -> int:
     run.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(tcfg, run)
     train_manifest = load_manifest(features_dir(cfg, "train"))
-    load_manifest(features_dir(cfg, "val"))  # fail now, not at the first validation
+    cfg = with_split_file(cfg, train_manifest, accelerator)
+    check_features(cfg, run, train_manifest, tcfg.resume, accelerator.is_main_process)  # fail now, not at the first validation
     vocab = build_vocab(cfg, run, accelerator)
     set_seed(tcfg.seed)  # before the model's random init
     decoder, cfg = build_model(cfg, vocab, train_manifest)
@@ -341,18 +344,21 @@ def train(cfg: C.Config) -> int:
     scheduler.split_batches = True
 
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": -math.inf, "best_step": -1}
+    metrics_path = run / "metrics.jsonl"
     if state_dir is not None:
         accelerator.load_state(str(state_dir))  # weights_only loads inside Accelerate
         progress = json.loads((state_dir / "progress.json").read_text())
+        progress["best"] = -math.inf if progress["best"] is None else progress["best"]  # null: nothing validated yet
         if progress["batch"] >= n_per_epoch:
             progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
+        if accelerator.is_main_process:
+            drop_rows_after(metrics_path, progress["step"])  # a killed run logged steps this one will log again
     if accelerator.is_main_process:
         print(f"{run}: {world} process(es) on {accelerator.device}, {n_per_epoch} batches of {tcfg.batch_size} images "
               f"x {tcfg.seq_per_img} captions per epoch per process ({train_manifest['backend']} features)", flush=True)
     seen_before = progress.get("batches_total", 0)
     accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
                                                  if isinstance(v, (int, float, str, bool))})
-    metrics_path = run / "metrics.jsonl"
 
     def log(row: dict) -> None:
         accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
@@ -412,9 +418,54 @@ def train(cfg: C.Config) -> int:
     return 130 if interrupted else 0
 
 
+def with_split_file(cfg: C.Config, manifest: dict, accelerator) -> C.Config:
+    """The config with the split file the train features were made from, when the configured one
+    does not exist: the manifest records it (and the image root), so training needs only --features."""
+    if Path(cfg.data.input_json).is_file() or not manifest.get("input_json") or not Path(manifest["input_json"]).is_file():
+        return cfg
+    if accelerator.is_main_process:
+        print(f"{cfg.data.input_json or '(no --input_json)'}: not a file; using the split file the train features were "
+              f"made from, {manifest['input_json']}", flush=True)
+    data = dataclasses.replace(cfg.data, input_json=manifest["input_json"],
+                               images_root=cfg.data.images_root or manifest.get("images_root", ""))
+    return dataclasses.replace(cfg, data=data)
+
+
+def check_features(cfg: C.Config, run: Path, train_manifest: dict, resume: bool, is_main: bool = True) -> None:
+    """Train and val features from one encoder (and, resuming, the one the run started on); every
+    record an image of its split in the split file (none smuggled in). Records the encoder in
+    RUN/features.json, which evaluation checks its features against."""
+    want = identity(train_manifest)
+    saved = run / "features.json"
+    if resume and saved.exists():
+        check_same_features(train_manifest, read_json(saved, "features identity"), str(features_dir(cfg, "train")),
+                            f"the run's ({saved})")
+    val_manifest = load_manifest(features_dir(cfg, "val"))
+    check_same_features(val_manifest, want, str(features_dir(cfg, "val")), f"the train features ({features_dir(cfg, 'train')})")
+    for split in ("train", "val"):
+        ids = {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+        bad = foreign_records(open_store(features_dir(cfg, split)).records, ids)
+        if bad:
+            raise TrainError(f"{features_dir(cfg, split)}: {len(bad)} record(s) are not images of split {split!r} in "
+                             f"{cfg.data.input_json} (first: {bad[0]['key']}); featurize from the same split file")
+    if is_main:
+        atomic_write_json(saved, want)
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (rewritten atomically)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
 def train_references(cfg: C.Config) -> list[list[list[str]]]:
     """Every training image's reference token lists (the CIDEr-D document frequencies come from these)."""
-    from shards import open_store
     return [r["captions"] for r in open_store(features_dir(cfg, "train")).records]
 
 
@@ -426,7 +477,6 @@ def make_batches(cfg: C.Config, vocab: Vocab, progress: dict, rank: int, world: 
                   pin_memory=pin)
     if tcfg.finetune:
         from caption.finetune import image_batches
-        from shards import open_store
         store = open_store(features_dir(cfg, "train"))
         keys = {r["key"] for r in store.records}  # the images the cached run trained on (no failures, --limit)
         entries = [e for e in load_split(cfg.data.input_json, "train", cfg.data.restval_in_train) if e.key in keys]

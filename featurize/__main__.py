@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ns = C.parse(argv, p, ("data", "featurize"))
         if ns.output:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=ns.output))
-        if cfg.data.format not in ("zarr", "wds"):
-            raise C.ConfigError(f"--format must be zarr or wds, not {cfg.data.format!r}")
         state = _state()
         backbone, info = build_backbone(cfg.data, cfg.featurize, state)
         splits = ["train", "val", "test"] if ns.split == "all" else [ns.split]

@@ -119,7 +119,7 @@ def build_backbone(dcfg: DataConfig, fcfg: FeaturizeConfig, state=None) -> tuple
         raise FeaturizeError(f"{meta_path}: the features folder holds a random {saved.get('arch')} {saved.get('layer')} backbone; "
                              f"write {fcfg.backbone} {fcfg.layer} features elsewhere")
     net = Backbone(replace(bcfg, weights=str(path)))
-    return net, {**info, "weights": "none", "backbone_file": RANDOM_BACKBONE,
+    return net, {**info, "weights": "none", "backbone_file": RANDOM_BACKBONE, "weights_sha256": saved.get("sha256"),
                  "bn_calibration": {"images": saved["calibration_images"], "split": "train"}}
 
 

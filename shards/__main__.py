@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from shards import format as fmt
 from shards import open_store, write_records
-from shards.manifest import PLAN, StoreError, done_shards, load_manifest, read_json, sha256_file
+from shards.manifest import IDENTITY, PLAN, StoreError, done_shards, load_manifest, read_json, sha256_file
 
 
 def verify(root: str | Path, progress: bool = True) -> list[str]:
@@ -80,9 +80,8 @@ def convert(src: str | Path, dst: str | Path, backend: str, shard_size: int = 0,
     """Copy every record into a store of another backend, losslessly."""
     store = open_store(src)
     m = store.manifest
-    keep = ("backbone", "layer", "weights", "image_size", "input_json", "images_root", "normalization", "split",
-            "bn_calibration", "feature_source")
-    info = {k: m[k] for k in keep if k in m}
+    keep = ("input_json", "images_root", "split", "bn_calibration", "backbone_file", "feature_source", "limit")
+    info = {k: m[k] for k in (*IDENTITY, *keep) if k in m and k not in ("grid", "channels")}
     info["converted_from"] = str(src)
     return write_records(dst, tqdm(store.iter_records(), total=len(store), desc="convert", unit="rec"),
                          backend=backend, num_records=len(store), grid=m["grid"], channels=m["channels"],

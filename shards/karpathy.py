@@ -63,6 +63,14 @@ def _key(dataset: str, image_id: int) -> str:
     return f"{dataset}_{image_id:012d}"
 
 
+def _image_id(path, img: dict, index: int) -> int:
+    """The entry's COCO id (`cocoid`, else `imgid`, else its place in the file)."""
+    value = img.get("cocoid", img.get("imgid", index))
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise _fail(path, f"images[{index}] has a non-integer image id {value!r}")
+    return int(value)
+
+
 def parse_image(path: str | os.PathLike, dataset: str, img: dict, index: int) -> ImageEntry:
     """Validate one `images[]` entry and turn it into an ImageEntry."""
     where = f"images[{index}]"
@@ -80,7 +88,7 @@ def parse_image(path: str | os.PathLike, dataset: str, img: dict, index: int) ->
             raise _fail(path, f"{where} ({img['filename']}) has a sentence without a tokens list")
         tokens.append([str(t) for t in s["tokens"]])
         raw.append(str(s.get("raw", " ".join(s["tokens"]))))
-    image_id = int(img.get("cocoid", img.get("imgid", index)))
+    image_id = _image_id(path, img, index)
     rel = os.path.join(img.get("filepath", ""), img["filename"])
     # Paths from a split file never leave the image root.
     if os.path.isabs(rel) or ".." in Path(rel).parts:
@@ -100,17 +108,18 @@ def load_split(path: str | os.PathLike, split: str = "train", restval_in_train: 
     wanted = expand_split(split, restval_in_train)
     data = read_split_file(path)
     dataset = str(data.get("dataset", "coco"))
-    out, seen = [], set()
+    out, seen = [], {}  # image id -> (index, split) of every image in the file, whichever split was asked
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict):
             raise _fail(path, f"images[{i}] is not an object")
+        image_id = _image_id(path, img, i)
+        if image_id in seen:  # the same image twice, e.g. in train and in test: scores would be meaningless
+            j, other = seen[image_id]
+            raise _fail(path, f"images[{i}] ({img.get('split')}) repeats image id {image_id} of images[{j}] ({other})")
+        seen[image_id] = (i, img.get("split"))
         if img.get("split") not in wanted and img.get("split") in SPLITS:
             continue
-        entry = parse_image(path, dataset, img, i)
-        if entry.key in seen:
-            raise _fail(path, f"images[{i}] repeats image id {entry.image_id}")
-        seen.add(entry.key)
-        out.append(entry)
+        out.append(parse_image(path, dataset, img, i))
     if not out:
         raise _fail(path, f"split {split!r} holds no images")
     return out

@@ -323,6 +323,31 @@ def finalize(root: Path, split: str = "") -> dict:
     return manifest
 
 
+# What makes two features folders the same features: the encoder, its weights and the input it saw.
+IDENTITY = ("backbone", "layer", "weights", "weights_sha256", "image_size", "grid", "channels", "normalization", "resize")
+
+
+def identity(manifest: dict) -> dict:
+    """The fields of a manifest that say which encoder made its grids (see IDENTITY)."""
+    return {k: manifest.get(k) for k in IDENTITY}
+
+
+def check_same_features(manifest: dict, expected: dict, where: str, against: str) -> None:
+    """A StoreError when `manifest`'s identity differs from `expected` (an identity dict): the
+    decoder would read grids of another encoder, layer or input size without a word."""
+    got = identity(manifest)
+    diff = [k for k in IDENTITY if got.get(k) != expected.get(k) and not (k == "weights_sha256" and None in (got.get(k), expected.get(k)))]
+    if diff:
+        shown = ", ".join(f"{k} {got.get(k)!r} vs {expected.get(k)!r}" for k in diff)
+        raise StoreError(f"{where}: features from another encoder than {against} ({shown}); featurize this split "
+                         "with the same settings")
+
+
+def foreign_records(records: list[dict], image_ids: set[int]) -> list[dict]:
+    """The records whose image is not among `image_ids` (a split's): not to be trained on or scored."""
+    return [r for r in records if r.get("image_id") not in image_ids]
+
+
 def load_manifest(root: Path) -> dict:
     """The manifest of a complete features folder, or a one-line error saying what is wrong."""
     root = Path(root)
