@@ -262,11 +262,11 @@ def shard_index(root: Path, manifest: dict) -> list[tuple[dict, Path, list[dict]
     for k, s in enumerate(shards):
         if not isinstance(s, dict) or s.get("index") != k:
             raise StoreError(f"{mpath}: shard entry {k} is not shard {k}")
+        path = inside(root, s.get("file"), f"{mpath}: shard {k}")
         meta = read_json(shard_meta_path(root, k), "shard metadata")
         recs = check_shard_meta(root, k, meta, s.get("count"), num_rows, S, keys)
-        if meta["file"] != s.get("file"):
-            raise StoreError(f"{shard_meta_path(root, k)}: file {meta['file']!r}, the manifest says {s.get('file')!r}")
-        path = inside(root, s["file"], f"{mpath}: shard {k}")
+        if meta["file"] != s["file"]:
+            raise StoreError(f"{shard_meta_path(root, k)}: file {meta['file']!r}, the manifest says {s['file']!r}")
         if recs or s.get("bytes", 0) or path.exists() or path.is_symlink():
             st = regular_file(path, "shard file")
             if st.st_size != s.get("bytes"):
