@@ -351,8 +351,8 @@ def train(cfg: C.Config) -> int:
         progress["best"] = -math.inf if progress["best"] is None else progress["best"]  # null: nothing validated yet
         if progress["batch"] >= n_per_epoch:
             progress["epoch"], progress["batch"] = progress["epoch"] + 1, 0
-        if accelerator.is_main_process:
-            drop_rows_after(metrics_path, progress["step"])  # a killed run logged steps this one will log again
+    if accelerator.is_main_process:  # a killed run logged steps this one will log again (all of them, starting over)
+        drop_rows_after(metrics_path, progress["step"])
     if accelerator.is_main_process:
         print(f"{run}: {world} process(es) on {accelerator.device}, {n_per_epoch} batches of {tcfg.batch_size} images "
               f"x {tcfg.seq_per_img} captions per epoch per process ({train_manifest['backend']} features)", flush=True)

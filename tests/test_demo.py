@@ -1,0 +1,42 @@
+"""`make demo`'s path interrupted with Ctrl-C during training and run again: it finishes, with the
+metrics of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT
+
+DEMO = [sys.executable, "-m", "caption.demo", "--config", str(ROOT / "configs" / "tiny.yaml"), "--num_images", "120",
+        "--max_epochs", "8"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_demo_interrupted_in_training_resumes_to_the_same_metrics(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = subprocess.run(DEMO + ["--out", str(a)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    want = json.loads((a / "run" / "eval_test" / "metrics.json").read_text())
+
+    # Ctrl-C reaches the whole process group (as in a terminal) once training has logged its first steps
+    p = subprocess.Popen(DEMO + ["--out", str(b)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    metrics = b / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGINT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0, out[-3000:]
+    progress = json.loads((b / "run" / "state" / "progress.json").read_text())
+    assert 0 < progress["step"] < 8 * 24, progress  # stopped mid-way, its state saved
+    assert "interrupted: saving `last`" in out
+
+    r = subprocess.run(DEMO + ["--out", str(b)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads((b / "run" / "eval_test" / "metrics.json").read_text()) == want
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps))  # each logged step once, in order
