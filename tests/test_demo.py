@@ -31,7 +31,9 @@ def test_demo_interrupted_in_training_resumes_to_the_same_metrics(tmp_path):
     os.killpg(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=300)
     assert p.returncode != 0, out[-3000:]
-    progress = json.loads((b / "run" / "state" / "progress.json").read_text())
+    strict = {"parse_constant": lambda c: f"not JSON: {c}"}  # Python's json would take -Infinity
+    progress = json.loads((b / "run" / "state" / "progress.json").read_text(), **strict)
+    assert progress["best"] is None or isinstance(progress["best"], float), progress
     assert 0 < progress["step"] < 8 * 24, progress  # stopped mid-way, its state saved
     assert "interrupted: saving `last`" in out
 
