@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from shards.karpathy import load_split
+from caption.config import ConfigError, check_args
+from shards.karpathy import DatasetError, load_split
 from shards.manifest import atomic_write_json, read_json
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -106,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--word_count_threshold", type=int, default=5)
     p.add_argument("--count_splits", default="train", choices=["train", "all"])
     a = p.parse_args(argv)
-    vocab = build_from_split_file(a.input_json, a.word_count_threshold, a.count_splits)
+    try:
+        check_args(a, {"word_count_threshold": {"ge": 0}})
+        vocab = build_from_split_file(a.input_json, a.word_count_threshold, a.count_splits)
+        train = load_split(a.input_json, "train")
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     vocab.save(a.out)
-    train = load_split(a.input_json, "train")
     rate = unk_rate(vocab, (t for img in train for t in img.tokens))
     print(f"{a.out}: {len(vocab)} words (with {len(SPECIALS)} specials); <unk> rate on train captions {rate:.2%}")
     return 0

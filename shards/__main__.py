@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--codec", default="blosc-zstd", help="zarr codec: blosc-zstd, zstd, lz4 or none")
     a = p.parse_args(argv)
     try:
+        if a.cmd == "convert" and a.shard_size < 0:
+            raise StoreError(f"--shard_size: must be at least 0 (0: the source's), got {a.shard_size}")
         if a.cmd == "verify":
             problems = verify(a.dir)
             for line in problems:

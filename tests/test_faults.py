@@ -245,10 +245,11 @@ TRAIN_BAD = [("--batch_size", "0"), ("--batch_size", "-4"), ("--gradient_accumul
 EVAL_BAD = [("--beam_size", "0"), ("--beam_size", "-2"), ("--max_length", "0"), ("--max_length", "-3"),
             ("--batch_size", "0"), ("--limit", "0"), ("--limit", "-5")]
 PREDICT_BAD = [("--beam_size", "0"), ("--max_length", "0")]
+OTHER_BAD = [("vocab", "--word_count_threshold", "-1"), ("convert", "--shard_size", "-3")]
 
 
 @pytest.mark.parametrize("cli,flag,value", [("featurize", *b) for b in FEATURIZE_BAD] + [("train", *b) for b in TRAIN_BAD]
-                         + [("evaluate", *b) for b in EVAL_BAD] + [("predict", *b) for b in PREDICT_BAD])
+                         + [("evaluate", *b) for b in EVAL_BAD] + [("predict", *b) for b in PREDICT_BAD] + OTHER_BAD)
 def test_bad_numbers_are_one_line_errors(cli, flag, value, tmp_path, capsys):
     cfg = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--features", str(tmp_path / "f")]
     if cli == "featurize":
@@ -257,6 +258,11 @@ def test_bad_numbers_are_one_line_errors(cli, flag, value, tmp_path, capsys):
         rc = train.main(cfg + ["--checkpoint_path", str(tmp_path / "run"), flag, value])
     elif cli == "evaluate":
         rc = evaluate_main(["--run", str(tmp_path / "run"), flag, value])
+    elif cli == "vocab":
+        from caption.vocab import main as vocab_main
+        rc = vocab_main(["--input_json", str(tmp_path / "x.json"), "--out", str(tmp_path / "f" / "v.json"), flag, value])
+    elif cli == "convert":
+        rc = shards_main(["convert", str(tmp_path / "a"), str(tmp_path / "f"), "--format", "wds", flag, value])
     else:
         rc = predict_main(["--run", str(tmp_path / "run"), "x.jpg", flag, value])
     assert rc == 1
