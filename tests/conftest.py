@@ -22,6 +22,15 @@ def shapes(tmp_path_factory) -> Path:
     return out
 
 
+def free_port() -> str:
+    """A TCP port free on this machine now, for a two-process rendezvous (no fixed ports that
+    another test or program may hold)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def tiny_args(shapes: Path, features: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--input_json", str(shapes / "dataset.json"),
             "--features", str(features), *extra]

@@ -18,7 +18,7 @@ from featurize.images import load_rgb
 from shards import format as fmt
 from shards import load_manifest, open_store
 from shards.karpathy import load_split
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, free_port, tiny_args
 
 
 def records(root):
@@ -225,7 +225,7 @@ def test_two_process_featurize(shapes, tiny_features, tmp_path):
         shutil.copy(tiny_features / f, out / f)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "featurize",
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "featurize",
                         *tiny_args(shapes, out, "--split", "val", "--shard_images", "4")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from caption import train
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, free_port, tiny_args
 
 
 def val_rows(run):
@@ -63,7 +63,7 @@ def test_finetune_needs_a_cached_run(shapes, tiny_features, tmp_path, capsys):
 def test_two_process_finetune(shapes, tiny_features, trained_run, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(ROOT / "caption" / "train.py"),
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "caption" / "train.py"),
                         *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "ft2"), "--finetune", "true",
                                    "--init_from", str(trained_run), "--max_steps", "3", "--finetune_start", "1",
                                    "--finetune_layers", "layer3")],

@@ -13,7 +13,7 @@ from caption.model import Decoder, DecoderConfig
 from caption.objective import Objective
 from caption.scst import CiderD, scst_loss
 from caption.vocab import Vocab
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, free_port, tiny_args
 
 REFS = {
     1: ["a man riding a horse on a beach", "a person rides a brown horse near the ocean", "man on horseback at the shore"],
@@ -150,7 +150,7 @@ def test_scst_training_resumes_mid_run(shapes, tiny_features, tmp_path):
 def test_two_process_scst(shapes, tiny_features, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29551", str(ROOT / "caption" / "train.py"),
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "caption" / "train.py"),
                         *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
                                    "--self_critical_after", "0", "--sc_sample_n", "2", "--sc_baseline", "greedy")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

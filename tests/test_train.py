@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from caption import train
 from caption.train import TrainError, load_decoder
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, free_port, tiny_args
 
 
 def run_args(shapes, features, run, *extra):
@@ -70,7 +70,7 @@ def test_two_process_training(shapes, tiny_features, tmp_path, backend):
             convert(tiny_features / split, features / split, "wds", shard_size=16)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    port = "29531" if backend == "zarr" else "29532"
+    port = free_port()
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", port, str(ROOT / "caption" / "train.py"),
                         *run_args(shapes, features, tmp_path / "run", "--max_epochs", "2", "--num_workers", "0")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
