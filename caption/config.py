@@ -66,8 +66,7 @@ def check_args(ns: argparse.Namespace, valid: dict[str, dict]) -> argparse.Names
 def _valid(section_type: type, name: str) -> dict:
     if section_type is DecoderConfig:
         return MODEL_VALID.get(name, {})
-    meta = next(f.metadata for f in fields(section_type) if f.name == name)
-    return {k: v for k, v in meta.items()}
+    return dict(next(f.metadata for f in fields(section_type) if f.name == name))
 
 
 @dataclass(frozen=True)

@@ -164,9 +164,10 @@ def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_im
     return n_batches, islice(iter(loader), start, n_batches) if start else islice(iter(loader), n_batches)
 
 
-def eval_records(root: str | Path, rank: int = 0, world: int = 1, limit: int = -1) -> Iterator[Record]:
-    """The split's records in order, this rank's share (i % world == rank), the first `limit` overall."""
-    store = open_store(root)
+def eval_records(store, rank: int = 0, world: int = 1, limit: int = -1) -> Iterator[Record]:
+    """A store's records in order (`store`: an open store, or its folder), this rank's share
+    (i % world == rank), the first `limit` overall."""
+    store = open_store(store) if isinstance(store, (str, Path)) else store
     for i, rec in enumerate(store.iter_records()):
         if 0 <= limit <= i:
             break

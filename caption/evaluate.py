@@ -182,7 +182,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
             failed = len(store.manifest.get("failures", []))
             coverage = (f"{root}: scoring {len(store)} of the {len(ids)} images of split {split!r} "
                         f"({failed} failed to decode, listed in its manifest; {len(ids) - len(store) - failed} not featurized)")
-        records = eval_records(root, limit=limit)
+        records = eval_records(store, limit=limit)  # the store opened and checked above
     res = decode_records(model, vocab, records, device, beam_size, batch_size, max_length,
                          length_penalty, suppress_unk, keep_alphas=with_grounding, progress=progress, total=n)
     results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in res]

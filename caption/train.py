@@ -36,7 +36,7 @@ from caption.model import Decoder
 from caption.objective import Objective
 from caption.vocab import Vocab, build_from_split_file
 from shards import load_manifest, open_store
-from shards.karpathy import DatasetError, load_split
+from shards.karpathy import DatasetError, expand_split, load_split
 from shards.manifest import StoreError, atomic_write_json, check_same_features, foreign_records, identity, read_json
 
 
@@ -442,8 +442,10 @@ def check_features(cfg: C.Config, run: Path, train_manifest: dict, resume: bool,
                             f"the run's ({saved})")
     val_manifest = load_manifest(features_dir(cfg, "val"))
     check_same_features(val_manifest, want, str(features_dir(cfg, "val")), f"the train features ({features_dir(cfg, 'train')})")
+    entries = load_split(cfg.data.input_json, "all")  # the split file parsed once for both splits
     for split in ("train", "val"):
-        ids = {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+        names = expand_split(split, cfg.data.restval_in_train)
+        ids = {e.image_id for e in entries if e.split in names}
         bad = foreign_records(open_store(features_dir(cfg, split)).records, ids)
         if bad:
             raise TrainError(f"{features_dir(cfg, split)}: {len(bad)} record(s) are not images of split {split!r} in "
