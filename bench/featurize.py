@@ -35,9 +35,10 @@ import torch
 from PIL import Image
 
 from bench import device_name, pick_device, sync
-from caption.config import DataConfig, FeaturizeConfig
+from common.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone, BackboneConfig
-from featurize.extract import autocast, featurize_split, inference_model, timing_summary
+from featurize.extract import featurize_split, timing_summary
+from featurize.prepare import autocast, inference_model
 from featurize.images import load_rgb, to_tensor
 from shards import open_store
 

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from caption.vocab import Vocab
 from shards import open_store
-from shards.format import Record
+from shards.format import Record, StoreError
+from shards.wds import stream
 
 
 def pick_captions(captions: list[list[str]], n: int, rng: np.random.Generator) -> list[list[str]]:
@@ -65,7 +66,7 @@ class CaptionedFeatures(Dataset):
     def __init__(self, store, vocab: Vocab, seq_per_img: int, max_length: int, seed: int = 0):
         self.store = store  # a ZarrReader (open_store)
         if not hasattr(self.store, "__getitem__"):
-            raise TypeError(f"{store.root}: a {store.manifest['backend']} store streams; random access needs zarr")
+            raise StoreError(f"{store.root}: a {store.manifest['backend']} store streams; random access needs zarr")
         self.vocab, self.seq_per_img, self.max_length, self.seed = vocab, seq_per_img, max_length, seed
         self.epoch = 0
 
@@ -113,7 +114,6 @@ class StreamedCaptions(IterableDataset):
         self.seed, self.epoch, self.shuffle_buffer, self.rank, self.world = seed, epoch, shuffle_buffer, rank, world
 
     def __iter__(self) -> Iterator[dict]:
-        from shards.wds import stream
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
         urls = self.store.urls()
@@ -134,7 +134,7 @@ class StreamedCaptions(IterableDataset):
                     continue
                 yield encode_record(rec, self.vocab, self.seq_per_img, self.max_length, rng)
             if got == 0:
-                raise ValueError(f"{self.store.root}: worker {worker} of rank {self.rank} got no records from {mine}")
+                raise StoreError(f"{self.store.root}: worker {worker} of rank {self.rank} got no records from {mine}")
 
 
 def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_img: int, max_length: int, seed: int,
@@ -145,7 +145,7 @@ def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_im
     backend = store.manifest["backend"]
     n_batches = len(store) // (batch_size * world)
     if n_batches == 0:
-        raise ValueError(f"{root}: {len(store)} images cannot fill one batch of {batch_size} on {world} process(es)")
+        raise StoreError(f"{root}: {len(store)} images cannot fill one batch of {batch_size} on {world} process(es)")
     if backend == "zarr":
         ds = CaptionedFeatures(store, vocab, seq_per_img, max_length, seed)
         ds.epoch = epoch

@@ -5,16 +5,22 @@ A step function maps (tokens (R,), state) -> (log p (R, V), state), where every 
 when a step sets it, is recorded as the attention of the word just emitted.
 
 Sequences come back without <bos>, cut before <eos>, padded with <eos>.
+At the end, the same over a trained decoder: `caption_features` (a batch of grids) and
+`decode_records` (a feature store's records, many images per beam search).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from caption.model import PER_IMAGE, State, expand_state, select_images, select_state
+from caption.model import PER_IMAGE, Decoder, State, expand_state, select_images, select_state
+from caption.vocab import Vocab
+from shards.format import Record
 
 StepFn = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 NEG_INF = float("-inf")
@@ -82,6 +88,7 @@ def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
     return _ancestral(step, state, bos, eos, max_length, pick, suppress)
 
 
+# long: batched beam search is one loop (rank, finish, continue, shrink) over state that every step shares
 def beam_search(step: StepFn, state: State, bos: int, eos: int, beam_size: int = 3, max_length: int = 20,
                 length_penalty: float = 0.0, suppress: Sequence[int] = ()) -> Decoded:
     """Batched beam search: B images x K beams as one tensor program.
@@ -219,3 +226,44 @@ def _trace_back(B: int, length: torch.Tensor, beam: torch.Tensor, closed: torch.
             alphas[sel, t] = alpha_at[t][p, o]
         b[sel] = o
     return tokens, alphas
+
+
+# ---- a trained decoder over grids and records ----------------------------------------
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def caption_features(model: Decoder, vocab: Vocab, features: torch.Tensor, beam_size: int = 3, max_length: int = 20,
+                     length_penalty: float = 0.0, suppress_unk: bool = False):
+    """Decoded output for (B, L, D) or (B, g, g, D) features (beam_size 1 is greedy)."""
+    state = model.init_state(features)
+    return beam_search(model.step, state, vocab.bos_id, vocab.eos_id, beam_size=beam_size, max_length=max_length,
+                       length_penalty=length_penalty, suppress=(vocab.unk_id,) if suppress_unk else ())
+
+
+def decode_records(model: Decoder, vocab: Vocab, records: Iterable[Record], device, beam_size: int = 3,
+                   batch_size: int = 50, max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
+                   keep_alphas: bool = False, progress: bool = False, total: int | None = None) -> list[dict]:
+    """[{"image_id", "caption", "key", ("alphas": (T, L) array)}] for records, many images per beam search."""
+    out = []
+    bar = tqdm(total=total, desc=f"beam {beam_size}", unit="img", disable=not progress)
+    for batch in _batched(records, batch_size):
+        feats = torch.from_numpy(np.stack([r["features"] for r in batch])).to(device)  # (B, g, g, D)
+        dec = caption_features(model, vocab, feats, beam_size, max_length, length_penalty, suppress_unk)
+        for i, r in enumerate(batch):
+            words = vocab.decode(dec.tokens[i].tolist())
+            item = {"image_id": int(r["image_id"]), "caption": " ".join(words), "key": r["key"]}
+            if keep_alphas and dec.alphas is not None:
+                item["alphas"] = dec.alphas[i, : len(words)].float().cpu().numpy()  # (T, L)
+            out.append(item)
+        bar.update(len(batch))
+    bar.close()
+    return out

@@ -12,7 +12,16 @@ import json
 import time
 from pathlib import Path
 
+import featurize.__main__ as featurize_cli
+from caption import train
+from caption.evaluate import evaluate
 from caption.metrics import format_table
+from caption.predict import predict
+from caption.visualize import training_curves
+from common.cli import command
+from common.config import load
+from featurize import synthetic
+from shards.karpathy import load_split
 
 
 def stage(name: str) -> float:
@@ -20,6 +29,7 @@ def stage(name: str) -> float:
     return time.perf_counter()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo")
@@ -34,25 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     times = {}
 
     t = stage("1/5 generate the shapes world")
-    from featurize import synthetic
     if not (data / "dataset.json").exists():
         synthetic.generate(data, a.num_images, a.seed)
     print(f"{data / 'dataset.json'}: {a.num_images} images")
     times["generate"] = time.perf_counter() - t
 
     t = stage("2/5 featurize train, val, test (frozen random-init ResNet-18 to layer3)")
-    import featurize.__main__ as fz
-    if fz.main(common + ["--split", "all"]) != 0:
+    if featurize_cli.main(common + ["--split", "all"]) != 0:
         return 1
     times["featurize"] = time.perf_counter() - t
 
     t = stage("3/5 train the attention decoder")
-    from caption import train
     progress = run / "state" / "progress.json"
     extra = ["--max_epochs", str(a.max_epochs)] if a.max_epochs else []
     done = False
     if progress.exists():
-        from caption.config import load
         prog, cfg = json.loads(progress.read_text()), load(run / "config.yaml")
         done = prog["epoch"] >= (a.max_epochs or cfg.train.max_epochs) and (run / "best.safetensors").exists()
     if not done and train.main(common + ["--checkpoint_path", str(run)] + extra + (["--resume"] if progress.exists() else [])) != 0:
@@ -60,15 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     times["train"] = time.perf_counter() - t
 
     t = stage("4/5 evaluate on the test split (beam 3) with attention grounding")
-    from caption.evaluate import evaluate
     m = evaluate(run, "test", beam_size=3, with_grounding=True)
     skipped, eval_dir, _ = m.pop("_skipped"), m.pop("_out"), m.pop("_coverage")
     times["evaluate"] = time.perf_counter() - t
 
     t = stage("5/5 caption test images with attention figures")
-    from caption.predict import predict
-    from caption.visualize import training_curves
-    from shards.karpathy import load_split
     tests = load_split(data / "dataset.json", "test")[:3]
     figs = out / "figures"
     for r in predict(run, [str(data / e.filename) for e in tests], beam_size=3, attention=str(figs)):

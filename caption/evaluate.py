@@ -13,75 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from caption.config import ConfigError, check_args
-from caption.decode import beam_search
-from caption.metrics import format_table, score
-from caption.model import Decoder
-from caption.vocab import Vocab
-from shards.format import Record
+from caption.data import eval_records
+from caption.decode import decode_records
+from caption.finetune import backbone_from_manifest, image_records
+from caption.metrics import ALL, format_table, score
+from caption.references import references_for
+from caption.run import features_dir, load_decoder, run_features
+from common.cli import command
+from common.config import check_args, images_root
+from common.files import atomic_write_json
+from common.tensors import default_device
+from featurize.synthetic import COLORS, SHAPE_WORDS
+from shards import load_manifest, open_store
 from shards.karpathy import DatasetError, load_split
-from shards.manifest import StoreError, atomic_write_json, check_same_features, foreign_records, identity, read_json
-
-
-def _batched(it: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-@torch.no_grad()
-def caption_features(model: Decoder, vocab: Vocab, features: torch.Tensor, beam_size: int = 3, max_length: int = 20,
-                     length_penalty: float = 0.0, suppress_unk: bool = False):
-    """Decoded output for (B, L, D) or (B, g, g, D) features (beam_size 1 is greedy)."""
-    state = model.init_state(features)
-    return beam_search(model.step, state, vocab.bos_id, vocab.eos_id, beam_size=beam_size, max_length=max_length,
-                       length_penalty=length_penalty, suppress=(vocab.unk_id,) if suppress_unk else ())
-
-
-def decode_records(model: Decoder, vocab: Vocab, records: Iterable[Record], device, beam_size: int = 3,
-                   batch_size: int = 50, max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
-                   keep_alphas: bool = False, progress: bool = False, total: int | None = None) -> list[dict]:
-    """[{"image_id", "caption", "key", ("alphas": (T, L) array)}] for records, many images per beam search."""
-    out = []
-    bar = tqdm(total=total, desc=f"beam {beam_size}", unit="img", disable=not progress)
-    for batch in _batched(records, batch_size):
-        feats = torch.from_numpy(np.stack([r["features"] for r in batch])).to(device)  # (B, g, g, D)
-        dec = caption_features(model, vocab, feats, beam_size, max_length, length_penalty, suppress_unk)
-        for i, r in enumerate(batch):
-            words = vocab.decode(dec.tokens[i].tolist())
-            item = {"image_id": int(r["image_id"]), "caption": " ".join(words), "key": r["key"]}
-            if keep_alphas and dec.alphas is not None:
-                item["alphas"] = dec.alphas[i, : len(words)].float().cpu().numpy()  # (T, L)
-            out.append(item)
-        bar.update(len(batch))
-    bar.close()
-    return out
-
-
-def raw_references(entries: list, image_ids: Iterable[int] | None = None) -> dict[int, list[str]]:
-    """Raw reference sentences by image id, from a split's entries (`load_split`): coco-caption
-    tokenizes them together with the results."""
-    refs = {e.image_id: e.raw for e in entries}
-    if image_ids is None:
-        return refs
-    return {i: refs[i] for i in image_ids}
-
-
-def references_for(input_json: str, split: str, image_ids: Iterable[int] | None = None,
-                   restval_in_train: bool = True) -> dict[int, list[str]]:
-    """`raw_references` of a split read from its file."""
-    return raw_references(load_split(input_json, split, restval_in_train), image_ids)
+from shards.manifest import StoreError, check_same_features, foreign_records
 
 
 # ---- attention grounding (shapes world) ------------------------------------------------
@@ -92,8 +40,6 @@ def grounding(results: list[dict], input_json: str, split: str, grid: int) -> di
     names the object of the color word just before it when that object has this shape.
     Words naming no object in the image are not counted (reported as `unmatched`).
     """
-    from featurize.synthetic import SHAPE_WORDS
-    from featurize.synthetic import COLORS
     shape_of = {w: s for s, words in SHAPE_WORDS.items() for w in words}
     entries = {e.image_id: e for e in load_split(input_json, split)}
     hits = total = unmatched = 0
@@ -148,14 +94,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     fine-tuned run's RUN/backbone.safetensors); default: yes for fine-tuned runs, else the
     cached features are read.
     """
-    from caption.config import images_root
-    from caption.data import eval_records
-    from caption.finetune import backbone_from_manifest, image_records
-    from caption.metrics import ALL
-    from caption.train import features_dir, load_decoder
-    from shards import load_manifest, open_store
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, vocab, cfg = load_decoder(run, checkpoint, device)
     coverage = ""
     from_images = cfg.train.finetune if from_images is None else from_images
@@ -171,7 +110,8 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         store = open_store(root)
         if store.manifest["channels"] != cfg.model.feature_dim:
             raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
-        check_same_features(store.manifest, *run_features(run, cfg, root))
+        expected, against = run_features(run, cfg)
+        check_same_features(store.manifest, expected, str(root), against)
         ids = {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
         bad = foreign_records(store.records, ids)
         if bad:
@@ -202,18 +142,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     return metrics
 
 
-def run_features(run: str | Path, cfg, root: Path) -> tuple[dict, str, str]:
-    """(identity, where, against) for `check_same_features` of the features in `root`: the encoder a run was trained on, from
-    RUN/features.json (runs from before it: the run's train features' manifest)."""
-    from caption.train import features_dir
-    from shards import load_manifest
-    saved = Path(run) / "features.json"
-    if saved.exists():
-        return read_json(saved, "features identity"), str(root), f"the run's ({saved})"
-    train = features_dir(cfg, "train")
-    return identity(load_manifest(train)), str(root), f"the run's train features ({train})"
-
-
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run folder (config.yaml, vocab.json, best.safetensors)")
@@ -231,15 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from_images", default=None, choices=["true", "false"],
                    help="compute grids from the images with the run's encoder (default: true for fine-tuned runs)")
     a = p.parse_args(argv)
-    try:
-        check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}, "batch_size": {"ge": 1},
-                       "limit": {"ge": -1, "not_zero": True, "help": "-1: every image"}})
-        m = evaluate(a.run, a.split, a.beam_size, a.features, a.checkpoint, a.max_length, a.length_penalty,
-                     a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out,
-                     from_images=None if a.from_images is None else a.from_images == "true")
-    except (ConfigError, StoreError, DatasetError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}, "batch_size": {"ge": 1},
+                   "limit": {"ge": -1, "not_zero": True, "help": "-1: every image"}})
+    m = evaluate(a.run, a.split, a.beam_size, a.features, a.checkpoint, a.max_length, a.length_penalty,
+                 a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out,
+                 from_images=None if a.from_images is None else a.from_images == "true")
     skipped, out, coverage = m.pop("_skipped"), m.pop("_out"), m.pop("_coverage")
     if coverage:
         print(f"note: {coverage}", file=sys.stderr)

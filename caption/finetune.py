@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from caption.data import EpochBatches, collate, pick_captions
 from caption.model import Decoder
 from caption.vocab import Vocab
+from common.tensors import to_fp16
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.images import ImageError, image_file, load_rgb, to_tensor
 from shards.karpathy import ImageEntry
@@ -69,7 +70,7 @@ class Captioner(nn.Module):
         """(B, 3, S, S) uint8 -> (B, g, g, C) grids, rounded through float16 as the cached grids are."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trains):
             grid = self.backbone(images)
-        return grid.float().clamp(-65504, 65504).half().float() + (grid - grid.detach())  # fp16 values, full gradient
+        return to_fp16(grid).float() + (grid - grid.detach())  # fp16 values, full gradient
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, seq_per_img: int = 1, ss_prob: float = 0.0):
         return self.decoder(self.encode(images), tokens, seq_per_img=seq_per_img, ss_prob=ss_prob)
@@ -124,7 +125,7 @@ def image_records(entries: list[ImageEntry], root: str | Path, image_size: int, 
                 images.append(to_tensor(load_rgb(image_file(root, e.filename)), image_size))
             except ImageError:
                 images.append(torch.zeros(3, image_size, image_size, dtype=torch.uint8))
-        grids = backbone(torch.stack(images).to(device)).float().clamp(-65504, 65504).half().cpu().numpy()
+        grids = to_fp16(backbone(torch.stack(images).to(device))).cpu().numpy()  # (b, g, g, C)
         for e, g in zip(chunk, grids):
             yield {"key": e.key, "image_id": e.image_id, "filename": e.filename, "features": g, "captions": e.tokens}
     backbone.train(was)

@@ -15,6 +15,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from common.errors import UserError
+
+class ScoreError(UserError):
+    """Captions that cannot be scored: none, or some without references."""
+
+
 ALL = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
@@ -69,7 +75,8 @@ def _meteor():
     return Meteor()
 
 
-def _spice_missing() -> str:
+def spice_missing() -> str:
+    """'' when SPICE can run (its CoreNLP jars and Java), else the reason it cannot."""
     lib = _pkg_dir() / "spice" / "lib"
     if not (lib / "stanford-corenlp-3.6.0.jar").exists() or not (lib / "stanford-corenlp-3.6.0-models.jar").exists():
         return (f"SPICE needs Stanford CoreNLP 3.6.0 jars in {lib} (pycocoevalcap downloads them at first use; "
@@ -91,8 +98,8 @@ def score_tokenized(gts: dict, res: dict, scorers=ALL) -> tuple[dict[str, float]
         if name in ("METEOR",) and java_missing():
             skipped[name] = java_missing()
             continue
-        if name == "SPICE" and _spice_missing():
-            skipped[name] = _spice_missing()
+        if name == "SPICE" and spice_missing():
+            skipped[name] = spice_missing()
             continue
         try:
             if name == "Bleu":
@@ -127,10 +134,10 @@ def score(references: dict, results: dict, scorers=ALL) -> tuple[dict[str, float
     """
     ids = list(results)
     if not ids:  # (METEOR's protocol breaks on an empty set, and its process then never exits)
-        raise ValueError("no captions to score")
+        raise ScoreError("no captions to score")
     missing = [i for i in ids if not references.get(i)]
     if missing:
-        raise ValueError(f"{len(missing)} captioned image(s) have no references (first: image id {missing[0]})")
+        raise ScoreError(f"{len(missing)} captioned image(s) have no references (first: image id {missing[0]})")
     both = tokenize_groups({**{("gt", i): references[i] for i in ids}, **{("res", i): [results[i]] for i in ids}})
     gts = {i: both[("gt", i)] for i in ids}
     res = {i: both[("res", i)] for i in ids}

@@ -8,25 +8,11 @@ Equation numbers refer to the arXiv v3 paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    vocab_size: int = 0  # set from the run's vocab.json
-    feature_dim: int = 0  # D, set from the features manifest
-    embed_dim: int = 512  # m in the paper
-    hidden_dim: int = 512  # n in the paper
-    attn_dim: int = 512
-    dropout: float = 0.5
-    attention: str = "soft"  # soft (Sec. 4.2) or hard (Sec. 4.1, stochastic)
-    semi_sampling_p: float = 0.5  # hard: probability of the soft expectation at a training step
-    entropy_weight: float = 0.002  # hard: weight of the attention entropy bonus (lambda_e)
-    baseline_decay: float = 0.9  # hard: moving-average baseline of the log-likelihood reward
+from common.config import DecoderConfig
 
 
 State = dict[str, torch.Tensor]
@@ -49,35 +35,42 @@ class Attention(nn.Module):
         return 2 * self.key(features)  # (B, L, D) -> (B, L, A)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """alpha (B*G, L) from per-image keys (B, L, A) and h_{t-1} (B*G, H) of G rows per image."""
+        """alpha_t (B*G, L) from per-image keys (B, L, A) and h_{t-1} (B*G, H) of G rows per image."""
         B, L, A = keys.shape
-        q = self.query(h).view(B, -1, 1, A)  # (B*G, H) -> (B, G, 1, A)
+        q = self.query(h).view(B, -1, 1, A)  # W_h h_{t-1}: (B*G, H) -> (B, G, 1, A)
+        e = self.scores(keys, q).view(-1, L)  # e_ti: (B, G, L) -> (B*G, L)
+        return e.float().softmax(dim=-1).to(keys.dtype)  # alpha_ti = exp(e_ti) / sum_k exp(e_tk)
+
+    def scores(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """e (B, G, L) = w^T tanh(W_a a_i + b + W_h h_{t-1}) + b_w, with keys = 2 (W_a a_i + b), q (B, G, 1, A).
+
+        Half precision computes exactly that. In fp32 the same value comes from `_scores_fp32`
+        (tests/test_model.py holds every path to the tanh form)."""
         if keys.dtype == torch.float32 and q.dtype == torch.float32:
-            # tanh(x) = 2 sigmoid(2x) - 1, so with keys = 2k:
-            #   e = w^T tanh(k + q) + b = (2w)^T sigmoid(keys + 2q) + (b - sum(w)).
-            # The (B, G, L, A) pre-activation is the cost of decoding: here it takes one add and
-            # one in-place sigmoid, where torch's CPU tanh alone costs ~4.5x a sigmoid. Kept to
-            # fp32, where the two forms agree to ~1e-7 (half precision would round 1/2 + x/2).
-            w2, b = 2 * self.score.weight.view(A), self.score.bias - self.score.weight.sum()
-            q2 = 2 * q  # (B, G, 1, A)
-            if keys.device.type != "cpu" or (torch.is_grad_enabled() and (keys.requires_grad or q2.requires_grad)):
-                s = torch.add(keys[:, None], q2).sigmoid_()  # (B, G, L, A)
-                e = torch.matmul(s, w2).view(-1, L) + b  # (B, G, L) -> (B*G, L)
-            else:
-                e = self._scores_chunked(keys, q2, w2).view(-1, L) + b  # (B, G, L) -> (B*G, L)
-        else:
-            e = self.score(torch.tanh(torch.add(q, keys[:, None], alpha=0.5))).view(-1, L)  # (B, G, L, A) -> (B*G, L)
-        return e.float().softmax(dim=-1).to(keys.dtype)
+            return self._scores_fp32(keys, q)
+        return self.score(torch.tanh(torch.add(q, keys[:, None], alpha=0.5))).squeeze(-1)  # (B, G, L, A) -> (B, G, L)
+
+    def _scores_fp32(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The fp32 kernel: tanh(x) = 2 sigmoid(2x) - 1 turns w^T tanh(keys/2 + q) + b_w into
+        (2w)^T sigmoid(keys + 2q) + (b_w - sum(w)): the (B, G, L, A) pre-activation, the cost of
+        decoding, takes one add and one in-place sigmoid (a CPU's tanh is much slower than its
+        sigmoid, bench/RESULTS.md). fp32 only: the two forms agree to ~1e-7 there, not in half
+        precision. Without autograd on a CPU, a few images at a time (`_scores_chunked`)."""
+        A = keys.shape[-1]
+        w2, b = 2 * self.score.weight.view(A), self.score.bias - self.score.weight.sum()
+        q2 = 2 * q  # (B, G, 1, A)
+        if keys.device.type == "cpu" and not (torch.is_grad_enabled() and (keys.requires_grad or q2.requires_grad)):
+            return self._scores_chunked(keys, q2, w2) + b
+        s = torch.add(keys[:, None], q2).sigmoid_()  # (B, G, L, A)
+        return torch.matmul(s, w2) + b  # (B, G, L)
 
     @staticmethod
     def _scores_chunked(keys: torch.Tensor, q2: torch.Tensor, w2: torch.Tensor, chunk_bytes: int = 4 << 20) -> torch.Tensor:
-        """(2w)^T sigmoid(keys + 2q) a few images at a time through one reused ~4 MB buffer.
-
-        Without autograd nothing needs the whole (B, G, L, A) tensor: on a CPU a cache-sized
-        buffer avoids allocating (and page-faulting) it at every step, 2.3x faster at COCO's
-        A = 512. (A GPU takes the whole tensor at once: its allocator caches, and small
-        chunks would cost a kernel launch each.)
-        """
+        """(2w)^T sigmoid(keys + 2q), (B, G, L), a few images at a time through one reused ~4 MB
+        buffer: without autograd nothing needs the whole (B, G, L, A) tensor, and on a CPU a
+        cache-sized buffer saves allocating (and page-faulting) it at every step. (A GPU takes
+        the whole tensor at once: its allocator caches, and small chunks would cost a kernel
+        launch each.)"""
         B, L, A = keys.shape
         G = q2.shape[1]
         n = max(1, chunk_bytes // (G * L * A * keys.element_size()))  # images per chunk

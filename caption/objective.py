@@ -15,27 +15,35 @@ import torch
 import torch.nn as nn
 
 from caption.model import Decoder, sequence_loss
+from caption.scst import CiderD, scst_loss
 from caption.vocab import Vocab
 
 
 class Objective(nn.Module):
-    def __init__(self, net: nn.Module, vocab: Vocab, alpha_c: float = 1.0, seq_per_img: int = 5):
+    """The training loss of `net` (a Decoder, or a Captioner: backbone + decoder when fine-tuning).
+
+    `cider` (CiderD over the training references) and the `sc_*` settings are needed only for
+    self-critical steps (`forward(..., scst=True)`)."""
+
+    def __init__(self, net: nn.Module, vocab: Vocab, alpha_c: float = 1.0, seq_per_img: int = 5,
+                 cider: CiderD | None = None, sc_sample_n: int = 5, sc_baseline: str = "mean", max_length: int = 16):
         super().__init__()
-        self.net = net  # a Decoder, or a Captioner (backbone + decoder) when fine-tuning
+        self.net = net
         self.vocab, self.alpha_c, self.seq_per_img = vocab, alpha_c, seq_per_img
+        self.cider, self.sc_sample_n, self.sc_baseline, self.max_length = cider, sc_sample_n, sc_baseline, max_length
         self.register_buffer("baseline", torch.zeros(()))  # hard attention: moving average of log p(y | a, s)
-        self.cider = None  # set when self-critical training starts
-        self.scst_cfg: dict = {}
-        self.log_greedy = True  # SCST: measure the greedy captions' CIDEr-D this step (the loop sets it)
 
     @property
     def decoder(self) -> Decoder:
         return self.net.decoder if hasattr(self.net, "decoder") else self.net
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, ss_prob: float = 0.0,
-                refs: list | None = None, keys: list | None = None, scst: bool = False):
+                refs: list | None = None, keys: list | None = None, scst: bool = False, log_greedy: bool = True):
+        """(summed loss, normalizer, stats) of a batch: `inputs` are grids (B, g, g, D), or images
+        (B, 3, S, S) when fine-tuning; tokens/targets (N = B*S, T). `log_greedy`: SCST measures the
+        greedy captions' CIDEr-D this step (a logged step)."""
         if scst:
-            return self.self_critical(inputs, refs, keys)
+            return self.self_critical(inputs, refs, keys, log_greedy)
         logits, alphas = self.net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob)
         total, xent, ntok = sequence_loss(logits, targets, alphas, self.vocab.pad_id, self.alpha_c)
         stats = {"xent": xent.detach()}
@@ -63,12 +71,11 @@ class Objective(nn.Module):
         stats["hard_baseline"] = self.baseline.detach().clone()
         return reinforce - dec.cfg.entropy_weight * entropy
 
-    def self_critical(self, inputs, refs, keys):
-        from caption.scst import scst_loss
+    def self_critical(self, inputs, refs, keys, log_greedy: bool):
         if self.cider is None:
-            raise RuntimeError("self-critical training needs Objective.cider (set by the training loop)")
+            raise ValueError("self-critical steps need Objective(cider=CiderD(training references))")
         features = self.net.encode(inputs) if hasattr(self.net, "encode") else inputs
-        loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, **self.scst_cfg,
-                                log_greedy=self.log_greedy)
-        n = features.shape[0] * self.scst_cfg.get("sample_n", 5)
+        loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, self.sc_sample_n,
+                                self.sc_baseline, self.max_length, log_greedy=log_greedy)
+        n = features.shape[0] * self.sc_sample_n
         return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}

@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caption.config import ConfigError, check_args
-from caption.evaluate import caption_features
-from caption.visualize import attention_figure
+from caption.decode import caption_features
 from caption.finetune import backbone_from_manifest
-from featurize.backbone import Backbone, BackboneError
+from caption.run import load_decoder
+from caption.visualize import attention_figure
+from common.cli import command
+from common.config import check_args
+from common.tensors import default_device, to_fp16
+from featurize.backbone import Backbone
 from featurize.images import ImageError, load_rgb, to_tensor
 from shards import load_manifest
-from shards.manifest import StoreError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -55,9 +57,7 @@ def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: 
             checkpoint: str = "best") -> list[dict]:
     """[{"image", "caption", "figure", "error"}] for each image path (folders expanded). An image
     that cannot be read has its reason in "error" (caption and figure None); the others are captioned."""
-    from caption.train import load_decoder
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, vocab, cfg = load_decoder(run, checkpoint, device)
     backbone, m = backbone_for_run(run, cfg)
     backbone = backbone.to(device).freeze()
@@ -70,7 +70,7 @@ def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: 
             out.append({"image": str(path), "caption": None, "figure": None, "error": str(e)})
             continue
         x = to_tensor(image, int(m["image_size"]))[None].to(device)  # (1, 3, S, S) uint8
-        grid = backbone(x).float().clamp(-65504, 65504).half()  # (1, g, g, C), fp16 like the cached grids
+        grid = to_fp16(backbone(x))  # (1, g, g, C), fp16 like the cached grids
         dec = caption_features(model, vocab, grid, beam_size, max_length)
         words = vocab.decode(dec.tokens[0].tolist())
         item = {"image": str(path), "caption": " ".join(words), "figure": None, "error": None}
@@ -84,6 +84,7 @@ def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: 
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)
@@ -93,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--attention", default=None, help="PNG path (one image) or folder: attention figures")
     a = p.parse_args(argv)
-    try:
-        check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}})
-        results = predict(a.run, a.images, a.beam_size, a.max_length, a.attention, a.checkpoint)
-    except (ConfigError, ImageError, BackboneError, StoreError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}})
+    results = predict(a.run, a.images, a.beam_size, a.max_length, a.attention, a.checkpoint)
     for r in results:
         if r["error"]:
             print(f"error: {r['error']}", file=sys.stderr)

@@ -11,13 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from caption.evaluate import references_for
+from common.errors import UserError
+from caption.references import references_for
+from common.cli import command
 from caption.metrics import ALL, format_table, score
 from shards.karpathy import DatasetError
-from shards.manifest import atomic_write_json, read_json
+from common.files import read_json
+from common.files import atomic_write_json
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError):
     pass
 
 
@@ -57,6 +60,7 @@ def score_file(results: str | Path, input_json: str | Path, split: str = "test",
     return metrics, skipped, {"scored": len(common), "extra": extra, "missing": missing}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.score", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", required=True)
@@ -65,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write metrics.json here")
     p.add_argument("--allow_missing", action="store_true", help="score the images present in both; report the rest")
     a = p.parse_args(argv)
-    try:
-        metrics, skipped, cov = score_file(a.results, a.input_json, a.split, a.allow_missing)
-    except (ResultsError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    metrics, skipped, cov = score_file(a.results, a.input_json, a.split, a.allow_missing)
     if cov["extra"] or cov["missing"]:
         print(f"scored {cov['scored']} images; {len(cov['extra'])} not in the split, {len(cov['missing'])} missing")
     print(format_table(metrics, skipped))

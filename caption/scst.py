@@ -21,6 +21,7 @@ import torch
 from caption.decode import greedy, sample
 from caption.model import expand_state
 from caption.vocab import Vocab
+from common.config import ConfigError
 
 Tokens = Sequence[str]
 
@@ -102,7 +103,7 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
     """
     B = features.shape[0]
     if baseline == "mean" and sample_n < 2:
-        raise ValueError("the mean-of-other-samples baseline needs sc_sample_n >= 2")
+        raise ConfigError("--sc_baseline mean (the mean of the other samples) needs --sc_sample_n 2 or more")
     state = expand_state(decoder.init_state(features), sample_n)  # (B*n rows), grid once per image
     out = sample(decoder.step, state, vocab.bos_id, vocab.eos_id, max_length, generator=generator)
     sampled = words_of(out.tokens, out.lengths, vocab)

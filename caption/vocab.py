@@ -13,15 +13,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from caption.config import ConfigError, check_args
+from common.errors import UserError
+from common.cli import command
+from common.config import check_args
 from shards.karpathy import DatasetError, load_split
-from shards.manifest import atomic_write_json, read_json
+from common.files import read_json
+from common.files import atomic_write_json
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
 
-class VocabError(ValueError):
+class VocabError(UserError):
     pass
 
 
@@ -101,6 +104,7 @@ def unk_rate(vocab: Vocab, captions: Iterable[Sequence[str]]) -> float:
     return unk / max(n, 1)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.vocab", description="Build vocab.json from a Karpathy-format file.")
     p.add_argument("--input_json", required=True)
@@ -108,13 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--word_count_threshold", type=int, default=5)
     p.add_argument("--count_splits", default="train", choices=["train", "all"])
     a = p.parse_args(argv)
-    try:
-        check_args(a, {"word_count_threshold": {"ge": 0}})
-        vocab = build_from_split_file(a.input_json, a.word_count_threshold, a.count_splits)
-        train = load_split(a.input_json, "train")
-    except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_args(a, {"word_count_threshold": {"ge": 0}})
+    vocab = build_from_split_file(a.input_json, a.word_count_threshold, a.count_splits)
+    train = load_split(a.input_json, "train")
     vocab.save(a.out)
     rate = unk_rate(vocab, (t for img in train for t in img.tokens))
     print(f"{a.out}: {len(vocab)} words (with {len(SPECIALS)} specials); <unk> rate on train captions {rate:.2%}")

@@ -13,49 +13,42 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+import os
 
-from caption import config as C
-from featurize.backbone import BackboneError
-from featurize.extract import FeaturizeError, build_backbone, featurize_split
-from featurize.images import ImageError
-from shards.karpathy import DatasetError
-from shards.manifest import StoreError
+from accelerate import PartialState
+
+from common import config as C
+from common.cli import command
+from common.tensors import default_device
+from featurize.extract import build_backbone, featurize_split
+from featurize.prepare import SingleProcess
 
 
-def _state():
+def process_state():
     """accelerate's PartialState under a launcher (one process per GPU, or gloo on CPU); else one process."""
-    import os
-
-    import torch
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-        return PartialState(cpu=not torch.cuda.is_available())
-    from featurize.extract import _Single
-    return _Single()
+        return PartialState(cpu=default_device().type == "cpu")
+    return SingleProcess()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m featurize", description=__doc__.split("\n\n")[0])
     p.add_argument("--split", default="all", help="train, val, test, restval or all (train, val, test)")
     p.add_argument("--output", default=None, help="features folder (one subfolder per split); same as --features")
-    try:
-        cfg, ns = C.parse(argv, p, ("data", "featurize"))
-        if ns.output:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=ns.output))
-        state = _state()
-        backbone, info = build_backbone(cfg.data, cfg.featurize, state)
-        splits = ["train", "val", "test"] if ns.split == "all" else [ns.split]
-        for split in splits:
-            m = featurize_split(cfg.data, cfg.featurize, split, backbone, info, state)
-            if m is not None:
-                print(f"{cfg.data.features}/{split}: {m['count']} records, grid {m['grid']}x{m['grid']}x{m['channels']}, "
-                      f"{m['bytes_per_image'] / 1e3:.1f} kB per image, {len(m['failures'])} failed images")
-                for f in m["failures"][:5]:
-                    print(f"  failed: {f['filename']}: {f['reason']}")
-    except (C.ConfigError, DatasetError, StoreError, BackboneError, FeaturizeError, ImageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg, ns = C.parse(argv, p, ("data", "featurize"))
+    if ns.output:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=ns.output))
+    state = process_state()
+    backbone, info = build_backbone(cfg.data, cfg.featurize, state)
+    splits = ["train", "val", "test"] if ns.split == "all" else [ns.split]
+    for split in splits:
+        m = featurize_split(cfg.data, cfg.featurize, split, backbone, info, state)
+        if m is not None:
+            print(f"{cfg.data.features}/{split}: {m['count']} records, grid {m['grid']}x{m['grid']}x{m['channels']}, "
+                  f"{m['bytes_per_image'] / 1e3:.1f} kB per image, {len(m['failures'])} failed images")
+            for f in m["failures"][:5]:
+                print(f"  failed: {f['filename']}: {f['reason']}")
     return 0
 
 

@@ -13,7 +13,6 @@ The same module trains its upper blocks during end-to-end fine-tuning.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,14 @@ import torchvision
 from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 from safetensors.torch import load_file, save_file
 
+from common.errors import UserError
+from common.files import sha256_file, temp_path
+
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone that cannot be built; one line saying what to do."""
 
 
@@ -72,11 +74,8 @@ def load_imagenet_state(arch: str) -> dict:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()[:16]
+    """The short form of a weights file's SHA-256 that manifests record (16 hex digits)."""
+    return sha256_file(path)[:16]
 
 
 class Backbone(nn.Module):
@@ -204,7 +203,6 @@ class Backbone(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """safetensors of the trunk (stem.*, stages.*), atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_path(path)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
         os.replace(tmp, path)

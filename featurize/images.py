@@ -6,7 +6,7 @@ a PNG named .jpg decodes by content. A missing, empty, truncated or non-image fi
 an ImageError with the reason; featurize records it and goes on (or stops with --strict).
 
 Resize policy: the whole image is resized to image_size x image_size (aspect ratio not
-kept, no crop), as sgrvinod's tutorial does (256x256) and as the DESIGN's 448x448 input
+kept, no crop), as sgrvinod's tutorial does (256x256) and as the 448x448 input (configs/coco.yaml)
 for a 14x14 layer4 grid implies. Cropping, as the paper's VGG setup did (shortest side
 256, center 224), would cut off objects at the borders that the captions mention;
 ruotianluo's prepro_feats keeps the original size and adaptive-pools the grid, which makes
@@ -27,11 +27,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from common.errors import UserError
 from shards.karpathy import ImageEntry
-from shards.manifest import inside, regular_file
+from common.files import inside, regular_file
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be decoded; the message names the file and the reason."""
 
 

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from shards.manifest import atomic_write_json
+from common.cli import command
+from common.files import atomic_write_json
 
 COLORS = {
     "red": (220, 40, 40),
@@ -196,6 +197,7 @@ def generate(out: str | Path, num_images: int = 2400, seed: int = 0, image_size:
     return path
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m featurize.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder to write images/ and dataset.json into")

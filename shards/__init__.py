@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Iterable
 
 from shards.format import Record, RecordError, validate
-from shards.manifest import StoreError, WriterLock, done_shards, finalize, load_manifest, make_plan, shard_range
+from shards.manifest import (StoreError, WriterLock, done_shards, load_manifest, make_plan, merge_shards,
+                             shard_range, write_manifest)
+from shards.wds import WdsReader, WdsWriter
+from shards.zarr_store import ZarrReader, ZarrWriter, mark_filled_rows
 
 BACKENDS = ("zarr", "wds")
 
@@ -22,10 +25,8 @@ BACKENDS = ("zarr", "wds")
 def create_writer(root: str | Path, plan: dict):
     """A ZarrWriter or WdsWriter for `plan["backend"]`."""
     if plan["backend"] == "zarr":
-        from shards.zarr_store import ZarrWriter
         return ZarrWriter(root, plan)
     if plan["backend"] == "wds":
-        from shards.wds import WdsWriter
         return WdsWriter(root, plan)
     raise StoreError(f"unknown backend {plan['backend']!r}: zarr or wds")
 
@@ -34,12 +35,19 @@ def open_store(root: str | Path):
     """The reader of a finished features folder, chosen by its manifest."""
     manifest = load_manifest(Path(root))
     if manifest["backend"] == "zarr":
-        from shards.zarr_store import ZarrReader
         return ZarrReader(root, manifest)
     if manifest["backend"] == "wds":
-        from shards.wds import WdsReader
         return WdsReader(root, manifest)
     raise StoreError(f"{Path(root) / 'manifest.json'}: unknown backend {manifest['backend']!r}")
+
+
+def finalize(root: str | Path, split: str = "") -> dict:
+    """manifest.json once every shard is done (shards.manifest.merge_shards says what it holds);
+    a zarr store first marks its filled rows in the array's own attributes."""
+    manifest, rows = merge_shards(Path(root), split)
+    if manifest["backend"] == "zarr":  # where zarr-python alone sees which rows hold an image
+        mark_filled_rows(Path(root), rows)
+    return write_manifest(Path(root), manifest)
 
 
 def writer_threads(n: int = 0) -> int:

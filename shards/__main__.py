@@ -13,9 +13,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards import format as fmt
+import shards.format as fmt
+from common.cli import command
 from shards import open_store, write_records
-from shards.manifest import IDENTITY, PLAN, StoreError, done_shards, load_manifest, read_json, sha256_file
+from shards.manifest import IDENTITY, PLAN, StoreError, done_shards, load_manifest, read_json
+from common.files import sha256_file
 
 
 def verify(root: str | Path, progress: bool = True) -> list[str]:
@@ -52,7 +54,7 @@ def verify(root: str | Path, progress: bool = True) -> list[str]:
                 problems.append(f"{root}: key {rec['key']} appears twice")
             keys.add(rec["key"])
             n += 1
-    except (StoreError, fmt.RecordError) as e:
+    except StoreError as e:
         problems.append(str(e))
     if not problems and n != manifest["count"]:
         problems.append(f"{root}: {n} records read, manifest says {manifest['count']}")
@@ -88,6 +90,7 @@ def convert(src: str | Path, dst: str | Path, backend: str, shard_size: int = 0,
                          shard_size=shard_size or m["shard_size"], info=info, codec=codec, split=m.get("split", ""))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards", description="Feature store tools.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -102,28 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--shard_size", type=int, default=0, help="records per shard (default: the source's)")
     c.add_argument("--codec", default="blosc-zstd", help="zarr codec: blosc-zstd, zstd, lz4 or none")
     a = p.parse_args(argv)
-    try:
-        if a.cmd == "convert" and a.shard_size < 0:
-            raise StoreError(f"--shard_size: must be at least 0 (0: the source's), got {a.shard_size}")
-        if a.cmd == "verify":
-            problems = verify(a.dir)
-            for line in problems:
-                print(f"error: {line}", file=sys.stderr)
-            if problems:
-                return 1
-            m = load_manifest(Path(a.dir))
-            print(f"{a.dir}: OK, {m['count']} records in {m['num_shards']} shards, {len(m['failures'])} failed images listed")
-            return 0
-        if a.cmd == "stats":
-            for k, val in stats(a.dir).items():
-                print(f"{k:>20}: {val:.4g}" if isinstance(val, float) else f"{k:>20}: {val}")
-            return 0
-        m = convert(a.src, a.dst, a.format, a.shard_size, a.codec)
-        print(f"{a.dst}: {m['count']} records, {m['bytes_per_image']:.0f} bytes per image ({a.format})")
+    if a.cmd == "convert" and a.shard_size < 0:
+        raise StoreError(f"--shard_size: must be at least 0 (0: the source's), got {a.shard_size}")
+    if a.cmd == "verify":
+        problems = verify(a.dir)
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        if problems:
+            return 1
+        m = load_manifest(Path(a.dir))
+        print(f"{a.dir}: OK, {m['count']} records in {m['num_shards']} shards, {len(m['failures'])} failed images listed")
         return 0
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if a.cmd == "stats":
+        for k, val in stats(a.dir).items():
+            print(f"{k:>20}: {val:.4g}" if isinstance(val, float) else f"{k:>20}: {val}")
+        return 0
+    m = convert(a.src, a.dst, a.format, a.shard_size, a.codec)
+    print(f"{a.dst}: {m['count']} records, {m['bytes_per_image']:.0f} bytes per image ({a.format})")
+    return 0
 
 
 if __name__ == "__main__":

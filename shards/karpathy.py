@@ -14,12 +14,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.manifest import read_json
+from common.errors import UserError
+from common.files import read_json
 
 SPLITS = ("train", "val", "test", "restval")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A split file that cannot be used; the message names the file and the problem."""
 
 

@@ -17,100 +17,24 @@ manifest.json (so nobody mistakes the folder for complete).
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import hashlib
-import json
+import functools
 import os
-import stat
-import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-from shards.format import good_key
+from common import files
+from common.files import atomic_write_json
+from shards.format import StoreError, good_key
 
 PLAN, MANIFEST = "plan.json", "manifest.json"
 
 
-class StoreError(ValueError):
-    """A features folder that cannot be used; the message names the file and the problem."""
-
-
-def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_parts(path: str | os.PathLike, parts: Iterable) -> tuple[int, str]:
-    """Write a file from its pieces (bytes or buffer views, written as they are, never joined)
-    under a temporary name, fsync, rename; returns (bytes, sha256 hex) of what was written.
-    A killed writer leaves only a temporary file; a crash after the rename leaves the whole file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    h, size = hashlib.sha256(), 0
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part)
-            h.update(part)
-            size += memoryview(part).nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return size, h.hexdigest()
-
-
-def regular_file(path: str | os.PathLike, what: str, error: type[Exception] = StoreError) -> os.stat_result:
-    """stat() of a regular file, or `error` saying what is there instead: nothing, a folder, a
-    symlink loop, a FIFO or device (which would block or never end when read)."""
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise error(f"{path}: a broken symlink, not a {what}" if path.is_symlink() else f"{path}: no such {what}") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise error(f"{path}: a symlink loop, not a {what}") from None
-        raise error(f"{path}: cannot read ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise error(f"{path}: a folder, not a {what}")
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{path}: not a regular file (a FIFO, socket or device), not a {what}")
-    return st
-
-
-def read_json(path: str | os.PathLike, what: str, error: type[Exception] = StoreError):
-    """A JSON file's content, or `error` with one line naming the file: missing, not a file, or
-    malformed where. A UTF-8 byte-order mark is accepted (editors on Windows write one)."""
-    path = Path(path)
-    regular_file(path, what, error)
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({what}): {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({what}): {e}") from None
-
-
-def inside(root: str | os.PathLike, rel, where: str, error: type[Exception] = StoreError) -> Path:
-    """root/rel, when `rel` (from a manifest, shard JSON or split file) names a path inside root:
-    relative, no `..`, and, symlinks resolved, still under the resolved root. Else `error`."""
-    root = Path(root)
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-        raise error(f"{where}: path {rel!r} is not inside {root} (relative paths below it only)")
-    path = root / rel
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([real, base]) != base:
-        raise error(f"{where}: {path} resolves to {real}, outside {root} (a symlink)")
-    return path
+# The file helpers with this layer's error: a features folder's fault is a StoreError.
+read_json = functools.partial(files.read_json, error=StoreError)
+regular_file = functools.partial(files.regular_file, error=StoreError)
+inside = functools.partial(files.inside, error=StoreError)
 
 
 class WriterLock:
@@ -146,14 +70,6 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_meta_path(root: Path, k: int) -> Path:
@@ -279,10 +195,10 @@ def shard_index(root: Path, manifest: dict) -> list[tuple[dict, Path, list[dict]
     return out
 
 
-def finalize(root: Path, split: str = "") -> dict:
-    """Merge every shard's JSON and every writer's failures into manifest.json (all shards must be
-    done, and at least one image must have been read: a store of failures only is an error, with
-    the first failure named, not an empty store)."""
+def merge_shards(root: Path, split: str = "") -> tuple[dict, list[int]]:
+    """(manifest, filled rows): every shard's JSON and every writer's failures merged (all shards
+    must be done, and at least one image must have been read: a store of failures only is an
+    error, with the first failure named, not an empty store). `shards.finalize` writes it."""
     root = Path(root)
     plan = read_json(root / PLAN, "plan (not a features folder?)")
     missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
@@ -312,13 +228,15 @@ def finalize(root: Path, split: str = "") -> dict:
         "failures": failures, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shards": shards,
     }
-    if plan["backend"] == "zarr":  # mark the rows that hold an image where zarr-python alone sees it
-        from shards.zarr_store import mark_filled_rows  # (zarr_store builds on this module)
-        mark_filled_rows(root, rows)
     if checksums == {"crc32c"}:  # every shard's records carry their grid's CRC-32C (wds; zarr checks per chunk)
         manifest["record_checksum"] = "crc32c"
-    atomic_write_json(root / MANIFEST, manifest)
-    for tmp in root.rglob(".*.tmp"):  # what writers killed mid-file left behind; every shard is done now
+    return manifest, rows
+
+
+def write_manifest(root: Path, manifest: dict) -> dict:
+    """manifest.json, written last: its presence is what "complete" means."""
+    atomic_write_json(Path(root) / MANIFEST, manifest)
+    for tmp in Path(root).rglob(".*.tmp"):  # what writers killed mid-file left behind; every shard is done now
         tmp.unlink(missing_ok=True)
     return manifest
 

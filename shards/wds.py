@@ -28,9 +28,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest,
+import shards.format as fmt
+from shards.manifest import (StoreError, check_rows, ensure_plan, load_manifest,
                              shard_index, shard_meta_path, shard_range)
+from common.files import atomic_write_json, atomic_write_parts
 
 ALLOWED = {"features.npy", "json"}
 _INTERNAL = {"__key__", "__url__", "__local_path__"}
@@ -206,10 +207,7 @@ def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | Non
         raise StoreError(f"{where}.json: metadata does not belong to key {key}")
     rec = {"key": key, "image_id": meta.get("image_id"), "filename": meta.get("filename"),
            "captions": meta.get("captions"), "features": features}
-    try:
-        fmt.validate(rec, grid, channels, where=str(url))
-    except fmt.RecordError as e:
-        raise StoreError(str(e)) from None
+    fmt.validate(rec, grid, channels, where=str(url))
     if "crc32c" in meta or require_checksum:
         if meta.get("crc32c") != fmt.checksum(features):
             why = "has no checksum" if "crc32c" not in meta else "fails its crc32c"

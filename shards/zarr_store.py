@@ -25,9 +25,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from shards import format as fmt
-from shards.manifest import (StoreError, atomic_write_json, atomic_write_parts, check_rows, ensure_plan, load_manifest,
-                             row_runs, sha256_file, shard_index, shard_meta_path, shard_range)
+import shards.format as fmt
+from shards.manifest import (StoreError, check_rows, ensure_plan, load_manifest, row_runs,
+                             shard_index, shard_meta_path, shard_range)
+from common.files import atomic_write_json, atomic_write_parts, sha256_file
 
 ARRAY = "features.zarr"
 
@@ -48,8 +49,8 @@ def compressors(codec: str) -> list:
 
 
 # ---- shard files encoded and decoded directly ---------------------------------------------
-# zarr-python moves sharded chunks through its event loop one at a time (~90 MB/s written,
-# ~350 images/s read here, bench/RESULTS.md). For the codecs we write (blosc-zstd, zstd or
+# zarr-python moves sharded chunks through its event loop one at a time (several times slower
+# than the disk, bench/RESULTS.md "Feature store"). For the codecs we write (blosc-zstd, zstd or
 # none, then crc32c), shard files are encoded and decoded here, byte for byte in the layout of
 # zarr's `sharding_indexed` codec: the encoded chunks, then an index of (offset, nbytes)
 # little-endian uint64 pairs with its own crc32c, at the end; 2**64-1 marks an absent chunk.
@@ -70,7 +71,7 @@ def _codec(codec: str):
 
 def _crc(data: bytes | memoryview) -> bytes:
     """CRC-32C, as zarr's Crc32cCodec. The `crc32c` package releases the GIL on buffers from 32 KiB
-    (google_crc32c, which zarr uses, holds it: ~0.08 ms per grid, serializing reader and writer threads)."""
+    (google_crc32c, which zarr uses, holds it, serializing reader and writer threads: bench/RESULTS.md)."""
     return struct.pack("<I", crc32c.crc32c(data))
 
 

@@ -31,6 +31,21 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+@pytest.fixture
+def copy_backbone():
+    """`copy_backbone(src, dst)`: put the calibrated random backbone of features folder `src`
+    (backbone.safetensors + backbone.json) into `dst`, so featurizing into `dst` makes the same
+    grids without calibrating again."""
+    import shutil
+
+    def copy(src: Path, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ("backbone.safetensors", "backbone.json"):
+            shutil.copy(Path(src) / f, dst / f)
+        return dst
+    return copy
+
+
 def tiny_args(shapes: Path, features: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--input_json", str(shapes / "dataset.json"),
             "--features", str(features), *extra]

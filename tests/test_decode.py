@@ -30,12 +30,16 @@ def table_step(seed, V=5, T=4, eos_bias=-2.0):
     return step, logp
 
 
-def exhaustive(logp, V, T):
+def exhaustive(logp, V, T, length_penalty=0.0):
+    """The best (score, words) over every caption of up to T words; with a length penalty the
+    score is log p / steps ** penalty, the closing <eos> counting as a step."""
     words = [w for w in range(V) if w not in (BOS, EOS)]
     best = (float("-inf"), None)
     for n in range(T + 1):
         for seq in itertools.product(words, repeat=n):
             s = logp(list(seq) + ([EOS] if n < T else []))
+            if length_penalty:
+                s /= float(n + 1 if n < T else T) ** length_penalty
             best = max(best, (s, seq), key=lambda x: x[0])
     return best
 
@@ -121,6 +125,23 @@ def test_suppress_and_length_penalty():
     short = beam_search(step, dict(state), BOS, EOS, beam_size=4, max_length=6)
     long = beam_search(step, dict(state), BOS, EOS, beam_size=4, max_length=6, length_penalty=2.0)
     assert long.lengths[0] >= short.lengths[0]
+
+
+def test_length_penalty_is_exhaustive_search_of_normalized_scores():
+    """A full-width beam with a penalty finds the caption of best log p / steps ** penalty; on
+    some of these tables that is another caption than the unpenalized best (so ignoring the
+    penalty fails here)."""
+    V, T, penalty = 5, 4, 1.0
+    changed = 0
+    for seed in range(12):
+        step, logp = table_step(seed, V, T, eos_bias=0.0)
+        best_score, best_seq = exhaustive(logp, V, T, penalty)
+        out = beam_search(step, {"t": torch.zeros(1, dtype=torch.long)}, BOS, EOS, beam_size=V ** T, max_length=T,
+                          length_penalty=penalty)
+        assert tuple(out.tokens[0, : out.lengths[0]].tolist()) == best_seq, seed
+        assert out.scores[0].item() == pytest.approx(best_score, abs=1e-4)
+        changed += best_seq != exhaustive(logp, V, T)[1]
+    assert changed >= 2
 
 
 def test_sampling_is_seeded_and_top_k_restricts():

@@ -15,7 +15,7 @@ from PIL import Image
 import featurize.__main__ as fz
 from featurize.backbone import Backbone, BackboneConfig, BackboneError, channels
 from featurize.images import load_rgb
-from shards import format as fmt
+import shards.format as fmt
 from shards import load_manifest, open_store
 from shards.karpathy import load_split
 from tests.conftest import ROOT, free_port, tiny_args
@@ -43,12 +43,10 @@ def test_end_to_end_zarr(shapes, tiny_features):
     assert (tiny_features / "backbone.safetensors").exists()
 
 
-def test_wds_matches_zarr_and_batch_size_does_not_matter(shapes, tiny_features, tmp_path):
+def test_wds_matches_zarr_and_batch_size_does_not_matter(shapes, tiny_features, tmp_path, copy_backbone):
     out = tmp_path / "f"
     shutil.copy(tiny_features / "backbone.safetensors", tmp_path / "backbone.safetensors")
-    (out).mkdir()
-    for f in ("backbone.safetensors", "backbone.json"):
-        shutil.copy(tiny_features / f, out / f)
+    copy_backbone(tiny_features, out)
     assert fz.main(tiny_args(shapes, out, "--split", "test", "--format", "wds", "--batch_size", "1")) == 0
     a, b = records(tiny_features / "test"), records(out / "test")
     assert [r["key"] for r in a] == [r["key"] for r in b]
@@ -57,12 +55,10 @@ def test_wds_matches_zarr_and_batch_size_does_not_matter(shapes, tiny_features, 
     assert load_manifest(out / "test")["backend"] == "wds"
 
 
-def test_compiled_featurize_matches_eager(shapes, tiny_features, tmp_path):
+def test_compiled_featurize_matches_eager(shapes, tiny_features, tmp_path, copy_backbone):
     """--compile: BatchNorm-folded, torch.compile'd, short batches padded to one static shape."""
     out = tmp_path / "f"
-    out.mkdir()
-    for f in ("backbone.safetensors", "backbone.json"):
-        shutil.copy(tiny_features / f, out / f)
+    copy_backbone(tiny_features, out)
     # 12 test images in batches of 5, 5 and 2: the last one is padded to 5
     assert fz.main(tiny_args(shapes, out, "--split", "test", "--batch_size", "5", "--compile", "true")) == 0
     a, b = records(tiny_features / "test"), records(out / "test")
@@ -194,11 +190,9 @@ raise SystemExit(fz.main(sys.argv[1:]))
 """
 
 
-def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_path):
+def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_path, copy_backbone):
     out = tmp_path / "f"
-    out.mkdir()
-    for f in ("backbone.safetensors", "backbone.json"):
-        shutil.copy(tiny_features / f, out / f)
+    copy_backbone(tiny_features, out)
     script = tmp_path / "slow.py"
     script.write_text(KILLABLE.format(root=str(ROOT), delay=0.05))
     args = tiny_args(shapes, out, "--split", "train")
@@ -218,11 +212,9 @@ def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_p
     assert len(a) == len(b) == 96 and all(fmt.equal(x, y) for x, y in zip(a, b))
 
 
-def test_two_process_featurize(shapes, tiny_features, tmp_path):
+def test_two_process_featurize(shapes, tiny_features, tmp_path, copy_backbone):
     out = tmp_path / "f"
-    out.mkdir()
-    for f in ("backbone.safetensors", "backbone.json"):
-        shutil.copy(tiny_features / f, out / f)
+    copy_backbone(tiny_features, out)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "featurize",
@@ -237,15 +229,13 @@ def test_two_process_featurize(shapes, tiny_features, tmp_path):
         np.testing.assert_allclose(x["features"].astype(np.float32), y["features"].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
-def test_device_decoding_matches_worker_decoding(tmp_path):
+def test_device_decoding_matches_worker_decoding(tmp_path, copy_backbone):
     """--decode device (nvjpeg on a GPU; torchvision's libjpeg here) gives the same grids, EXIF and failures included."""
     d = make_broken_world(tmp_path)
     a = tiny_args(d, tmp_path / "f", "--split", "train", "--calibration_images", "4")
     assert fz.main(a) == 0
     b = tiny_args(d, tmp_path / "g", "--split", "train", "--calibration_images", "4", "--decode", "device")
-    (tmp_path / "g").mkdir()
-    for f in ("backbone.safetensors", "backbone.json"):
-        shutil.copy(tmp_path / "f" / f, tmp_path / "g" / f)
+    copy_backbone(tmp_path / "f", tmp_path / "g")
     assert fz.main(b) == 0
     ma, mb = load_manifest(tmp_path / "f" / "train"), load_manifest(tmp_path / "g" / "train")
     assert [f["filename"] for f in ma["failures"]] == [f["filename"] for f in mb["failures"]]
@@ -269,19 +259,17 @@ def test_exif_orientation_on_tensors():
         assert np.array_equal(apply_orientation(t, o).permute(1, 2, 0).numpy(), ref), o
 
 
-def test_decode_ahead_changes_nothing(tmp_path):
+def test_decode_ahead_changes_nothing(tmp_path, copy_backbone):
     """Batches prepared in a thread of their own give the store the main thread gives, to the bit."""
     d = make_broken_world(tmp_path)
     common = ("--split", "train", "--calibration_images", "4", "--decode", "device", "--batch_size", "3",
               "--shard_images", "4", "--writer_threads", "1")
     assert fz.main(tiny_args(d, tmp_path / "f", *common, "--decode_ahead", "0")) == 0
-    (tmp_path / "g").mkdir()
-    for f in ("backbone.safetensors", "backbone.json"):
-        shutil.copy(tmp_path / "f" / f, tmp_path / "g" / f)
+    copy_backbone(tmp_path / "f", tmp_path / "g")
     timing = {}
     import argparse
 
-    from caption import config as C
+    from common import config as C
     from featurize.extract import build_backbone, featurize_split
     p = argparse.ArgumentParser()
     p.add_argument("--split")
@@ -298,7 +286,7 @@ def test_decode_ahead_changes_nothing(tmp_path):
 def test_ahead_order_errors_and_stop():
     import threading
 
-    from featurize.extract import Ahead
+    from featurize.ahead import Ahead
     cpu = torch.device("cpu")
     assert [b for b, _ in Ahead(iter(range(20)), lambda b: (b * 2,), 2, cpu)] == list(range(20))
     assert [o for _, (o,) in Ahead(iter(range(5)), lambda b: (b * 2,), 1, cpu)] == [0, 2, 4, 6, 8]

@@ -49,7 +49,7 @@ def test_finetune_mechanics(shapes, tiny_features, trained_run, tmp_path):
     assert old.shape == new.shape and not (old == new).all()
     # predict uses the fine-tuned backbone saved with the run
     from caption.predict import backbone_for_run
-    from caption.config import load
+    from common.config import load
     bb, _ = backbone_for_run(run, load(run / "config.yaml"))
     ref = load_file(str(run / "backbone.safetensors"))
     assert torch.equal(bb.state_dict()["stages.layer3.0.conv1.weight"], ref["stages.layer3.0.conv1.weight"])

@@ -131,7 +131,7 @@ def test_scheduled_sampling_feeds_model_samples():
 
 
 def test_train_schedules():
-    from caption.config import TrainConfig
+    from common.config import TrainConfig
     from caption.train import lr_lambda, ss_prob
     t = TrainConfig(learning_rate_decay_start=2, learning_rate_decay_every=3, learning_rate_decay_rate=0.5,
                     scheduled_sampling_start=1, scheduled_sampling_increase_every=2, scheduled_sampling_increase_prob=0.1,

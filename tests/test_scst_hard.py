@@ -116,10 +116,15 @@ def test_hard_attention_samples_one_hot_with_soft_expectation():
     soft = torch.bmm(alpha[:, None], state["features"]).squeeze(1)
     sampled = torch.bmm((total / n)[:, None], state["features"]).squeeze(1)
     torch.testing.assert_close(sampled, soft, atol=0.08, rtol=0.05)
-    # inference uses the soft expectation
+    # inference uses the soft expectation: z = beta * sum_i alpha_i a_i, the same at every call (no sampling)
     model.eval()
-    z, a = model.context(model.init_state(feats))
-    assert torch.isfinite(z).all()
+    state = model.init_state(feats)
+    state["hard_mask"] = torch.ones(2, dtype=torch.bool)
+    z, a = model.context(state)
+    beta = torch.sigmoid(model.f_beta(state["h"]))
+    torch.testing.assert_close(z, beta * torch.bmm(a[:, None], state["features"]).squeeze(1))
+    assert (a > 0).all() and not set(a.unique().tolist()) <= {0.0, 1.0}  # not one-hot
+    torch.testing.assert_close(model.context(state)[0], z, rtol=0, atol=0)
 
 
 def test_hard_attention_objective_trains():

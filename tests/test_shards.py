@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shards import StoreError, done_shards, finalize, open_store, write_records
-from shards import format as fmt
+import shards.format as fmt
 from shards.__main__ import convert, main as shards_main, stats, verify
 from shards.wds import iter_urls
 

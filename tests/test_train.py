@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from caption import train
-from caption.train import TrainError, load_decoder
+from caption.run import RunError, load_decoder
+from caption.train import TrainError
 from tests.conftest import ROOT, free_port, tiny_args
 
 
@@ -56,7 +57,7 @@ def test_guards(shapes, tiny_features, tmp_path, capsys):
     assert train.main(run_args(shapes, tiny_features, ok, "--max_steps", "2")) == 0
     words = json.loads((ok / "vocab.json").read_text())
     (ok / "vocab.json").write_text(json.dumps(words + ["extra"]))
-    with pytest.raises(TrainError, match="vocabulary"):
+    with pytest.raises(RunError, match="vocabulary"):
         load_decoder(ok)
 
 

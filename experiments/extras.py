@@ -1,6 +1,6 @@
 """Beyond cross entropy on the shapes world, with equal extra step budgets after the same run.
 
-    python -m bench.extras --base demo/run --steps 200
+    python -m experiments.extras --base demo/run --steps 200
 
 From a finished cross-entropy run (e.g. `make demo`'s), trains for `--steps` more steps:
   xent       continued cross entropy (the control);
@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from caption import config as C
+from common import config as C
 from caption import train
 from caption.evaluate import evaluate
 
@@ -29,7 +29,7 @@ def score(run: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.extras", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.extras", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="a finished cross-entropy run folder")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=None, help="where the extra runs go (default: BASE_extras)")

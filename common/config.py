@@ -1,11 +1,15 @@
 """One YAML per run, loaded into nested frozen dataclasses, overridable from the command line.
 
-    cfg = load_config("configs/shapes.yaml", ["--batch_size", "10", "--learning_rate", "5e-4"])
+    cfg, ns = parse(["--config", "configs/shapes.yaml", "--batch_size", "10"], parser, ("data", "train"))
+    cfg = load("runs/shapes/config.yaml")                  # a run's resolved config
 
 The YAML has sections (`data`, `featurize`, `model`, `train`); a flag names a field by its
 own name (`--batch_size`) when that name is unique among the sections a command uses, or
 by `--section.field`. Unknown keys in the YAML or on the command line are errors. Help text
-sits on the field (`metadata={"help": ...}`).
+and valid values sit on the field (`_f(default, help, ge=..., choices=...)`).
+
+Both stages import this module and nothing here imports them: the decoder's section
+(`DecoderConfig`) is defined here and used by caption/model.py.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from caption.model import DecoderConfig
+from common.errors import UserError
+from common.files import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message names the file or flag and the problem."""
 
 
@@ -32,14 +37,6 @@ def _f(default, help: str, **valid):  # noqa: A002 - the name dataclasses users 
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-# The decoder's fields live in caption/model.py (the model never sees this module); their valid values here.
-MODEL_VALID = {
-    "vocab_size": {"ge": 0}, "feature_dim": {"ge": 0}, "embed_dim": {"ge": 1}, "hidden_dim": {"ge": 1},
-    "attn_dim": {"ge": 1}, "dropout": {"ge": 0, "lt": 1}, "attention": {"choices": ("soft", "hard")},
-    "semi_sampling_p": {"ge": 0, "le": 1}, "entropy_weight": {"ge": 0}, "baseline_decay": {"ge": 0, "le": 1},
-}
 
 
 def check_value(value, valid: dict, where: str):
@@ -64,8 +61,6 @@ def check_args(ns: argparse.Namespace, valid: dict[str, dict]) -> argparse.Names
 
 
 def _valid(section_type: type, name: str) -> dict:
-    if section_type is DecoderConfig:
-        return MODEL_VALID.get(name, {})
     return dict(next(f.metadata for f in fields(section_type) if f.name == name))
 
 
@@ -101,6 +96,21 @@ class FeaturizeConfig:
                                 "launched on this machine, at most 16)", ge=0)
     compile: bool = _f(False, "torch.compile the (BatchNorm-folded) backbone: tens of seconds once, then faster "
                               "forward passes; worth it for a large split")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder's dimensions and attention (caption/model.py); letters as in the paper."""
+    vocab_size: int = _f(0, "V; set from the run's vocab.json", ge=0)
+    feature_dim: int = _f(0, "D; set from the features manifest", ge=0)
+    embed_dim: int = _f(512, "m in the paper: word embedding size", ge=1)
+    hidden_dim: int = _f(512, "n in the paper: LSTM size", ge=1)
+    attn_dim: int = _f(512, "attention MLP size", ge=1)
+    dropout: float = _f(0.5, "dropout before the deep output layer", ge=0, lt=1)
+    attention: str = _f("soft", "soft (Sec. 4.2, deterministic) or hard (Sec. 4.1, stochastic)", choices=("soft", "hard"))
+    semi_sampling_p: float = _f(0.5, "hard: probability of the soft expectation at a training step", ge=0, le=1)
+    entropy_weight: float = _f(0.002, "hard: weight of the attention entropy bonus (lambda_e)", ge=0)
+    baseline_decay: float = _f(0.9, "hard: moving-average baseline of the log-likelihood reward", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -311,10 +321,7 @@ def parse(argv: list[str] | None, parser: argparse.ArgumentParser, sections: tup
 
 def save(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (YAML) atomically."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load(path: str | Path) -> Config:

@@ -1,0 +1,26 @@
+"""The wrapper every `main(argv=None)` goes through: a UserError becomes one line on stderr and
+exit status 1; the libraries' `logging.info` lines are shown. Tests call `main([...])` and read
+the status."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable
+
+from common.errors import UserError
+
+
+def command(fn: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Decorate `main(argv)`: its return value (None: 0), or 1 after printing a UserError."""
+    @functools.wraps(fn)
+    def main(argv: list[str] | None = None) -> int:
+        if not logging.getLogger().handlers:  # the libraries' progress lines (logging.info) on stderr
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return fn(argv) or 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return main
