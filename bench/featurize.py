@@ -38,8 +38,8 @@ from bench import device_name, pick_device, sync
 from common.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.extract import featurize_split, timing_summary
-from featurize.prepare import autocast, inference_model
 from featurize.images import load_rgb, to_tensor
+from featurize.prepare import autocast, inference_model
 from shards import open_store
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from shards import open_store, write_records
-from shards.zarr_store import ZarrReader
 from shards.__main__ import convert
+from shards.zarr_store import ZarrReader
 
 
 def relu_grids(n: int, channels: int, zero_fraction: float, seed: int = 0):

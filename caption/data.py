@@ -43,6 +43,11 @@ def encode_record(rec: Record, vocab: Vocab, seq_per_img: int, max_length: int, 
 
 def collate(items: list[dict], vocab: Vocab) -> dict:
     """Stack grids once per image; pad captions into (B*S, T) inputs and targets."""
+    return {"features": torch.stack([it["features"] for it in items]), **collate_captions(items, vocab)}  # (B, L, D)
+
+
+def collate_captions(items: list[dict], vocab: Vocab) -> dict:
+    """A batch without its grids: captions padded into (B*S, T) inputs and targets, ids, references, keys."""
     caps = [c for it in items for c in it["captions"]]
     T = max(len(c) for c in caps) + 1
     tokens = torch.full((len(caps), T), vocab.pad_id, dtype=torch.long)
@@ -52,8 +57,7 @@ def collate(items: list[dict], vocab: Vocab) -> dict:
         tokens[i, 1:len(c) + 1] = torch.tensor(c, dtype=torch.long)
         targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         targets[i, len(c)] = vocab.eos_id
-    return {"features": torch.stack([it["features"] for it in items]),  # (B, L, D)
-            "tokens": tokens, "targets": targets,
+    return {"tokens": tokens, "targets": targets,
             "image_id": torch.tensor([it["image_id"] for it in items]),
             "index": torch.tensor([it.get("index", -1) for it in items]),
             "refs": [it.get("refs") for it in items],  # every reference token list (self-critical rewards)

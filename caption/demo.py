@@ -12,7 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import featurize.__main__ as featurize_cli
 from caption import train
 from caption.evaluate import evaluate
 from caption.metrics import format_table
@@ -21,6 +20,7 @@ from caption.visualize import training_curves
 from common.cli import command
 from common.config import load
 from featurize import synthetic
+import featurize.__main__ as featurize_cli
 from shards.karpathy import load_split
 
 

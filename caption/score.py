@@ -8,14 +8,12 @@ results.json is [{"image_id": int, "caption": str}, ...]; image ids are Karpathy
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from common.errors import UserError
+from caption.metrics import ALL, format_table, score
 from caption.references import references_for
 from common.cli import command
-from caption.metrics import ALL, format_table, score
-from shards.karpathy import DatasetError
+from common.errors import UserError
 from common.files import read_json
 from common.files import atomic_write_json
 

@@ -40,6 +40,7 @@ from caption.metrics import score
 from caption.model import Decoder
 from caption.objective import Objective
 from caption.references import raw_references, store_references
+from caption.resident import ResidentFeatures, choose, rank_slice, resident_batches
 from caption.run import (check_compatible, features_dir, load_progress, load_weights, record_features, resume_dir,
                          run_features, save_state, save_weights)
 from caption.scst import CiderD
@@ -87,6 +88,7 @@ class Training:
     progress: Progress
     batches_per_epoch: int
     val_entries: list  # the val split's images, read once (Karpathy's whole file is parsed to get them)
+    resident: ResidentFeatures | None = None  # this process's slice of the train features, held in memory
 
     @property
     def net(self) -> torch.nn.Module:
@@ -182,7 +184,32 @@ def setup(cfg: C.Config) -> Training:
                       f"({train_manifest['backend']} features)", flush=True)
     accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
                                                  if isinstance(v, (int, float, str, bool))})
-    return Training(cfg, run, accelerator, vocab, objective, optimizer, scheduler, progress, batches_per_epoch, [])
+    resident = load_resident(cfg, train_manifest, accelerator)
+    return Training(cfg, run, accelerator, vocab, objective, optimizer, scheduler, progress, batches_per_epoch, [],
+                    resident)
+
+
+def load_resident(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> ResidentFeatures | None:
+    """This process's slice of the train features in RAM or on the GPU (`train.features_in_memory`),
+    when asked and within the budget; None: batches stream from the store."""
+    tcfg = cfg.train
+    if tcfg.features_in_memory == "off" or (tcfg.finetune and tcfg.features_in_memory == "auto"):
+        return None
+    if tcfg.finetune:
+        raise TrainError("--features_in_memory: fine-tuning reads images, not cached features; use off")
+    rows = rank_slice(manifest["count"], accelerator.process_index, accelerator.num_processes)
+    need = len(rows) * manifest["grid"] ** 2 * manifest["channels"] * 2
+    where, why = choose(tcfg.features_in_memory, need, accelerator.device, tcfg.memory_budget_gb)
+    if where == "off":
+        accelerator.print(why)
+        return None
+    resident = ResidentFeatures(features_dir(cfg, "train"), rows, where, accelerator.device,
+                                progress=accelerator.is_main_process)
+    # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
+    sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: {why}; holding images "
+                     f"{rows.start}..{rows.stop - 1}, {resident.nbytes} bytes\n")
+    sys.stdout.flush()
+    return resident
 
 
 def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
@@ -284,12 +311,16 @@ def build_optimizer(net: torch.nn.Module, tcfg: C.TrainConfig) -> torch.optim.Op
 
 # ---- the loop -----------------------------------------------------------------------------
 def epoch_batches(t: Training):
-    """This epoch's batches from `progress.batch` on: cached grids, or images when fine-tuning."""
+    """This epoch's batches from `progress.batch` on: cached grids (streamed, or held in memory),
+    or images when fine-tuning."""
     cfg, p, acc = t.cfg, t.progress, t.accelerator
     tcfg = cfg.train
     common = dict(batch_size=tcfg.batch_size, seq_per_img=tcfg.seq_per_img, max_length=tcfg.max_length, seed=tcfg.seed,
                   epoch=p.epoch, rank=acc.process_index, world=acc.num_processes, num_workers=tcfg.num_workers,
                   start=p.batch, pin_memory=acc.device.type == "cuda")
+    if t.resident is not None:
+        return resident_batches(t.resident, t.vocab, batch_size=tcfg.batch_size, seq_per_img=tcfg.seq_per_img,
+                                max_length=tcfg.max_length, seed=tcfg.seed, epoch=p.epoch, start=p.batch)
     if tcfg.finetune:
         store = open_store(features_dir(cfg, "train"))
         keys = {r["key"] for r in store.records}  # the images the cached run trained on (no failures, --limit)

@@ -8,17 +8,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from common.errors import UserError
 from common.cli import command
 from common.config import check_args
-from shards.karpathy import DatasetError, load_split
+from common.errors import UserError
 from common.files import read_json
 from common.files import atomic_write_json
+from shards.karpathy import load_split
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)

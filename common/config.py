@@ -145,6 +145,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step", ge=1)
     num_workers: int = _f(2, "DataLoader workers", ge=0)
     shuffle_buffer: int = _f(1000, "wds: sample shuffle buffer", ge=0)
+    features_in_memory: str = _f("off", "the train features held in memory for the run: off (streamed from the store "
+                                        "each epoch), ram (pinned host memory), device (the GPU), or auto (device, else "
+                                        "ram, else off, by the budget); under DDP each process holds its own slice",
+                                 choices=("off", "ram", "device", "auto"))
+    memory_budget_gb: float = _f(0.0, "what features_in_memory may take per process, in GB (0: 80% of the RAM "
+                                      "available, 90% of the GPU's free memory)", ge=0)
     save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)
     val_images_use: int = _f(5000, "validation images scored (-1: all)", ge=-1, not_zero=True)
     log_every: int = _f(25, "steps between logged losses", ge=1)
@@ -261,7 +267,7 @@ def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             names = [f"--{s}.{f.name}"]
             if counts[f.name] == 1:
                 names.insert(0, f"--{f.name}")
-            help_ = f.metadata.get("help", "")
+            help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
             if typing.get_type_hints(types_[s])[f.name] is bool:  # `--resume` alone means true; also true/false
                 group.add_argument(*names, dest=f"{s}.{f.name}", default=None, nargs="?", const="true",
                                    metavar="true|false", help=help_)

@@ -18,9 +18,9 @@ import json
 import time
 from pathlib import Path
 
-from common import config as C
 from caption import train
 from caption.evaluate import evaluate
+from common import config as C
 
 
 def score(run: Path) -> dict:

@@ -28,8 +28,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from common.errors import UserError
-from shards.karpathy import ImageEntry
 from common.files import inside, regular_file
+from shards.karpathy import ImageEntry
 
 
 class ImageError(UserError):

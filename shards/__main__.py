@@ -13,11 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import shards.format as fmt
 from common.cli import command
+from common.files import sha256_file
 from shards import open_store, write_records
 from shards.manifest import IDENTITY, PLAN, StoreError, done_shards, load_manifest, read_json
-from common.files import sha256_file
 
 
 def verify(root: str | Path, progress: bool = True) -> list[str]:

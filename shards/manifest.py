@@ -195,6 +195,25 @@ def shard_index(root: Path, manifest: dict) -> list[tuple[dict, Path, list[dict]
     return out
 
 
+class IndexedStore:
+    """What both readers share: a finished store's manifest, every record's metadata (in row
+    order) with its shard, and each shard's data file, all checked by `shard_index` at opening."""
+
+    def __init__(self, root: str | os.PathLike, manifest: dict | None = None):
+        self.root = Path(root)
+        self.manifest = manifest or load_manifest(self.root)
+        self.records: list[dict] = []
+        self.shard_of: list[int] = []
+        self.paths: list[Path] = []  # each shard's data file, checked to lie inside the folder
+        for s, path, recs in shard_index(self.root, self.manifest):
+            self.records += recs
+            self.shard_of += [s["index"]] * len(recs)
+            self.paths.append(path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
 def merge_shards(root: Path, split: str = "") -> tuple[dict, list[int]]:
     """(manifest, filled rows): every shard's JSON and every writer's failures merged (all shards
     must be done, and at least one image must have been read: a store of failures only is an

@@ -28,10 +28,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-import shards.format as fmt
-from shards.manifest import (StoreError, check_rows, ensure_plan, load_manifest,
-                             shard_index, shard_meta_path, shard_range)
 from common.files import atomic_write_json, atomic_write_parts
+import shards.format as fmt
+from shards.manifest import IndexedStore, StoreError, check_rows, ensure_plan, shard_meta_path, shard_range
 
 ALLOWED = {"features.npy", "json"}
 _INTERNAL = {"__key__", "__url__", "__local_path__"}
@@ -250,23 +249,14 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
     return wds.DataPipeline(*stages)
 
 
-class WdsReader:
+class WdsReader(IndexedStore):
     """Records of a finished wds store, in order (no random access: use zarr for that)."""
 
     def __init__(self, root: str | Path, manifest: dict | None = None):
-        self.root = Path(root)
-        self.manifest = manifest or load_manifest(self.root)
-        self.records: list[dict] = []
-        self.paths: list[Path] = []  # each shard's tar, checked to lie inside the folder
-        for _, path, recs in shard_index(self.root, self.manifest):  # counts, rows, keys, files checked
-            self.records += recs
-            self.paths.append(path)
+        super().__init__(root, manifest)  # manifest, records, shards' tars: checked
         # Stores written with per-record checksums say so in every record's .json: from then on
         # a record without one is refused. (Older stores hold none: their grids are read unchecked.)
         self.require_checksum = bool(self.manifest.get("record_checksum"))
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def urls(self) -> list[str]:
         return [str(p) for p in self.paths]
@@ -276,16 +266,27 @@ class WdsReader:
         return stream(self.urls(), grid=self.manifest["grid"], channels=self.manifest["channels"],
                       require_checksum=self.require_checksum, **kw)
 
-    def iter_records(self) -> Iterator[fmt.Record]:
-        """All records in order; each one's key must be the one its shard's JSON lists at that place."""
-        n = 0
-        for rec in self.stream():
+    def iter_records(self, span: range | None = None) -> Iterator[fmt.Record]:
+        """All records in order (or those at positions `span`, streamed from the shard holding
+        its first); each one's key must be the one its shard's JSON lists at that place."""
+        span = range(len(self.records)) if span is None else span
+        skip, n = 0, 0  # shards wholly before the span are not read
+        for s in self.manifest["shards"]:
+            if n + s["count"] > span.start:
+                break
+            n += s["count"]
+            skip += 1
+        for rec in stream(self.urls()[skip:], grid=self.manifest["grid"], channels=self.manifest["channels"],
+                          require_checksum=self.require_checksum):
+            if n >= span.stop:
+                return
             want = self.records[n]["key"] if n < len(self.records) else None
             if rec["key"] != want:
                 raise StoreError(f"{self.root}: record {n} is {rec['key']}, the shard metadata lists {want}")
+            if n >= span.start:
+                yield rec
             n += 1
-            yield rec
-        if n != len(self.records):
+        if n < min(span.stop, len(self.records)) or (span.stop >= len(self.records) and n != len(self.records)):
             raise StoreError(f"{self.root}: {n} records in the shards, the shard metadata lists {len(self.records)}")
 
     __iter__ = iter_records

@@ -25,10 +25,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-import shards.format as fmt
-from shards.manifest import (StoreError, check_rows, ensure_plan, load_manifest, row_runs,
-                             shard_index, shard_meta_path, shard_range)
 from common.files import atomic_write_json, atomic_write_parts, sha256_file
+import shards.format as fmt
+from shards.manifest import (IndexedStore, StoreError, check_rows, ensure_plan, row_runs, shard_meta_path,
+                             shard_range)
 
 ARRAY = "features.zarr"
 
@@ -235,19 +235,11 @@ def mark_filled_rows(root: str | Path, rows: list[int]) -> None:
                                              "(images that failed to decode, listed in ../manifest.json)"})
 
 
-class ZarrReader:
+class ZarrReader(IndexedStore):
     """Records of a finished zarr store: `len`, random access by index, and sequential iteration."""
 
     def __init__(self, root: str | Path, manifest: dict | None = None):
-        self.root = Path(root)
-        self.manifest = manifest or load_manifest(self.root)
-        self.records: list[dict] = []
-        self.shard_of: list[int] = []
-        self.paths: list[Path] = []  # each shard's data file, checked to lie inside the folder
-        for s, path, recs in shard_index(self.root, self.manifest):  # counts, rows, keys, files checked
-            self.records += recs
-            self.shard_of += [s["index"]] * len(recs)
-            self.paths.append(path)
+        super().__init__(root, manifest)  # manifest, records, shards' files: checked
         self._array = None  # opened lazily: once per DataLoader worker
         self.direct = self.manifest.get("codec") in DIRECT_CODECS  # shard files decoded here, not by zarr
         self.shape = (self.manifest["grid"], self.manifest["grid"], self.manifest["channels"])
@@ -260,9 +252,6 @@ class ZarrReader:
             except Exception as e:  # noqa: BLE001 - zarr raises several kinds; one line for the user
                 raise StoreError(f"{self.root / ARRAY}: cannot open ({type(e).__name__}: {e})") from None
         return self._array
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def _read(self, sel, where: str) -> np.ndarray:
         try:
@@ -297,18 +286,19 @@ class ZarrReader:
             raise StoreError(f"{where}: cannot read ({e.strerror or e})") from None
         return self._record(meta, out)
 
-    def iter_records(self, threads: int | None = None) -> Iterator[fmt.Record]:
-        """All records in order, reading each shard file once.
+    def iter_records(self, threads: int | None = None, span: range | None = None) -> Iterator[fmt.Record]:
+        """All records in order (or those at positions `span`), reading each shard file once.
 
         Shard files are memory-mapped (no copy out of the page cache) and the next one is read
         ahead by the kernel while this one decodes; a shard's chunks decode in `threads`
         threads (default: the CPU count, at most 8).
         """
         threads = threads or min(8, os.cpu_count() or 1)
+        span = range(len(self.records)) if span is None else span
         shards = []
         pos = 0
         for s in self.manifest["shards"]:
-            metas = self.records[pos:pos + s["count"]]
+            metas = self.records[max(pos, span.start):min(pos + s["count"], span.stop)]  # this shard's, in the span
             pos += s["count"]
             if metas:
                 shards.append((s, metas))

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featurize.__main__ as fz
 from caption import train
 from caption.evaluate import main as evaluate_main
 from caption.predict import main as predict_main
+import featurize.__main__ as fz
 from shards import StoreError, open_store
 from shards.__main__ import main as shards_main
 from shards.karpathy import DatasetError, load_split

@@ -15,8 +15,8 @@ from PIL import Image
 import featurize.__main__ as fz
 from featurize.backbone import Backbone, BackboneConfig, BackboneError, channels
 from featurize.images import load_rgb
-import shards.format as fmt
 from shards import load_manifest, open_store
+import shards.format as fmt
 from shards.karpathy import load_split
 from tests.conftest import ROOT, free_port, tiny_args
 

@@ -3,10 +3,10 @@
 import json
 from collections import Counter
 
-import featurize.__main__ as fz
 from caption import train
 from caption.evaluate import evaluate
 from caption.metrics import score_tokenized
+import featurize.__main__ as fz
 from featurize.synthetic import COLORS, generate
 from shards.karpathy import load_split
 from tests.conftest import ROOT

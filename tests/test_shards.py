@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from shards import StoreError, done_shards, finalize, open_store, write_records
-import shards.format as fmt
 from shards.__main__ import convert, main as shards_main, stats, verify
+import shards.format as fmt
 from shards.wds import iter_urls
 
 ROOT = Path(__file__).resolve().parent.parent

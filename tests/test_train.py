@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from caption import train
 from caption.run import RunError, load_decoder
-from caption.train import TrainError
 from tests.conftest import ROOT, free_port, tiny_args
 
 

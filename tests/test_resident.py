@@ -1,0 +1,99 @@
+"""Train features held in memory (`train.features_in_memory`): the same batches as streaming,
+bit for bit; the same trained weights; resume mid-epoch; each process holds only its slice; a
+budget too small is a message, not a crash."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caption import train
+from caption.data import train_batches
+from caption.resident import MemoryBudgetError, ResidentFeatures, choose, rank_slice, resident_batches
+from caption.vocab import build_from_split_file
+from shards import open_store
+from tests.conftest import ROOT, free_port, tiny_args
+
+CPU = torch.device("cpu")
+
+
+def assert_same_batches(a: dict, b: dict) -> None:
+    assert torch.equal(a["features"], b["features"]) and a["features"].dtype == torch.float16
+    for k in ("tokens", "targets", "image_id", "index"):
+        assert torch.equal(a[k], b[k]), k
+    assert a["keys"] == b["keys"] and a["refs"] == b["refs"]
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_resident_batches_are_the_streamed_batches(shapes, tiny_features, tmp_path, backend):
+    root = tiny_features / "train"
+    if backend == "wds":
+        from shards.__main__ import convert
+        convert(root, tmp_path / "train", "wds", shard_size=16)
+        root = tmp_path / "train"
+    vocab = build_from_split_file(shapes / "dataset.json", 2)
+    n = open_store(root).manifest["count"]
+    resident = ResidentFeatures(root, rank_slice(n, 0, 1), "ram", CPU, progress=False)
+    assert resident.nbytes == n * 196 * 256 * 2  # (n, L=196, D=256) float16
+    kw = dict(batch_size=8, seq_per_img=3, max_length=6, seed=7)
+    for epoch, start in ((0, 0), (1, 0), (2, 5)):  # two shuffles, and a resumed epoch from batch 5
+        streamed = list(train_batches(tiny_features / "train", vocab, epoch=epoch, start=start, **kw)[1])
+        held = list(resident_batches(resident, vocab, epoch=epoch, start=start, **kw))
+        assert len(held) == len(streamed) == 96 // 8 - start
+        for a, b in zip(held, streamed):
+            assert_same_batches(a, b)
+
+
+def test_the_budget_is_checked_before_loading(tmp_path):
+    gb = 1e9
+    with pytest.raises(MemoryBudgetError, match=r"--features_in_memory ram: .* needs 2\.00 GB, the budget is 1\.00 GB"):
+        choose("ram", int(2 * gb), CPU, budget_gb=1.0)
+    with pytest.raises(MemoryBudgetError, match="no GPU"):
+        choose("device", 10, CPU)
+    assert choose("ram", int(0.5 * gb), CPU, budget_gb=1.0)[0] == "ram"
+    where, why = choose("auto", int(2 * gb), CPU, budget_gb=1.0)
+    assert where == "off" and "do not fit" in why and "streaming" in why
+    assert choose("auto", 10, CPU, budget_gb=1.0)[0] == "ram"
+    assert choose("off", 10, CPU)[0] == "off"
+    assert rank_slice(97, 1, 2) == range(48, 96) and rank_slice(97, 0, 2) == range(0, 48)
+
+
+def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, tmp_path, capsys):
+    common = ("--dropout", "0.3", "--max_epochs", "2", "--save_checkpoint_every", "0")
+    a, b, c = tmp_path / "streamed", tmp_path / "held", tmp_path / "held_resumed"
+    args = lambda run, *extra: tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), *common, *extra)  # noqa: E731
+    assert train.main(args(a, "--max_steps", "40")) == 0
+    assert train.main(args(b, "--max_steps", "40", "--features_in_memory", "ram")) == 0
+    assert "holding images 0..95, 9633792 bytes" in capsys.readouterr().out  # 96 x 196 x 256 x 2
+    assert train.main(args(c, "--max_steps", "15", "--features_in_memory", "auto")) == 0  # stops mid-epoch (24 per epoch)
+    assert train.main(args(c, "--max_steps", "40", "--features_in_memory", "auto", "--resume", "true")) == 0
+    wa, wb, wc = (load_file(str(r / "last.safetensors")) for r in (a, b, c))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]), k
+    # a budget too small: one line, before any step
+    assert train.main(args(tmp_path / "small", "--features_in_memory", "ram", "--memory_budget_gb", "0.0001")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --features_in_memory ram:") and "budget is 0.00 GB" in err[-1]
+    assert not (tmp_path / "small" / "state").exists()
+
+
+def test_two_processes_each_hold_their_slice(shapes, tiny_features, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"  # (`accelerate launch --cpu` starts one process)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(),
+                        str(ROOT / "caption" / "train.py"),
+                        *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
+                                   "--num_workers", "0", "--features_in_memory", "ram")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "2 process(es)" in out
+    held = sorted(re.findall(r"rank (\d)/2: .*holding images (\d+)\.\.(\d+), (\d+) bytes", out))
+    assert held == [("0", "0", "47", str(48 * 196 * 256 * 2)), ("1", "48", "95", str(48 * 196 * 256 * 2))], out[-2000:]
+    counts = sorted(re.findall(r"rank \d/2: \d+ batches this run", out))
+    assert counts == ["rank 0/2: 12 batches this run", "rank 1/2: 12 batches this run"]  # 48 images / 4 per batch
