@@ -22,6 +22,7 @@ bench: .venv
 	$(PY) -m bench.gil
 	$(PY) -m bench.featurize
 	$(PY) -m bench.train
+	$(PY) -m bench.train_e2e
 	$(PY) -m bench.decode
 	$(PY) -m bench.decode --coco --images 100 --one_by_one 5
 

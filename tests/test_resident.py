@@ -97,3 +97,16 @@ def test_two_processes_each_hold_their_slice(shapes, tiny_features, tmp_path):
     assert held == [("0", "0", "47", str(48 * 196 * 256 * 2)), ("1", "48", "95", str(48 * 196 * 256 * 2))], out[-2000:]
     counts = sorted(re.findall(r"rank \d/2: \d+ batches this run", out))
     assert counts == ["rank 0/2: 12 batches this run", "rank 1/2: 12 batches this run"]  # 48 images / 4 per batch
+
+
+def test_the_end_to_end_benchmark_runs(capsys, monkeypatch, tmp_path):
+    """bench/train_e2e on a tiny decoder: every path trains and reports its ratio (no timing asserted)."""
+    from bench import train_e2e
+    monkeypatch.chdir(tmp_path)  # its temporary stores go under the working folder
+    assert train_e2e.main(["--channels", "16", "--embed", "8", "--hidden", "16", "--attn", "8", "--vocab", "30",
+                           "--batch_images", "4", "--steps", "2", "--rounds", "1", "--num_workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for label in ("model (batches ready", "zarr-blosc-zstd, streamed", "zarr-none, streamed", "wds, streamed",
+                  "ram, resident"):
+        assert re.search(re.escape(label) + r".* captions/s .*x the model step .*waiting", out), label
+    assert "device, resident" not in out  # no GPU here: that path is left out
