@@ -24,9 +24,11 @@ PER_IMAGE = ("features", "keys")  # state entries held once per image, shared by
 class Attention(nn.Module):
     """f_att (Eq. 4-5): e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b), alpha_t = softmax(e_t)."""
 
-    def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int):
+    def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int, layers: int = 1):
         super().__init__()
         self.key = nn.Linear(feature_dim, attn_dim)  # W_a a_i + b: once per image
+        if layers == 2:  # the authors' n_layers_att=2: W' tanh(W_a a_i + b) + b'
+            self.key = nn.Sequential(nn.Linear(feature_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, attn_dim))
         self.query = nn.Linear(hidden_dim, attn_dim, bias=False)  # W_h h_{t-1}: every step
         self.score = nn.Linear(attn_dim, 1)
 
@@ -39,7 +41,7 @@ class Attention(nn.Module):
         B, L, A = keys.shape
         q = self.query(h).view(B, -1, 1, A)  # W_h h_{t-1}: (B*G, H) -> (B, G, 1, A)
         e = self.scores(keys, q).view(-1, L)  # e_ti: (B, G, L) -> (B*G, L)
-        return e.float().softmax(dim=-1).to(keys.dtype)  # alpha_ti = exp(e_ti) / sum_k exp(e_tk)
+        return e.float().softmax(dim=-1)  # alpha_ti = exp(e_ti) / sum_k exp(e_tk), in float32
 
     def scores(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """e (B, G, L) = w^T tanh(W_a a_i + b + W_h h_{t-1}) + b_w, with keys = 2 (W_a a_i + b), q (B, G, 1, A).
@@ -96,9 +98,15 @@ class Decoder(nn.Module):
         D, E, Hd = cfg.feature_dim, cfg.embed_dim, cfg.hidden_dim
         self.embed = nn.Embedding(cfg.vocab_size, E)  # E y_{t-1}
         # h0, c0 = f_init,h(mean a), f_init,c(mean a): two MLPs (Sec. 3.1.2, last paragraph).
-        self.init_h = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
-        self.init_c = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
-        self.attention = Attention(D, Hd, cfg.attn_dim)
+        if cfg.init == "authors":  # capgen.py, n_layers_init=2: a shared ReLU layer, then tanh(W .) each
+            self.init_shared = nn.Sequential(nn.Linear(D, D), nn.ReLU())
+            self.init_h = nn.Sequential(nn.Linear(D, Hd), nn.Tanh())
+            self.init_c = nn.Sequential(nn.Linear(D, Hd), nn.Tanh())
+        else:
+            self.init_shared = nn.Identity()
+            self.init_h = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
+            self.init_c = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
+        self.attention = Attention(D, Hd, cfg.attn_dim, cfg.attn_layers)
         self.f_beta = nn.Linear(Hd, 1)  # gating scalar beta_t = sigmoid(f_beta(h_{t-1})) (Sec. 4.2.1)
         self.lstm = nn.LSTMCell(E + D, Hd)  # Eq. 1-3 over [E y_{t-1}, z_t]
         # Deep output layer (Eq. 7): p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
@@ -119,13 +127,17 @@ class Decoder(nn.Module):
         if features.dim() == 4:
             features = features.flatten(1, 2)  # (B, h, w, D) -> (B, L, D)
         features = features.to(self.L_z.weight.dtype)
-        mean = features.mean(dim=1)  # (B, D)
+        mean = self.init_shared(features.mean(dim=1))  # (B, D)
         return {
             "features": features,
             "keys": self.attention.keys(features),  # (B, L, A)
-            "h": self.init_h(mean),  # (B, H)
-            "c": self.init_c(mean),  # (B, H)
+            "h": self._state_dtype(self.init_h(mean)),  # (B, H)
+            "c": self._state_dtype(self.init_c(mean)),  # (B, H)
         }
+
+    def _state_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """The recurrence's values (h, c, beta) in float32 under autocast (`fp32_recurrence`)."""
+        return x.float() if self.cfg.fp32_recurrence else x
 
     def context(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
         """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) and alpha_t (B, L)."""
@@ -137,8 +149,11 @@ class Decoder(nn.Module):
         feats = state["features"]  # (B, L, D), once per image
         B, L, D = feats.shape
         # All G rows of an image attend over the same grid: one (G, L) @ (L, D) product per image.
-        context = torch.bmm(alpha_used.view(B, -1, L), feats).view(-1, D)  # (B, G, L) @ (B, L, D) -> (B*G, D)
-        beta = torch.sigmoid(self.f_beta(state["h"]))  # (B, 1)
+        weights = alpha_used.view(B, -1, L).to(feats.dtype)  # (B, G, L); under autocast bmm runs in bf16/fp16
+        context = torch.bmm(weights, feats).view(-1, D)  # (B, G, L) @ (B, L, D) -> (B*G, D)
+        beta = torch.sigmoid(self._state_dtype(self.f_beta(state["h"])))  # (B, 1)
+        if not self.cfg.fp32_recurrence:
+            alpha = alpha.to(state["keys"].dtype)
         return beta * context, alpha
 
     def _hard_alpha(self, alpha: torch.Tensor, state: State) -> torch.Tensor:
@@ -160,8 +175,19 @@ class Decoder(nn.Module):
 
     def _advance(self, emb: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
         z, alpha = self.context(state)
-        h, c = self.lstm(torch.cat([emb, z], dim=-1), (state["h"], state["c"]))  # (B, E+D) -> (B, H)
+        h, c = self._lstm(torch.cat([emb, z], dim=-1), state["h"], state["c"])  # (B, E+D) -> (B, H)
         return z, alpha, {**state, "h": h, "c": c, "alpha": alpha}
+
+    def _lstm(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 1-3. Under autocast with `fp32_recurrence`, the gates' matrix products run in the
+        autocast dtype and the cell update in float32 (nn.LSTMCell would round h and c to bf16
+        at every step); otherwise nn.LSTMCell itself."""
+        if not (self.cfg.fp32_recurrence and _autocast_on(x.device.type)):
+            return self.lstm(x, (h, c))
+        gates = (F.linear(x, self.lstm.weight_ih, self.lstm.bias_ih) + F.linear(h, self.lstm.weight_hh, self.lstm.bias_hh))
+        i, f, g, o = gates.float().chunk(4, dim=1)  # (B, 4H) -> 4 x (B, H), float32
+        c = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One word: tokens (B,) of y_{t-1} -> log p(y_t) (B, V) and the next state (with its alpha)."""
@@ -187,8 +213,10 @@ class Decoder(nn.Module):
         state = expand_state(self.init_state(features), seq_per_img)  # grid and keys stay once per image
         N, T = tokens.shape
         if self.cfg.attention == "hard" and self.training:
-            # Semi-sampling (Sec. 4.1): each caption uses the soft expectation with p=semi_sampling_p.
-            state["hard_mask"] = torch.rand(N, device=tokens.device) >= self.cfg.semi_sampling_p
+            # Semi-sampling (Sec. 4.1): locations are sampled with probability semi_sampling_p (else the
+            # soft expectation), one coin per minibatch as capgen.py's h_sampling_mask, or per caption.
+            coins = torch.rand(1 if self.cfg.semi_sampling == "batch" else N, device=tokens.device)
+            state["hard_mask"] = (coins < self.cfg.semi_sampling_p).expand(N)
         emb = self.embed(tokens)  # (N, T, E)
         hs, zs, alphas, step_logits = [], [], [], []
         for t in range(T):
@@ -213,6 +241,13 @@ class Decoder(nn.Module):
         self.hard_logp = torch.stack(state["hard_logp"], dim=1) if state.get("hard_logp") else None
         self.hard_mask = state.get("hard_mask")
         return logits, torch.stack(alphas, dim=1)  # (N, T, L)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4: one flag per device kind
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def expand_state(state: State, n: int) -> State:

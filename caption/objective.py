@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from caption.model import Decoder, sequence_loss
-from caption.scst import CiderD, scst_loss
+from caption.scst import CiderD, reward_references, scst_loss
 from caption.vocab import Vocab
 
 
@@ -26,11 +26,13 @@ class Objective(nn.Module):
     self-critical steps (`forward(..., scst=True)`)."""
 
     def __init__(self, net: nn.Module, vocab: Vocab, alpha_c: float = 1.0, seq_per_img: int = 5,
-                 cider: CiderD | None = None, sc_sample_n: int = 5, sc_baseline: str = "mean", max_length: int = 16):
+                 cider: CiderD | None = None, sc_sample_n: int = 5, sc_baseline: str = "mean", max_length: int = 16,
+                 sc_labels: bool = True, sc_eos: bool = True):
         super().__init__()
         self.net = net
         self.vocab, self.alpha_c, self.seq_per_img = vocab, alpha_c, seq_per_img
         self.cider, self.sc_sample_n, self.sc_baseline, self.max_length = cider, sc_sample_n, sc_baseline, max_length
+        self.sc_labels, self.sc_eos = sc_labels, sc_eos  # how references and captions are read by the reward
         self.register_buffer("baseline", torch.zeros(()))  # hard attention: moving average of log p(y | a, s)
 
     @property
@@ -53,29 +55,37 @@ class Objective(nn.Module):
         return total, ntok, stats
 
     def hard_attention_terms(self, logits, targets, alphas, stats) -> torch.Tensor:
-        """REINFORCE for the sampled locations (Eq. 12): -(log p(y|s,a) - b) * log p(s|a) - lambda_e * H[s]."""
+        """REINFORCE for the sampled locations and the entropy term, weighted as capgen.py (RL_sumCost):
+
+            J = mean_n NLL_n + sum_{t,n} (c_n - b) / 10 * log p(s_tn | a) + lambda_e * sum_{t,n,l} alpha log alpha
+
+        with c_n caption n's NLL over the batch's T steps divided by T, b the moving average of
+        that per-step NLL (`baseline_time`), the REINFORCE sum over the captions that sampled,
+        the entropy over all. The loop divides our summed loss by the batch's tokens, where
+        capgen.py averages over captions: these terms are returned x N (captions), so that
+        their weight against the cross entropy is the authors'. Padding steps are left out.
+        """
         dec = self.decoder
+        N, T = targets.shape
         mask = (targets != self.vocab.pad_id).float()  # (N, T)
-        logp_words = -nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T)
-        loglik = (logp_words * mask).sum(1)  # (N,) log p(y | a, s) per caption
-        sampled = dec.hard_mask.float()  # captions that sampled locations (the rest used the soft expectation)
+        nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T)
+        c = (nll * mask).sum(1).detach() / T  # (N,) per-step NLL of each caption
+        sampled = dec.hard_mask.float()  # (N,) the captions that sampled locations
         logp_s = (dec.hard_logp * mask).sum(1)  # (N,) log p(s | a)
-        advantage = (loglik.detach() - self.baseline) * sampled
-        reinforce = -(advantage * logp_s).sum()
-        entropy = -(alphas.float() * alphas.float().clamp_min(1e-12).log()).sum(-1)  # (N, T)
-        entropy = (entropy * mask * sampled[:, None]).sum()
-        with torch.no_grad():  # the moving-average baseline (the authors' `baseline_time`)
-            if sampled.sum() > 0:
-                mean = (loglik * sampled).sum() / sampled.sum()
-                self.baseline.mul_(dec.cfg.baseline_decay).add_((1 - dec.cfg.baseline_decay) * mean)
+        reinforce = ((c - self.baseline) / 10.0 * sampled * logp_s).sum()
+        neg_entropy = (alphas.float() * alphas.float().clamp_min(1e-12).log()).sum(-1)  # (N, T) sum_l alpha log alpha
+        neg_entropy = (neg_entropy * mask).sum()
+        with torch.no_grad():  # the authors' baseline_time: 0.9 b + 0.1 mean per-step NLL
+            self.baseline.mul_(dec.cfg.baseline_decay).add_((1 - dec.cfg.baseline_decay) * c.mean())
         stats["hard_baseline"] = self.baseline.detach().clone()
-        return reinforce - dec.cfg.entropy_weight * entropy
+        return N * (reinforce + dec.cfg.entropy_weight * neg_entropy)
 
     def self_critical(self, inputs, refs, keys, log_greedy: bool):
         if self.cider is None:
             raise ValueError("self-critical steps need Objective(cider=CiderD(training references))")
         features = self.net.encode(inputs) if hasattr(self.net, "encode") else inputs
+        refs = [reward_references(r, self.vocab, self.max_length, self.sc_labels, self.sc_eos) for r in refs]
         loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, self.sc_sample_n,
-                                self.sc_baseline, self.max_length, log_greedy=log_greedy)
+                                self.sc_baseline, self.max_length, log_greedy=log_greedy, eos=self.sc_eos)
         n = features.shape[0] * self.sc_sample_n
         return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}

@@ -88,16 +88,32 @@ class CiderD:
         return float(np.mean(total) / len(refs) * 10.0)
 
 
-def words_of(tokens: torch.Tensor, lengths: torch.Tensor, vocab: Vocab) -> list[list[str]]:
-    return [[vocab.words[int(i)] for i in tokens[r, : int(lengths[r])]] for r in range(tokens.shape[0])]
+def words_of(tokens: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, eos: bool = False) -> list[list[str]]:
+    """Each row's words; with `eos`, "<eos>" after those that ended before the last step."""
+    T = tokens.shape[1]
+    return [[vocab.words[int(i)] for i in tokens[r, : int(lengths[r])]] + ([vocab.words[vocab.eos_id]]
+            if eos and int(lengths[r]) < T else []) for r in range(tokens.shape[0])]
+
+
+def reward_references(captions: Sequence[Tokens], vocab: Vocab, max_length: int, labels: bool = True,
+                      eos: bool = True) -> list[list[str]]:
+    """An image's references as the reward sees them: with `labels`, cut at max_length and mapped
+    through the vocabulary (unknown words become <unk>), as the training labels are; with `eos`,
+    each ends with "<eos>"."""
+    end = [vocab.words[vocab.eos_id]] if eos else []
+    if not labels:
+        return [list(c) + end for c in captions]
+    return [[vocab.words[i] for i in vocab.encode(c, max_length)] + end for c in captions]
 
 
 def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], image_keys: list, vocab: Vocab,
               cider: CiderD, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
-              generator: torch.Generator | None = None, log_greedy: bool = True) -> tuple[torch.Tensor, dict]:
+              generator: torch.Generator | None = None, log_greedy: bool = True, eos: bool = False
+              ) -> tuple[torch.Tensor, dict]:
     """Policy-gradient loss of `sample_n` sampled captions per image; returns (loss, stats).
 
-    The loss is -sum(reward * log p(sampled words)) / number of sampled captions. The greedy
+    `references` are as the reward sees them (`reward_references`); `eos` appends "<eos>" to the
+    sampled and greedy captions that ended. The loss is -sum(reward * log p(sampled words)) / number of sampled captions. The greedy
     captions' CIDEr-D (stats["greedy_cider"]) is the greedy baseline; with the mean baseline it
     is only measured, and only when `log_greedy` (a step that is logged).
     """
@@ -106,7 +122,7 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
         raise ConfigError("--sc_baseline mean (the mean of the other samples) needs --sc_sample_n 2 or more")
     state = expand_state(decoder.init_state(features), sample_n)  # (B*n rows), grid once per image
     out = sample(decoder.step, state, vocab.bos_id, vocab.eos_id, max_length, generator=generator)
-    sampled = words_of(out.tokens, out.lengths, vocab)
+    sampled = words_of(out.tokens, out.lengths, vocab, eos)
     rewards = torch.tensor([cider.score(sampled[r], references[r // sample_n], image_keys[r // sample_n])
                             for r in range(B * sample_n)], device=features.device).view(B, sample_n)
     greedy_reward = None
@@ -116,7 +132,7 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
         with torch.no_grad():
             g = greedy(decoder.step, decoder.init_state(features), vocab.bos_id, vocab.eos_id, max_length)
         decoder.train(was)
-        greedy_words = words_of(g.tokens, g.lengths, vocab)
+        greedy_words = words_of(g.tokens, g.lengths, vocab, eos)
         greedy_reward = torch.tensor([cider.score(greedy_words[b], references[b], image_keys[b]) for b in range(B)],
                                      device=features.device)
     if baseline == "greedy":

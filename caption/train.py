@@ -28,22 +28,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python caption/train.py` / `accelerate launch caption/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast, gather_object, set_seed
 from tqdm import tqdm
 
-from caption.data import eval_records, train_batches
+from caption.data import collate, encode_record, eval_records, train_batches
 from caption.decode import decode_records
 from caption.finetune import Captioner, backbone_from_manifest, image_batches, image_records
 from caption.metrics import score
-from caption.model import Decoder
+from caption.model import Decoder, sequence_loss
 from caption.objective import Objective
 from caption.references import raw_references, store_references
 from caption.resident import ResidentFeatures, choose, rank_slice, resident_batches
 from caption.run import (check_compatible, features_dir, load_progress, load_weights, record_features, resume_dir,
                          run_features, save_state, save_weights)
-from caption.scst import CiderD
+from caption.scst import CiderD, reward_references
 from caption.vocab import Vocab, build_from_split_file
 from common import config as C
 from common.cli import command
@@ -65,8 +66,9 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # batches of this epoch done by each process
     step: int = 0  # optimizer steps
-    best: float | None = None  # best validation CIDEr-D (None: nothing validated yet)
+    best: float | None = None  # best validation value of `select_on` (None: nothing validated yet)
     best_step: int = -1
+    bad_validations: int = 0  # validations in a row without a better value (early stopping)
     batches_total: int = 0  # batches done by each process over every session of the run
     validated_step: int | None = None  # the step of the last validation
 
@@ -112,9 +114,9 @@ def train(cfg: C.Config) -> int:
     try:
         if tcfg.finetune and p.step == 0 and resume_dir(t.run) is None:
             validate_and_save(t)  # step 0: the cached run's decoder on grids from the same backbone
-        while p.epoch < tcfg.max_epochs:
+        while p.epoch < tcfg.max_epochs and not stopped_early(t):
             if not train_one_epoch(t, epoch_batches(t)):
-                break  # max_steps
+                break  # max_steps or early stopping
             p.epoch, p.batch = p.epoch + 1, 0
             if not tcfg.save_checkpoint_every:
                 validate_and_save(t)
@@ -131,8 +133,10 @@ def train(cfg: C.Config) -> int:
     sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: "
                      f"{p.batches_total - seen_before} batches this run\n")
     sys.stdout.flush()
-    best = "none" if p.best is None else f"{p.best:.3f}"
-    accelerator.print(f"{t.run}: {p.step} steps; best val CIDEr-D {best} at step {p.best_step}")
+    best = "none" if p.best is None else f"{abs(p.best):.3f}"  # (nll is kept negated: higher is better)
+    metric = "CIDEr-D" if tcfg.select_on == "cider" else "NLL"
+    stop = " (stopped early)" if stopped_early(t) else ""
+    accelerator.print(f"{t.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
     return 130 if interrupted else 0
 
 
@@ -144,6 +148,8 @@ def setup(cfg: C.Config) -> Training:
     run = C.run_dir(tcfg)
     run.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(tcfg, run)
+    cfg = resolve_batch(cfg, accelerator.num_processes)
+    tcfg = cfg.train
     train_manifest = load_manifest(features_dir(cfg, "train"))
     cfg = with_split_file(cfg, train_manifest, accelerator)
     check_features(cfg, run, train_manifest, tcfg.resume, accelerator.is_main_process)  # now, not at the first validation
@@ -164,9 +170,14 @@ def setup(cfg: C.Config) -> Training:
                          f"{tcfg.batch_size} on {world} process(es)")
     steps_per_epoch = max(1, batches_per_epoch // tcfg.gradient_accumulation_steps)
     optimizer = build_optimizer(net, tcfg)
-    cider = CiderD(store_references(features_dir(cfg, "train"))) if tcfg.self_critical_after >= 0 else None
+    cider = None
+    if tcfg.self_critical_after >= 0:  # document frequencies of the training references, as the reward reads them
+        labels, eos = tcfg.sc_references == "labels", tcfg.sc_eos
+        cider = CiderD([reward_references(refs, vocab, tcfg.max_length, labels, eos)
+                        for refs in store_references(features_dir(cfg, "train"))])
     objective = Objective(net, vocab, tcfg.alpha_c, tcfg.seq_per_img, cider=cider, sc_sample_n=tcfg.sc_sample_n,
-                          sc_baseline=tcfg.sc_baseline, max_length=tcfg.max_length)
+                          sc_baseline=tcfg.sc_baseline, max_length=tcfg.max_length,
+                          sc_labels=tcfg.sc_references == "labels", sc_eos=tcfg.sc_eos)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     scheduler.split_batches = True  # it steps once per optimizer step on every process (not once per process)
@@ -179,9 +190,7 @@ def setup(cfg: C.Config) -> Training:
             progress.epoch, progress.batch = progress.epoch + 1, 0
     if accelerator.is_main_process:  # a killed run logged steps this one will log again
         drop_rows_after(run / "metrics.jsonl", progress.step)
-    accelerator.print(f"{run}: {world} process(es) on {accelerator.device}, {batches_per_epoch} batches of "
-                      f"{tcfg.batch_size} images x {tcfg.seq_per_img} captions per epoch per process "
-                      f"({train_manifest['backend']} features)", flush=True)
+    describe_batches(accelerator, run, tcfg, batches_per_epoch, steps_per_epoch, train_manifest["backend"])
     accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
                                                  if isinstance(v, (int, float, str, bool))})
     resident = load_resident(cfg, train_manifest, accelerator)
@@ -210,6 +219,36 @@ def load_resident(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> Re
                      f"{rows.start}..{rows.stop - 1}, {resident.nbytes} bytes\n")
     sys.stdout.flush()
     return resident
+
+
+def describe_batches(accelerator: Accelerator, run: Path, tcfg: C.TrainConfig, batches_per_epoch: int,
+                     steps_per_epoch: int, backend: str) -> None:
+    """The first lines of the log: batches per process, and the global batch, updates and learning rate."""
+    world = accelerator.num_processes
+    accelerator.print(f"{run}: {world} process(es) on {accelerator.device}, {batches_per_epoch} batches of "
+                      f"{tcfg.batch_size} images x {tcfg.seq_per_img} captions per epoch per process "
+                      f"({backend} features)", flush=True)
+    images = tcfg.batch_size * world * tcfg.gradient_accumulation_steps
+    total = steps_per_epoch * tcfg.max_epochs
+    total = min(tcfg.max_steps, total) if tcfg.max_steps else total
+    accelerator.print(f"global batch: {images} images x {tcfg.seq_per_img} = {images * tcfg.seq_per_img} captions per "
+                      f"optimizer step; {steps_per_epoch} updates per epoch, {total} in all; learning rate "
+                      f"{tcfg.learning_rate:g}", flush=True)
+
+
+def resolve_batch(cfg: C.Config, world: int) -> C.Config:
+    """The per-process batch from `global_batch_size` (which must divide by processes x
+    accumulation), or the learning rate scaled linearly with them when `scale_lr` asks."""
+    tcfg = cfg.train
+    per_step = world * tcfg.gradient_accumulation_steps
+    if tcfg.global_batch_size:
+        if tcfg.global_batch_size % per_step:
+            raise TrainError(f"--global_batch_size {tcfg.global_batch_size} does not divide over {world} process(es) x "
+                             f"{tcfg.gradient_accumulation_steps} accumulation step(s)")
+        tcfg = dataclasses.replace(tcfg, batch_size=tcfg.global_batch_size // per_step)
+    elif tcfg.scale_lr and per_step > 1:
+        tcfg = dataclasses.replace(tcfg, learning_rate=tcfg.learning_rate * per_step, scale_lr=False)
+    return dataclasses.replace(cfg, train=tcfg)
 
 
 def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
@@ -374,7 +413,7 @@ def train_one_epoch(t: Training, batches) -> bool:
             log(t, row)
             t0, captions = time.perf_counter(), 0
         after_step(t)
-        if tcfg.max_steps and p.step >= tcfg.max_steps:
+        if (tcfg.max_steps and p.step >= tcfg.max_steps) or stopped_early(t):
             bar.close()
             return False
     bar.close()
@@ -404,20 +443,55 @@ def after_step(t: Training) -> None:
 
 
 def validate_and_save(t: Training) -> None:
-    """Score the val split; a new best CIDEr-D writes best.safetensors; then `last` and the state."""
-    acc, p = t.accelerator, t.progress
+    """Score the val split; a better `select_on` value writes best.safetensors; then `last` and the state."""
+    acc, p, tcfg = t.accelerator, t.progress, t.cfg.train
     if not t.val_entries:
         t.val_entries.extend(load_split(t.cfg.data.input_json, "val", t.cfg.data.restval_in_train))
     scores = validate(t)
+    nll = val_nll(t) if tcfg.select_on == "nll" else None  # every process takes part
     if acc.is_main_process:
+        if nll is not None:
+            scores["NLL"] = nll
         log(t, {"step": p.step, "epoch": p.epoch, **{f"val_{k}": v for k, v in scores.items()}})
-        tqdm.write(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}")
-        if p.best is None or scores["CIDEr"] > p.best:
-            p.best, p.best_step = scores["CIDEr"], p.step
+        tqdm.write(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}"
+                   + (f" NLL {nll:.4f}" if nll is not None else ""))
+        value = scores["CIDEr"] if tcfg.select_on == "cider" else -nll  # higher is better
+        if p.best is None or value > p.best:
+            p.best, p.best_step, p.bad_validations = value, p.step, 0
             save_weights(t.net, t.run / "best.safetensors")
+        else:
+            p.bad_validations += 1
     p.best = broadcast_best(acc, p.best)
+    p.bad_validations = int(broadcast_best(acc, float(p.bad_validations)))
     p.validated_step = p.step
     save_state(acc, t.run, dataclasses.asdict(p), t.net)
+
+
+def stopped_early(t: Training) -> bool:
+    """`early_stop_patience` validations in a row without a better value (the same on every process)."""
+    patience = t.cfg.train.early_stop_patience
+    return bool(patience) and t.progress.bad_validations >= patience
+
+
+@torch.no_grad()
+def val_nll(t: Training) -> float:
+    """Mean per-token NLL of the val images' captions (seq_per_img each, teacher forced), over every process."""
+    acc, cfg, tcfg = t.accelerator, t.cfg, t.cfg.train
+    decoder = t.net.decoder if tcfg.finetune else t.net
+    was = decoder.training
+    decoder.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, tokens
+    records = list(eval_records(features_dir(cfg, "val"), acc.process_index, acc.num_processes, tcfg.val_images_use))
+    for i in range(0, len(records), 64):
+        items = [encode_record(r, t.vocab, tcfg.seq_per_img, tcfg.max_length, np.random.default_rng([tcfg.seed, i + j]))
+                 for j, r in enumerate(records[i:i + 64])]
+        b = collate(items, t.vocab)
+        logits, alphas = decoder(b["features"].to(acc.device), b["tokens"].to(acc.device), tcfg.seq_per_img)
+        _, xent, ntok = sequence_loss(logits, b["targets"].to(acc.device), alphas, t.vocab.pad_id, 0.0)
+        total += torch.stack([xent.double(), ntok.double()])  # xent is summed over the tokens
+    decoder.train(was)
+    total = acc.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp_min(1))
 
 
 @torch.no_grad()

@@ -106,11 +106,20 @@ class DecoderConfig:
     embed_dim: int = _f(512, "m in the paper: word embedding size", ge=1)
     hidden_dim: int = _f(512, "n in the paper: LSTM size", ge=1)
     attn_dim: int = _f(512, "attention MLP size", ge=1)
+    attn_layers: int = _f(1, "layers on the annotation side of f_att: 1 (W_a a_i + b) or 2 (an MLP, W tanh(W_a a_i + b) "
+                             "+ b', the authors' COCO n_layers_att=2); computed once per image", ge=1, le=2)
+    init: str = _f("mlp", "h0, c0 from mean(a): mlp (one tanh MLP each) or authors (n_layers_init=2: a shared ReLU layer, "
+                          "then tanh(W .) for h0 and for c0)", choices=("mlp", "authors"))
+    fp32_recurrence: bool = _f(True, "under autocast keep h, c, alpha, beta and the softmax in float32 (the big "
+                                     "matrix products still run in bf16/fp16); false: the autocast dtype throughout")
     dropout: float = _f(0.5, "dropout before the deep output layer", ge=0, lt=1)
     attention: str = _f("soft", "soft (Sec. 4.2, deterministic) or hard (Sec. 4.1, stochastic)", choices=("soft", "hard"))
-    semi_sampling_p: float = _f(0.5, "hard: probability of the soft expectation at a training step", ge=0, le=1)
-    entropy_weight: float = _f(0.002, "hard: weight of the attention entropy bonus (lambda_e)", ge=0)
-    baseline_decay: float = _f(0.9, "hard: moving-average baseline of the log-likelihood reward", ge=0, le=1)
+    semi_sampling_p: float = _f(0.5, "hard: probability that a training step SAMPLES locations (else it uses the soft "
+                                     "expectation), as capgen.py's semi_sampling_p", ge=0, le=1)
+    semi_sampling: str = _f("batch", "hard: one coin per minibatch (batch, capgen.py) or per caption (caption)",
+                            choices=("batch", "caption"))
+    entropy_weight: float = _f(0.002, "hard: lambda_e, the authors' alpha_entropy_c, on sum alpha log alpha", ge=0)
+    baseline_decay: float = _f(0.9, "hard: moving average of the per-step NLL (capgen.py's baseline_time)", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,14 @@ class TrainConfig:
     init_from: str = _f("", "start from this run's `best` decoder weights and vocabulary")
     resume: bool = _f(False, "continue from the run folder's `last` state")
     seed: int = _f(123, "random seed", ge=0)
-    batch_size: int = _f(10, "images per batch per process (each brings seq_per_img captions)", ge=1)
+    batch_size: int = _f(10, "images per batch PER PROCESS (each brings seq_per_img captions): the global batch of "
+                              "an optimizer step is batch_size x processes x gradient_accumulation_steps; see "
+                              "global_batch_size", ge=1)
+    global_batch_size: int = _f(0, "images per optimizer step over all processes (0: batch_size x processes x "
+                                   "accumulation); when set, each process takes global / (processes x accumulation), "
+                                   "which must divide, so every process count follows one trajectory", ge=0)
+    scale_lr: bool = _f(False, "with global_batch_size 0: multiply learning_rate by processes x accumulation (the "
+                               "linear scaling rule), since the global batch grows with them")
     seq_per_img: int = _f(5, "captions per image in a batch; the grid is read once for all", ge=1)
     max_epochs: int = _f(30, "epochs to train", ge=1)
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)", ge=0)
@@ -152,10 +168,21 @@ class TrainConfig:
     memory_budget_gb: float = _f(0.0, "what features_in_memory may take per process, in GB (0: 80% of the RAM "
                                       "available, 90% of the GPU's free memory)", ge=0)
     save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)
+    select_on: str = _f("cider", "the validation metric that picks best.safetensors and drives early stopping: cider "
+                                 "(CIDEr-D of greedy captions, higher is better) or nll (mean per-token NLL of the "
+                                 "val captions, lower is better: the authors' choice)", choices=("cider", "nll"))
+    early_stop_patience: int = _f(0, "stop after this many validations in a row without a better select_on value "
+                                     "(0: never; the authors: 10)", ge=0)
     val_images_use: int = _f(5000, "validation images scored (-1: all)", ge=-1, not_zero=True)
     log_every: int = _f(25, "steps between logged losses", ge=1)
     self_critical_after: int = _f(-1, "epoch to switch to self-critical training (-1: never)", ge=-1)
     sc_sample_n: int = _f(5, "SCST: samples per image; >1 uses their mean reward as baseline (new SC)", ge=1)
+    sc_references: str = _f("labels", "SCST references (and CIDEr-D document frequencies): labels (the training "
+                                      "captions as the model sees them: cut at max_length, words outside the "
+                                      "vocabulary as <unk>, as self-critical.pytorch) or raw (the token lists as written)",
+                            choices=("labels", "raw"))
+    sc_eos: bool = _f(True, "SCST: <eos> ends every reference and every sampled caption that ended, and counts in the "
+                            "document frequencies (self-critical.pytorch); it penalizes captions cut mid-phrase")
     sc_baseline: str = _f("mean", "SCST baseline: greedy (Rennie et al.) or mean of the other samples", choices=("greedy", "mean"))
     finetune: bool = _f(False, "train the backbone's upper blocks from images with the decoder")
     finetune_layers: list = _f(["layer4"], "backbone stages that train when finetune is on")
