@@ -1,0 +1,239 @@
+"""The COCO recipes as their sources define them: each config trains and says its global batch;
+one trajectory whatever the process count; a float32 recurrence under autocast; SCST's reward
+with <eos> as self-critical.pytorch computes it; hard attention with capgen.py's semantics; the
+authors' model options and early stopping."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caption import train
+from caption.model import Decoder, DecoderConfig
+from caption.objective import Objective
+from caption.scst import CiderD, reward_references, words_of
+from caption.vocab import Vocab
+from common import config as C
+from tests.conftest import ROOT, free_port, tiny_args
+
+RECIPES = ["coco", "coco_authors", "coco_fast", "coco_hard", "coco_scst"]
+
+
+def on_shapes(shapes, features, run, *extra):
+    """A recipe's settings, on the tiny world's data, for a few steps."""
+    return ["--input_json", str(shapes / "dataset.json"), "--images_root", "", "--features", str(features),
+            "--checkpoint_path", str(run), "--max_steps", "2", "--val_images_use", "4", "--num_workers", "0",
+            "--mixed_precision", "no", "--save_checkpoint_every", "0", "--features_in_memory", "off", *extra]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_trains_and_says_its_global_batch(recipe, shapes, tiny_features, tmp_path, capsys):
+    cfg = C.load(ROOT / "configs" / f"{recipe}.yaml")
+    extra = ["--global_batch_size", "4"] if cfg.train.global_batch_size else ["--batch_size", "4"]
+    if cfg.train.self_critical_after >= 0:
+        extra += ["--self_critical_after", "0", "--sc_sample_n", "2"]
+    args = ["--config", str(ROOT / "configs" / f"{recipe}.yaml"), *on_shapes(shapes, tiny_features, tmp_path / "run", *extra)]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    lr = cfg.train.learning_rate
+    assert re.search(rf"global batch: 4 images x 5 = 20 captions per optimizer step; 24 updates per epoch, 2 in all; "
+                     rf"learning rate {lr:g}", out), out
+    saved = C.load(tmp_path / "run" / "config.yaml")
+    assert saved.model.hidden_dim == cfg.model.hidden_dim and saved.model.attn_layers == cfg.model.attn_layers
+
+
+def test_the_seeds_command_and_the_authors_model_are_written_down():
+    seed = C.load(ROOT / "configs" / "coco.yaml").train
+    assert (seed.global_batch_size, seed.seq_per_img, seed.learning_rate, seed.learning_rate_decay_start,
+            seed.learning_rate_decay_every, seed.learning_rate_decay_rate, seed.max_epochs, seed.val_images_use,
+            seed.save_checkpoint_every) == (10, 5, 5e-4, 0, 3, 0.8, 25, 5000, 6000)
+    authors = C.load(ROOT / "configs" / "coco_authors.yaml")
+    assert (authors.model.hidden_dim, authors.model.attn_layers, authors.model.init) == (1800, 2, "authors")
+    assert (authors.train.learning_rate, authors.train.learning_rate_decay_start, authors.train.select_on,
+            authors.train.early_stop_patience) == (2e-4, -1, "nll", 10)
+
+
+def test_global_batch_must_divide_and_lr_scaling(shapes, tiny_features, tmp_path, capsys):
+    from caption.train import resolve_batch
+    cfg = C.load(ROOT / "configs" / "tiny.yaml")
+    cfg = C.from_dict({**C.to_dict(cfg), "train": {**C.to_dict(cfg)["train"], "global_batch_size": 10}})
+    assert resolve_batch(cfg, 2).train.batch_size == 5 and resolve_batch(cfg, 1).train.batch_size == 10
+    with pytest.raises(train.TrainError, match="does not divide over 4 process"):
+        resolve_batch(cfg, 4)
+    scaled = C.from_dict({**C.to_dict(cfg), "train": {**C.to_dict(cfg)["train"], "global_batch_size": 0, "scale_lr": True}})
+    assert resolve_batch(scaled, 4).train.learning_rate == pytest.approx(4 * cfg.train.learning_rate)
+    assert resolve_batch(scaled, 1).train.learning_rate == cfg.train.learning_rate
+
+
+def test_two_processes_follow_the_one_process_trajectory(shapes, tiny_features, tmp_path):
+    """The same global batch on 1 and on 2 real processes (torchrun, gloo): the same weights after 6 steps."""
+    common = ["--global_batch_size", "8", "--dropout", "0", "--max_steps", "6", "--save_checkpoint_every", "0",
+              "--num_workers", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(one), *common)) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "caption" / "train.py"),
+                        *tiny_args(shapes, tiny_features, "--checkpoint_path", str(two), *common)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "2 process(es)" in r.stdout and "global batch: 8 images" in r.stdout
+    w1, w2 = load_file(str(one / "last.safetensors")), load_file(str(two / "last.safetensors"))
+    # attention.score.bias shifts every e_ti alike: softmax cancels it, its gradient is 0 up to rounding,
+    # and Adam turns rounding noise of either sign into lr-sized steps. Every other weight must agree.
+    diffs = {k: (w1[k] - w2[k]).abs().max().item() for k in w1 if k != "attention.score.bias"}
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    init = load_file(str(one / "best.safetensors"))  # validated at step 6 too: the same weights
+    assert all(torch.equal(init[k], w1[k]) for k in w1)
+    assert json.loads((two / "state" / "progress.json").read_text())["step"] == 6
+
+
+def tiny_decoder(**kw) -> Decoder:
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(vocab_size=12, feature_dim=6, embed_dim=8, hidden_dim=16, attn_dim=8, dropout=0.0, **kw))
+
+
+def test_recurrence_stays_float32_under_autocast():
+    model = tiny_decoder()
+    feats, tokens = torch.randn(2, 196, 6), torch.randint(3, 12, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = model.init_state(feats)
+        _, state = model.step(tokens[:, 0], state)
+        z, alpha = model.context(state)
+        logits, alphas = model(feats, tokens)
+    assert state["h"].dtype == state["c"].dtype == state["alpha"].dtype == torch.float32
+    assert alpha.dtype == alphas.dtype == torch.float32 and z.dtype == torch.float32
+    assert state["keys"].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16  # the big products in bf16
+    old = tiny_decoder(fp32_recurrence=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, s = old.step(tokens[:, 0], old.init_state(feats))
+    assert s["h"].dtype == torch.bfloat16  # the previous path: nn.LSTMCell in bf16
+    # without autocast the fp32 path is nn.LSTMCell itself, bit for bit
+    with torch.no_grad():
+        a = model(feats, tokens)[0]
+        b = tiny_decoder(fp32_recurrence=False)(feats, tokens)[0]
+    assert torch.equal(a, b)
+
+
+def test_bf16_training_tracks_fp32(shapes, tiny_features):
+    """40 steps on the tiny world's grids: bf16 autocast (fp32 recurrence) ends within 3% of fp32's loss."""
+    from caption.data import train_batches
+    from caption.model import sequence_loss
+    from caption.vocab import build_from_split_file
+    vocab = build_from_split_file(shapes / "dataset.json", 2)
+    batches = list(train_batches(tiny_features / "train", vocab, batch_size=8, seq_per_img=5, max_length=12, seed=0,
+                                 epoch=0)[1])
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = Decoder(DecoderConfig(vocab_size=len(vocab), feature_dim=256, embed_dim=32, hidden_dim=64, attn_dim=32,
+                                      dropout=0.0))
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        curve = []
+        for _ in range(4):
+            for b in batches[:10]:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    logits, alphas = model(b["features"], b["tokens"], 5)
+                total, xent, ntok = sequence_loss(logits, b["targets"], alphas, vocab.pad_id, 1.0)
+                (total / ntok).backward()
+                opt.step()
+                opt.zero_grad()
+                curve.append((xent / ntok).item())
+        losses[precision] = sum(curve[-10:]) / 10
+        assert losses[precision] < 0.85 * (sum(curve[:10]) / 10), precision  # it learned
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.03 * losses["fp32"], losses
+
+
+def test_scst_reward_with_eos_is_pycocoevalcaps_cider_over_the_same_strings():
+    """Our reward on a fixed set equals pycocoevalcap's CIDEr-D over the same strings with the end
+    token appended (hypotheses that ended, references always), document frequencies over the set."""
+    from pycocoevalcap.cider.cider import Cider
+    vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", "a", "red", "circle", "blue", "box", "left", "of", "the"])
+    refs = [[["a", "red", "circle", "left", "of", "the", "box"], ["the", "red", "circle"], ["a", "zebra", "circle"]],
+            [["a", "blue", "box"], ["the", "blue", "box", "left", "of", "a", "circle"]],
+            [["a", "circle"], ["a", "red", "box", "of", "a", "blue", "circle", "left"]]]
+    labels = [reward_references(r, vocab, 6, labels=True, eos=True) for r in refs]
+    assert labels[0][2] == ["a", "<unk>", "circle", "<eos>"] and labels[2][1][-2:] == ["blue", "<eos>"]  # cut at 6
+    tokens = torch.tensor([[4, 5, 6, 2, 0, 0], [4, 7, 8, 9, 10, 4]])  # one ended, one ran to max_length
+    hyps = words_of(tokens, torch.tensor([3, 6]), vocab, eos=True)
+    assert hyps == [["a", "red", "circle", "<eos>"], ["a", "blue", "box", "left", "of", "a"]]
+    cider = CiderD(labels)
+    ours = [cider.score(hyps[i], labels[i]) for i in range(2)] + [cider.score(hyps[0], labels[2])]
+    gts = {i: [" ".join(r) for r in labels[i]] for i in range(3)}
+    res = {0: [" ".join(hyps[0])], 1: [" ".join(hyps[1])], 2: [" ".join(hyps[0])]}
+    _, theirs = Cider().compute_score(gts, res)
+    assert ours == pytest.approx(list(theirs), abs=1e-6)
+    assert ours[0] != pytest.approx(CiderD(refs).score(hyps[0][:-1], refs[0]), abs=1e-3)  # <eos> changes the reward
+
+
+def test_semi_sampling_is_the_probability_of_sampling():
+    """p = 0.2: about 20% of minibatches sample (all their captions together), or 20% of captions."""
+    torch.manual_seed(0)
+    feats, tokens = torch.randn(4, 196, 6), torch.randint(3, 12, (8, 3))
+    rates = {}
+    for mode in ("batch", "caption"):
+        model = tiny_decoder(attention="hard", semi_sampling_p=0.2, semi_sampling=mode).train()
+        masks = []
+        for _ in range(400):
+            model(feats, tokens, seq_per_img=2)
+            masks.append(model.hard_mask.clone())
+        masks = torch.stack(masks).float()  # (400, 8)
+        rates[mode] = masks.mean().item()
+        if mode == "batch":
+            assert ((masks == 0) | (masks == 1)).all() and (masks.std(1) == 0).all()  # one coin per minibatch
+        else:
+            assert (masks.std(1) > 0).any()
+    assert rates["batch"] == pytest.approx(0.2, abs=0.05) and rates["caption"] == pytest.approx(0.2, abs=0.03)
+
+
+def test_hard_attention_terms_weigh_as_capgen():
+    """The REINFORCE and entropy terms against a hand computation of capgen.py's rule, x N captions."""
+    vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(8)]])
+    model = tiny_decoder(attention="hard", entropy_weight=0.01, baseline_decay=0.9)
+    obj = Objective(model, vocab, seq_per_img=1)
+    obj.baseline.fill_(0.5)
+    torch.manual_seed(1)
+    N, T, L = 3, 4, 196
+    logits, alphas = torch.randn(N, T, 12), torch.softmax(torch.randn(N, T, L), -1)
+    targets = torch.tensor([[4, 5, 2, 0], [6, 7, 8, 2], [9, 2, 0, 0]])
+    model.hard_logp = torch.randn(N, T)
+    model.hard_mask = torch.tensor([True, False, True])
+    got = obj.hard_attention_terms(logits, targets, alphas, {})
+    mask = (targets != 0).float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
+    c = nll.sum(1) / T
+    want_rf = sum((c[n] - 0.5) / 10 * (model.hard_logp[n] * mask[n]).sum() for n in (0, 2))
+    want_ent = 0.01 * ((alphas * alphas.log()).sum(-1) * mask).sum()
+    torch.testing.assert_close(got, N * (want_rf + want_ent))
+    assert obj.baseline.item() == pytest.approx(0.9 * 0.5 + 0.1 * c.mean().item())
+
+
+def test_authors_model_options():
+    m = tiny_decoder(attn_layers=2, init="authors")
+    assert isinstance(m.attention.key, torch.nn.Sequential) and len(m.attention.key) == 3  # W' tanh(W a + b) + b'
+    assert isinstance(m.init_shared[1], torch.nn.ReLU) and isinstance(m.init_h[1], torch.nn.Tanh)
+    state = m.init_state(torch.randn(2, 196, 6))
+    assert state["h"].abs().max() < 1 and state["c"].abs().max() < 1  # tanh outputs
+    mean = m.init_shared(torch.zeros(1, 6))
+    assert (mean >= 0).all()  # ReLU
+    assert "init_shared.0.weight" in m.state_dict() and "init_shared.0.weight" not in tiny_decoder().state_dict()
+
+
+def test_early_stopping_on_validation_nll(shapes, tiny_features, tmp_path, capsys):
+    """learning_rate ~0: validation NLL cannot improve after the first validation; patience 2 stops it."""
+    run = tmp_path / "run"
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--learning_rate", "1e-12",
+                                "--save_checkpoint_every", "3", "--select_on", "nll", "--early_stop_patience", "2",
+                                "--max_epochs", "3")) == 0
+    out = capsys.readouterr().out
+    assert "(stopped early)" in out and "best val NLL" in out
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    assert progress["bad_validations"] >= 2 and progress["step"] < 3 * 24
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_NLL"] > 0 for r in rows if "val_NLL" in r)
