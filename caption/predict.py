@@ -19,22 +19,22 @@ import torch
 
 from caption.decode import caption_features
 from caption.finetune import backbone_from_manifest
-from caption.run import load_decoder
+from caption.run import ENCODER, encoder_of, load_decoder
 from caption.visualize import attention_figure
 from common.cli import command
 from common.config import check_args
 from common.tensors import default_device, to_fp16
 from featurize.backbone import Backbone
 from featurize.images import ImageError, load_rgb, to_tensor
-from shards import load_manifest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
-    """The encoder that made the run's training features, or the run's fine-tuned one."""
-    root = Path(cfg.data.features)
-    m = load_manifest(root / "train")
+    """The encoder that made the run's training features (an exported run's encoder.json), or the
+    run's fine-tuned one."""
+    m = encoder_of(run, cfg)
+    root = Path(run) if (Path(run) / ENCODER).exists() else Path(cfg.data.features)
     return backbone_from_manifest(m, root, override=Path(run) / "backbone.safetensors"), m
 
 

@@ -8,6 +8,7 @@ fine-tuning load.
     RUN/backbone.safetensors   fine-tuned runs: the backbone beside best (backbone_last beside last)
     RUN/state/                 Accelerate's resume state (optimizer, scheduler, RNG) + progress.json
     RUN/metrics.jsonl          one JSON row per logged step and per validation
+    RUN/encoder.json           exported runs only (caption/export.py): the encoder, in place of the features folder
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def run_features(run: str | Path, cfg: C.Config) -> tuple[dict, str]:
         return read_json(saved, "features identity", RunError), f"the run's ({saved})"
     train = features_dir(cfg, "train")
     return identity(load_manifest(train)), f"the run's train features ({train})"
+
+
+ENCODER = "encoder.json"  # an exported run's encoder: backbone, weights, preprocessing (caption/export.py)
+
+
+def encoder_of(run: str | Path, cfg: C.Config) -> dict:
+    """What made the run's grids, as a features manifest says it: RUN/encoder.json for an
+    exported run, else the run's train features' manifest."""
+    if (Path(run) / ENCODER).exists():
+        return read_json(Path(run) / ENCODER, "encoder description", RunError)
+    return load_manifest(features_dir(cfg, "train"))
 
 
 def record_features(run: Path, manifest: dict) -> None:

@@ -1,0 +1,135 @@
+"""Package a trained run as a self-contained folder someone else can caption with, offline.
+
+    python -m caption.export --run runs/shapes --out exported/shapes
+    python -m caption.predict --run exported/shapes photo.jpg --attention attn.png
+
+The folder holds the decoder (best.safetensors), the encoder it needs (backbone.safetensors, or
+the name of torchvision's published ImageNet weights, which torchvision fetches itself),
+vocab.json, the resolved config.yaml, encoder.json (the backbone, its weights' identity and the
+preprocessing: input size, resize, normalization, grid), metrics.json when the run was
+evaluated, and README.md, a model card. Nothing is pickled. It is laid out for the Hugging Face
+Hub as it is: `huggingface-cli upload USER/NAME exported/shapes` (or `huggingface_hub.upload_folder`)
+publishes it; nothing here uploads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from caption.finetune import backbone_from_manifest
+from caption.run import ENCODER, RunError, encoder_of, load_decoder
+from common import config as C
+from common.cli import command
+from common.files import atomic_write_json, atomic_write_text, read_json, sha256_file
+from shards.manifest import IDENTITY
+
+def export(run: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
+    """Write the folder (see the module's docstring); returns it. An existing `out` is refused."""
+    run, out = Path(run), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: exists and is not empty; export into a new folder")
+    decoder, vocab, cfg = load_decoder(run, checkpoint)  # checks the checkpoint against vocab and config
+    manifest = encoder_of(run, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / f"{checkpoint}.safetensors", out / "best.safetensors")
+    shutil.copy(run / "vocab.json", out / "vocab.json")
+    encoder = {k: manifest.get(k) for k in (*IDENTITY, "backbone_file") if k in manifest}
+    tuned = run / "backbone.safetensors"
+    if tuned.exists() or not str(manifest["weights"]).startswith("imagenet"):
+        # the weights file itself: fine-tuned, calibrated random, or a user's file (saved as safetensors)
+        backbone = backbone_from_manifest(manifest, cfg.data.features, override=tuned)
+        backbone.save(out / "backbone.safetensors")
+        encoder.update(weights="backbone.safetensors", weights_sha256=sha256_file(out / "backbone.safetensors")[:16],
+                       backbone_file="backbone.safetensors", trained_weights=manifest.get("weights"))
+    atomic_write_json(out / ENCODER, encoder, indent=2)
+    atomic_write_json(out / "features.json", {k: encoder.get(k) for k in IDENTITY}, indent=2)
+    C.save(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features="", input_json="")), out / "config.yaml")
+    metrics = run / "eval_test" / "metrics.json"
+    if metrics.exists():
+        shutil.copy(metrics, out / "metrics.json")
+    atomic_write_text(out / "README.md", model_card(run, cfg, encoder, read_json(metrics, "metrics") if metrics.exists()
+                                                    else None, len(vocab), manifest))
+    return out
+
+
+def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vocab_size: int, manifest: dict) -> str:
+    """README.md: what the model is, what it was trained on and how, how well it does, how to use it."""
+    m, t = cfg.model, cfg.train
+    progress = run / "state" / "progress.json"
+    steps = json.loads(progress.read_text()).get("step") if progress.exists() else None
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in (metrics or {}).items() if isinstance(v, (int, float))
+                     and not k.startswith("grounding_"))
+    table = (f"Test split, beam 3 (`python -m caption.evaluate`), from metrics.json:\n\n| metric | score |\n|---|---|\n{rows}\n"
+             if metrics else "Not evaluated: run `python -m caption.evaluate --run RUN` before exporting.\n")
+    weights = encoder["weights"] if encoder["weights"] != "backbone.safetensors" else \
+        f"backbone.safetensors (trained as: {encoder.get('trained_weights')})"
+    return f"""---
+library_name: pytorch
+tags: [image-captioning, show-attend-and-tell, attention]
+license: mit
+---
+
+# Show, Attend and Tell captioner ({run.name})
+
+A soft-attention LSTM decoder (Xu et al. 2015, arXiv 1502.03044) over {encoder['grid']}x{encoder['grid']}x{encoder['channels']}
+grids of a frozen {encoder['backbone']} cut at {encoder['layer']}, as trained by image-caption-attention.
+
+## Use
+
+```bash
+python -m caption.predict --run THIS_FOLDER photo.jpg --attention attention.png
+```
+
+Loads offline: best.safetensors (decoder), vocab.json, config.yaml, encoder.json
+({'backbone.safetensors' if encoder['weights'] == 'backbone.safetensors' else "torchvision's " + str(encoder['weights'])}).
+No pickle anywhere.
+
+## Model
+
+- Decoder: embedding {m.embed_dim}, LSTM {m.hidden_dim}, attention {m.attn_dim} ({m.attn_layers} annotation layer(s)),
+  {m.attention} attention, dropout {m.dropout}, vocabulary {vocab_size} words.
+- Encoder: {encoder['backbone']} to {encoder['layer']}, weights {weights}; input: {encoder.get('resize')},
+  {encoder['image_size']} px, normalization {encoder.get('normalization')}.
+
+## Data and recipe
+
+- Trained on the `train` split of {manifest.get('input_json') or cfg.data.input_json or 'its split file'}
+  ({manifest.get('count', '?')} images with features), captions cut at {t.max_length} words.
+- {t.batch_size} images x {t.seq_per_img} captions per step per process, Adam at {t.learning_rate:g},
+  {t.max_epochs} epochs{f', {steps} optimizer steps' if steps is not None else ''}; lambda (doubly stochastic) {t.alpha_c};
+  model selection on validation {t.select_on}.
+
+## Metrics
+
+{table}
+## Intended use and limits
+
+For captioning images like the training images and for studying where attention looks. It
+describes only what its training captions describe; on other kinds of images it will still
+produce fluent captions that may be wrong. Attention maps show where the decoder looked, not
+why. Scores above are on its own test split only.
+
+## Publish
+
+`huggingface-cli upload USER/NAME THIS_FOLDER` (or `huggingface_hub.upload_folder(repo_id=..., folder_path=...)`).
+"""
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m caption.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a trained run folder")
+    p.add_argument("--out", required=True, help="a new folder to write")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    a = p.parse_args(argv)
+    out = export(a.run, a.out, a.checkpoint)
+    print(f"{out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

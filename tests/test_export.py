@@ -1,0 +1,47 @@
+"""An exported run is a self-contained captioner: the same captions from the export as from the
+run, with no features folder; a model card whose metrics are the run's; no pickle."""
+
+import json
+import re
+import shutil
+
+from caption.evaluate import evaluate
+from caption.export import main as export_main
+from caption.predict import predict
+from common import config as C
+
+
+def test_exported_run_captions_like_the_run(trained_run, shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    metrics = evaluate(run, "test", beam_size=3, scorers=("Bleu", "CIDEr"), progress=False)
+    out = tmp_path / "exported"
+    assert export_main(["--run", str(run), "--out", str(out)]) == 0
+    names = {f.name for f in out.iterdir()}
+    assert {"best.safetensors", "vocab.json", "config.yaml", "encoder.json", "features.json", "metrics.json",
+            "README.md", "backbone.safetensors"} <= names  # a random backbone: its weights travel with it
+    assert not any(f.suffix in (".pt", ".pth", ".pkl", ".bin") for f in out.iterdir())
+    # moved elsewhere, its config naming no features folder: it needs nothing but itself
+    moved = tmp_path / "elsewhere" / "captioner"
+    shutil.move(str(out), str(moved))
+    assert C.load(moved / "config.yaml").data.features == ""
+    images = sorted((shapes / "images").glob("*.jpg"))[:4]
+    ours = [r["caption"] for r in predict(run, [str(p) for p in images], beam_size=3)]
+    theirs = [r["caption"] for r in predict(moved, [str(p) for p in images], beam_size=3, attention=str(tmp_path / "fig"))]
+    assert ours == theirs
+    # the same encoder, bit for bit (the tiny run's captions are short, so compare the grids too)
+    import torch
+    from caption.predict import backbone_for_run
+    from featurize.images import load_rgb, to_tensor
+    x = to_tensor(load_rgb(images[0]), 64)[None]
+    (b1, m1), (b2, m2) = backbone_for_run(run, C.load(run / "config.yaml")), backbone_for_run(moved, C.load(moved / "config.yaml"))
+    with torch.no_grad():
+        assert torch.equal(b1.freeze()(x), b2.freeze()(x)) and m1["image_size"] == m2["image_size"] == 64
+    card = (moved / "README.md").read_text()
+    for k in ("Bleu_4", "CIDEr"):
+        assert re.search(rf"\| {k} \| {metrics[k]:.4f} \|", card), k
+    assert json.loads((moved / "metrics.json").read_text())["CIDEr"] == metrics["CIDEr"]
+    assert "huggingface-cli upload" in card and "caption.predict --run" in card
+    # a second export into a non-empty folder is refused
+    assert export_main(["--run", str(run), "--out", str(moved)]) == 1
+    assert "not empty" in capsys.readouterr().err
