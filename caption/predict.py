@@ -53,6 +53,21 @@ def list_images(paths: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
+def caption_image(model, vocab, backbone: Backbone, image, image_size: int, beam_size: int, max_length: int,
+                  device) -> tuple[list[str], np.ndarray]:
+    """(words, alphas (T, L)) for one RGB image: resized and normalized as featurize did, the grid
+    rounded through float16 as the cached grids are, then beam search. The one per-image path of
+    `predict` and the page (caption/service.py)."""
+    x = to_tensor(image, image_size)[None].to(device)  # (1, 3, S, S) uint8
+    grid = to_fp16(backbone(x))  # (1, g, g, C), fp16 like the cached grids
+    dec = caption_features(model, vocab, grid, beam_size, max_length)
+    words = vocab.decode(dec.tokens[0].tolist())
+    L = grid.shape[1] * grid.shape[2]
+    alphas = dec.alphas[0].float().cpu().numpy() if dec.alphas is not None else np.zeros((len(words), L))
+    return words, alphas
+
+
+@torch.no_grad()
 def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: int = 20, attention: str | None = None,
             checkpoint: str = "best") -> list[dict]:
     """[{"image", "caption", "figure", "error"}] for each image path (folders expanded). An image
@@ -69,16 +84,12 @@ def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: 
         except ImageError as e:
             out.append({"image": str(path), "caption": None, "figure": None, "error": str(e)})
             continue
-        x = to_tensor(image, int(m["image_size"]))[None].to(device)  # (1, 3, S, S) uint8
-        grid = to_fp16(backbone(x))  # (1, g, g, C), fp16 like the cached grids
-        dec = caption_features(model, vocab, grid, beam_size, max_length)
-        words = vocab.decode(dec.tokens[0].tolist())
+        words, alphas = caption_image(model, vocab, backbone, image, int(m["image_size"]), beam_size, max_length, device)
         item = {"image": str(path), "caption": " ".join(words), "figure": None, "error": None}
         if attention:
             target = Path(attention)
             if len(paths) > 1 or target.suffix.lower() != ".png":
                 target = target / f"{path.stem}_attention.png"
-            alphas = dec.alphas[0].float().cpu().numpy() if dec.alphas is not None else np.zeros((len(words), m["grid"] ** 2))
             item["figure"] = str(attention_figure(image, words, alphas, int(m["grid"]), target))
         out.append(item)
     return out

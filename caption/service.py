@@ -1,0 +1,101 @@
+"""What a page (or any server) calls to caption an uploaded image: the run loaded once, one
+request = one image in, the caption and each word's attention over the photo out, or a message.
+
+    service = CaptionService("runs/shapes")
+    out = service.caption(uploaded_bytes, beam_size=3)
+    out.caption, out.words, out.overlays[0]     # (H, W, 3) uint8: word 0's map over the photo
+    out.error                                   # a one-line message instead, for bad input
+
+Bad input never raises: an empty upload, a file that is no image, a truncated one, an image
+above `max_pixels` (refused from its header, before it is decoded) each come back as `error`.
+Requests are served one at a time (a lock around the model), so concurrent ones queue.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from caption.predict import backbone_for_run, caption_image
+from caption.run import load_decoder
+from caption.visualize import upsample
+from common.tensors import default_device
+from featurize.images import to_rgb
+
+MAX_PIXELS = 40_000_000  # ~6300 x 6300: refused above this, before decoding
+
+
+@dataclass
+class Captioned:
+    caption: str = ""
+    words: list[str] = field(default_factory=list)
+    overlays: list[np.ndarray] = field(default_factory=list)  # per word, (H, W, 3) uint8 over the photo
+    image: np.ndarray | None = None  # the photo as captioned, (H, W, 3) uint8
+    error: str | None = None
+
+
+class CaptionService:
+    """A run's decoder and encoder, loaded once and reused by every request."""
+
+    def __init__(self, run: str | Path, checkpoint: str = "best", max_pixels: int = MAX_PIXELS,
+                 display_size: int = 384):
+        self.device = default_device()
+        self.model, self.vocab, cfg = load_decoder(run, checkpoint, self.device)
+        backbone, manifest = backbone_for_run(run, cfg)
+        self.backbone = backbone.to(self.device).freeze()
+        self.image_size, self.grid = int(manifest["image_size"]), int(manifest["grid"])
+        self.max_pixels, self.display_size = max_pixels, display_size
+        self.lock = threading.Lock()
+
+    def open_image(self, source) -> Image.Image:
+        """8-bit RGB from bytes, a path or a PIL image; ValueError with the reason for anything else."""
+        if source is None or (isinstance(source, (bytes, bytearray)) and not source):
+            raise ValueError("no image was uploaded")
+        if isinstance(source, Image.Image):
+            im = source
+        else:
+            data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+            if not data:
+                raise ValueError("the uploaded file is empty")
+            try:
+                im = Image.open(io.BytesIO(data))  # reads the header only
+            except UnidentifiedImageError:
+                raise ValueError("not an image (the file's content is no format PIL reads)") from None
+            except Image.DecompressionBombError:
+                raise ValueError(f"image too large to decode (limit {self.max_pixels:,} pixels)") from None
+        w, h = im.size
+        if w * h > self.max_pixels:
+            raise ValueError(f"image too large: {w} x {h} pixels, the limit is {self.max_pixels:,}")
+        try:
+            im.load()  # a truncated file fails here
+            return to_rgb(ImageOps.exif_transpose(im))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot decode the image ({e})") from None
+
+    @torch.no_grad()
+    def caption(self, source, beam_size: int = 3, max_length: int = 20) -> Captioned:
+        """The caption and per-word overlays of one image, or `error`."""
+        try:
+            image = self.open_image(source)
+            beam_size, max_length = int(beam_size), int(max_length)
+            if not (1 <= beam_size <= 20 and 1 <= max_length <= 50):
+                raise ValueError("beam size must be 1-20 and max length 1-50")
+        except ValueError as e:
+            return Captioned(error=str(e))
+        with self.lock:
+            words, alphas = caption_image(self.model, self.vocab, self.backbone, image, self.image_size, beam_size,
+                                          max_length, self.device)
+        shown = image.copy()
+        shown.thumbnail((self.display_size, self.display_size))
+        photo = np.asarray(shown, dtype=np.float32)  # (H, W, 3)
+        overlays = []
+        for t in range(len(words)):
+            a = upsample(alphas[t], self.grid, shown.size)[..., None]  # (H, W, 1) in [0, 1]
+            overlays.append((photo * (0.25 + 0.75 * a)).clip(0, 255).astype(np.uint8))
+        return Captioned(" ".join(words), words, overlays, photo.astype(np.uint8))
