@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(config.yaml, vocab.json, best.safetensors, metrics.jsonl, tb/)\nresults      {eval_dir}/results.json, metrics.json"
           f"\nfigures      {figs}/ (attention per word; {curves.name})")
     print("time         " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    print(f"\nthe page: python -m caption.app --run {run}   (then open http://127.0.0.1:7860; pip install -e '.[app]')")
     return 0
 
 
