@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401 - present, or a one-line message instead of a traceback
     except ImportError:
         raise UserError("the page needs Gradio: pip install -e '.[app]'") from None
     service = CaptionService(a.run)

@@ -19,7 +19,7 @@ from tests.conftest import ROOT, free_port, tiny_args
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
-    import gradio  # noqa: F401
+    import gradio  # noqa: F401 - the page's extra
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -113,6 +113,12 @@ def test_the_page_captions_and_shows_attention(page, browser, shapes, tmp_path):
     wait.until(lambda d: "Could not caption" in d.find_element(By.CSS_SELECTOR, "#message").text)
     assert "not an image" in browser.find_element(By.CSS_SELECTOR, "#message").text
     assert caption_text(browser) == ""
+    # an image whose header says 20,000 x 20,000: refused before it is decoded
+    from tests.test_service import huge_png_header
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(huge_png_header(20_000, 20_000))
+    upload_and_caption(browser, huge)
+    wait.until(lambda d: "too large" in d.find_element(By.CSS_SELECTOR, "#message").text)
     upload_and_caption(browser, image)
     wait.until(lambda d: caption_text(d).strip() != "")
     assert caption_text(browser) == first and browser.find_element(By.CSS_SELECTOR, "#message").text.strip() == ""
