@@ -56,6 +56,7 @@ def export(run: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     return out
 
 
+# long: one Markdown template, read as the card it writes
 def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vocab_size: int, manifest: dict) -> str:
     """README.md: what the model is, what it was trained on and how, how well it does, how to use it."""
     m, t = cfg.model, cfg.train
