@@ -3,12 +3,12 @@ headless Chromium (Debian's chromium and chromium-driver, installed by `make tes
 test image's caption and a word's attention come back; a broken upload shows the message and
 the next good upload still works. A screenshot is saved with the test's files."""
 
+import http.client
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,8 +50,10 @@ def page(talking_run):
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
-        try:
-            if urllib.request.urlopen(url, timeout=2).status == 200:  # the local server only
+        try:  # the app's own server on this machine, nothing else
+            conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=2)
+            conn.request("GET", "/")
+            if conn.getresponse().status == 200:
                 break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
