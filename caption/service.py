@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from caption.predict import backbone_for_run, caption_image
 from caption.run import load_decoder
 from caption.visualize import upsample
 from common.tensors import default_device
-from featurize.images import to_rgb
+from featurize.images import ImageError, decode_rgb, to_rgb
 
 MAX_PIXELS = 40_000_000  # ~6300 x 6300: refused above this, before decoding
 
@@ -54,29 +54,16 @@ class CaptionService:
         self.lock = threading.Lock()
 
     def open_image(self, source) -> Image.Image:
-        """8-bit RGB from bytes, a path or a PIL image; ValueError with the reason for anything else."""
+        """8-bit RGB from bytes, a path or a PIL image (featurize's decoding, with the pixel limit);
+        ImageError with the reason for anything else."""
         if source is None or (isinstance(source, (bytes, bytearray)) and not source):
-            raise ValueError("no image was uploaded")
+            raise ImageError("no image was uploaded")
         if isinstance(source, Image.Image):
-            im = source
-        else:
-            data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-            if not data:
-                raise ValueError("the uploaded file is empty")
-            try:
-                im = Image.open(io.BytesIO(data))  # reads the header only
-            except UnidentifiedImageError:
-                raise ValueError("not an image (the file's content is no format PIL reads)") from None
-            except Image.DecompressionBombError:
-                raise ValueError(f"image too large to decode (limit {self.max_pixels:,} pixels)") from None
-        w, h = im.size
-        if w * h > self.max_pixels:
-            raise ValueError(f"image too large: {w} x {h} pixels, the limit is {self.max_pixels:,}")
-        try:
-            im.load()  # a truncated file fails here
-            return to_rgb(ImageOps.exif_transpose(im))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot decode the image ({e})") from None
+            return to_rgb(source)
+        data = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+        if not data:
+            raise ImageError("the uploaded file is empty")
+        return decode_rgb(io.BytesIO(data), "the upload", self.max_pixels)
 
     @torch.no_grad()
     def caption(self, source, beam_size: int = 3, max_length: int = 20) -> Captioned:
@@ -86,7 +73,7 @@ class CaptionService:
             beam_size, max_length = int(beam_size), int(max_length)
             if not (1 <= beam_size <= 20 and 1 <= max_length <= 50):
                 raise ValueError("beam size must be 1-20 and max length 1-50")
-        except ValueError as e:
+        except (ImageError, ValueError) as e:
             return Captioned(error=str(e))
         with self.lock:
             words, alphas = caption_image(self.model, self.vocab, self.backbone, image, self.image_size, beam_size,

@@ -48,21 +48,32 @@ def image_file(root: str | os.PathLike, filename: str) -> Path:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode any image PIL reads into 8-bit RGB with EXIF orientation applied."""
+    """Decode any image file PIL reads into 8-bit RGB with EXIF orientation applied."""
     path = Path(path)
     if regular_file(path, "file", ImageError).st_size == 0:
         raise ImageError(f"{path}: empty file")
+    return decode_rgb(path, str(path))
+
+
+def decode_rgb(source, where: str, max_pixels: int = 0) -> Image.Image:
+    """8-bit RGB, EXIF orientation applied, from a path or a binary file object (an upload), or an
+    ImageError naming `where`: not an image, truncated, or larger than `max_pixels` (0: PIL's own
+    bomb limit), which is checked from the header, before anything is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:  # reads the header only
+                w, h = im.size
+                if max_pixels and w * h > max_pixels:
+                    raise ImageError(f"{where}: image too large: {w} x {h} pixels, the limit is {max_pixels:,}")
                 im.load()  # a truncated file fails here ("image file is truncated")
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+                return to_rgb(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image PIL can identify") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot decode ({e})") from None
+        raise ImageError(f"{where}: not an image PIL can identify") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{where}: image too large to decode ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{where}: cannot decode ({e})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
