@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -461,8 +462,9 @@ def validate_and_save(t: Training) -> None:
             save_weights(t.net, t.run / "best.safetensors")
         else:
             p.bad_validations += 1
-    p.best = broadcast_best(acc, p.best)
-    p.bad_validations = int(broadcast_best(acc, float(p.bad_validations)))
+    # the main process decided; every process takes its values (None: nothing validated yet)
+    best, bad = broadcast_main(acc, [-math.inf if p.best is None else p.best, float(p.bad_validations)])
+    p.best, p.bad_validations = (None if best == -math.inf else best), int(bad)
     p.validated_step = p.step
     save_state(acc, t.run, dataclasses.asdict(p), t.net)
 
@@ -481,10 +483,12 @@ def val_nll(t: Training) -> float:
     was = decoder.training
     decoder.eval()
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, tokens
-    records = list(eval_records(features_dir(cfg, "val"), acc.process_index, acc.num_processes, tcfg.val_images_use))
-    for i in range(0, len(records), 64):
-        items = [encode_record(r, t.vocab, tcfg.seq_per_img, tcfg.max_length, np.random.default_rng([tcfg.seed, i + j]))
-                 for j, r in enumerate(records[i:i + 64])]
+    # A second read of the val records (validate's decode is the first), 64 at a time: holding COCO's
+    # 5,000 val grids between the two would take 4 GB of memory.
+    records = eval_records(features_dir(cfg, "val"), acc.process_index, acc.num_processes, tcfg.val_images_use)
+    for i, chunk in enumerate(iter(lambda: list(itertools.islice(records, 64)), [])):
+        items = [encode_record(r, t.vocab, tcfg.seq_per_img, tcfg.max_length,
+                               np.random.default_rng([tcfg.seed, 64 * i + j])) for j, r in enumerate(chunk)]
         b = collate(items, t.vocab)
         logits, alphas = decoder(b["features"].to(acc.device), b["tokens"].to(acc.device), tcfg.seq_per_img)
         _, xent, ntok = sequence_loss(logits, b["targets"].to(acc.device), alphas, t.vocab.pad_id, 0.0)
@@ -555,14 +559,12 @@ def drop_rows_after(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def broadcast_best(accelerator: Accelerator, best: float | None) -> float | None:
-    """The main process's best score on every process (None: nothing validated yet)."""
+def broadcast_main(accelerator: Accelerator, values: list[float]) -> list[float]:
+    """The main process's values on every process."""
     if accelerator.num_processes == 1:
-        return best
-    value = torch.tensor([-math.inf if best is None else best], dtype=torch.float64, device=accelerator.device)
-    value = float(broadcast(value, from_process=0).item())
-    return None if value == -math.inf else value
-
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return broadcast(t, from_process=0).tolist()
 
 if __name__ == "__main__":
     raise SystemExit(main())
