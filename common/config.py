@@ -71,6 +71,11 @@ class DataConfig:
     features: str = _f("features/shapes", "features folder holding one subfolder per split")
     format: str = _f("zarr", "feature store backend: zarr or wds", choices=("zarr", "wds"))
     restval_in_train: bool = _f(True, "the train split also takes Karpathy's restval images")
+    input_shards: str = _f("", "image-text tar shards in img2dataset's layout instead of a split file: paths or URLs "
+                               "with brace expansion, e.g. 'http://host/cc3m/{00000..00331}.tar' or "
+                               "'pipe:aws s3 cp s3://bucket/{00000..00331}.tar -'")
+    shards_split: str = _f("train", "the split the input shards are", choices=("train", "val", "test"))
+    url_timeout: float = _f(60.0, "seconds per connect and per read of a shard streamed over HTTP", gt=0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ class FeaturizeConfig:
     strict: bool = _f(False, "stop at the first image that cannot be decoded instead of recording it")
     limit: int = _f(0, "featurize only the first N images of the split (0: all)", ge=0)
     calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics", ge=1)
+    input_shard_samples: int = _f(10000, "input shards: the most samples one holds (img2dataset's "
+                                         "number_sample_per_shard); rows are reserved per input shard", ge=1)
     shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar", ge=1)
     shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard", ge=1)
     codec: str = _f("blosc-zstd", "zarr compression: blosc-zstd (byte shuffle + zstd-1, chosen by bench/store.py), zstd, lz4 or none", choices=("blosc-zstd", "zstd", "lz4", "none"))

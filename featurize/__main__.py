@@ -3,6 +3,7 @@
     python -m featurize --split train                          # configs/shapes.yaml
     python -m featurize --config configs/coco.yaml --split all
     accelerate launch -m featurize --config configs/coco.yaml --split train   # many GPUs
+    python -m featurize --split train --input_shards 'http://host/cc3m/{00000..00331}.tar' --format wds
 
 Every config field of the `data` and `featurize` sections is a flag (`--backbone resnet50`,
 `--image_size 448`, `--format wds`, `--weights none`, ...). Rerunning the same command
@@ -21,6 +22,7 @@ from common import config as C
 from common.cli import command
 from common.tensors import default_device
 from featurize.extract import build_backbone, featurize_split
+from featurize.from_shards import featurize_input_shards
 from featurize.prepare import SingleProcess
 
 
@@ -42,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     state = process_state()
     backbone, info = build_backbone(cfg.data, cfg.featurize, state)
     splits = ["train", "val", "test"] if ns.split == "all" else [ns.split]
+    if cfg.data.input_shards and ns.split == "all":
+        splits = [cfg.data.shards_split]  # input shards are one split
+    featurize = featurize_input_shards if cfg.data.input_shards else featurize_split
     for split in splits:
-        m = featurize_split(cfg.data, cfg.featurize, split, backbone, info, state)
+        m = featurize(cfg.data, cfg.featurize, split, backbone, info, state)
         if m is not None:
             print(f"{cfg.data.features}/{split}: {m['count']} records, grid {m['grid']}x{m['grid']}x{m['channels']}, "
                   f"{m['bytes_per_image'] / 1e3:.1f} kB per image, {len(m['failures'])} failed images")

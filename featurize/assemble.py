@@ -54,27 +54,35 @@ class ShardAssembler:
         self.failed: dict[int, list] = {k: [] for k in shards}
         self.remaining = {k: len(shard_range(plan, k)) for k in shards}
         self.blocks: dict[int, torch.Tensor] = {}  # shard -> its buffer from the pool
+        self.written: dict[int, Future] = {}  # shard -> its writer's future, once closed
+        self.filled: dict[int, int] = {}  # shard -> rows of its buffer written (from its start)
         self.futures: list[Future] = []
         self.lock = threading.Lock()
         self.writing = 0.0  # seconds the writer threads were busy, summed
         self.waiting = 0.0  # seconds the caller waited for a free buffer or for the writers at the end
 
-    def add(self, rows: list[int], good: list[bool], errors: list[str], grids: torch.Tensor | None) -> None:
+    def add(self, rows: list[int], good: list[bool], errors: list[str], grids: torch.Tensor | None,
+            metas: list[dict] | None = None) -> None:
         """One batch: its rows (all in one shard), which decoded, why the others did not, and the
-        grids of those that did ((n_good, g, g, C) float16, or None when none did)."""
+        grids of those that did ((n_good, g, g, C) float16, or None when none did); `metas`, each
+        row's key, image_id, filename and captions (None: from the split's entries)."""
         k = rows[0] // self.plan["shard_size"]  # batches never cross a shard boundary
         span = shard_range(self.plan, k)
         host = self._block(k)[:len(span)]  # (n, g, g, C) float16 on the host: this shard's rows
-        for row, ok, err in zip(rows, good, errors):
-            e = self.entries[row]
+        for i, (row, ok, err) in enumerate(zip(rows, good, errors)):
+            if metas is None:
+                e = self.entries[row]
+                m = {"key": e.key, "image_id": e.image_id, "filename": e.filename, "captions": e.tokens}
+            else:
+                m = metas[i]
             if ok:
-                self.metas[k].append({"row": row, "key": e.key, "image_id": e.image_id, "filename": e.filename,
-                                      "captions": e.tokens})
+                self.metas[k].append({"row": row, **m})
             elif self.strict:
                 raise FeaturizeError(f"{err} (--strict; rerun without it to record such files and go on)")
             else:
-                self.failed[k].append({"filename": e.filename, "reason": err.split(": ", 1)[-1]})
+                self.failed[k].append({"filename": m["filename"], "reason": err.split(": ", 1)[-1]})
                 host[row - span.start].zero_()  # a failed image's rows read as zeros (the fill value)
+        self.filled[k] = max(self.filled.get(k, 0), rows[-1] - span.start + 1)
         if grids is not None:
             j = 0
             for a, b in row_runs([r - span.start for r, ok in zip(rows, good) if ok]):
@@ -82,13 +90,27 @@ class ShardAssembler:
                 j += b - a
         self.remaining[k] -= len(rows)
         if self.remaining[k] == 0:
-            event = None
-            if self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record()
-            self.futures.append(self.threads.submit(self._write, k, self.blocks.pop(k), event,
-                                                    self.metas.pop(k), self.failed.pop(k)))
+            self.close(k)
         self._check()
+
+    def close(self, k: int) -> None:
+        """Shard k is complete (its rows all added, or, reading input shards, no more will come):
+        its file is written by a writer thread; rows never added read as zeros. Once per shard."""
+        if k not in self.metas:
+            return
+        host = self._block(k)[:len(shard_range(self.plan, k))]
+        host[self.filled.pop(k, 0):].zero_()  # (the pool's buffers are reused)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.futures.append(self.threads.submit(self._write, k, self.blocks.pop(k), event, self.metas.pop(k),
+                                                self.failed.pop(k)))
+        self.written[k] = self.futures[-1]
+
+    def all_written(self, shards) -> bool:
+        """Whether these shards' files are all written (each closed, its writer finished without error)."""
+        return all(k in self.written and self.written[k].done() and self.written[k].exception() is None for k in shards)
 
     def wait(self) -> None:
         """Every shard file written (a writer's error raised here)."""

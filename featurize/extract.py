@@ -94,19 +94,33 @@ def _featurize_locked(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backb
                       out: Path, plan: dict, progress: bool) -> dict:
     """The shards of `plan` this process writes and has not written yet, with its lock on the
     folder held; returns where the time went (`featurize_split`'s `timing`)."""
-    device = state.device
-    if state.is_main_process:
-        writer = create_writer(out, plan)  # writes plan.json and creates the zarr array once
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        writer = create_writer(out, plan)
+    writer = _writer(out, plan, state)
     done = done_shards(out)
     mine = [k for k in range(plan["num_shards"]) if k % state.num_processes == state.process_index and k not in done]
     batches = [list(shard_range(plan, k))[i:i + fcfg.batch_size] for k in mine
                for i in range(0, len(shard_range(plan, k)), fcfg.batch_size)]
-    loader = image_loader(dcfg, fcfg, entries, batches, device)
-    model = inference_model(backbone, device, fcfg.compile)
+    loader = image_loader(dcfg, fcfg, entries, batches, state.device)
     total = sum(len(shard_range(plan, k)) for k in mine)
+    return run_loop(fcfg, split, backbone, state, writer, plan, mine, entries, loader, total, progress)
+
+
+def _writer(out: Path, plan: dict, state):
+    """This process's writer of the store; the main process creates it first (plan.json, the zarr array)."""
+    if state.is_main_process:
+        writer = create_writer(out, plan)
+    state.wait_for_everyone()
+    return writer if state.is_main_process else create_writer(out, plan)
+
+
+# long: the loop and its clocks read best in one place; every step is a call
+def run_loop(fcfg: FeaturizeConfig, split: str, backbone: Backbone, state, writer, plan: dict, mine: list[int],
+             entries: list | None, loader, total: int | None, progress: bool, after_batch=None) -> dict:
+    """Forward passes over `loader`'s batches into the shards `mine` of `plan`; returns where the
+    time went (`total`: the images to expect, None: unknown). A batch may say which shards it completes (`closes`) and carry its rows' metadata
+    (`meta`, else from `entries`) or a fatal error (`fatal`); `after_batch(batch, shards)` runs
+    after each (input shards: their markers)."""
+    device = state.device
+    model = inference_model(backbone, device, fcfg.compile)
     # Shard files are independent: several threads validate, compress and write them.
     writers = writer_threads(fcfg.writer_threads)
     pool = BlockPool((plan["shard_size"], fcfg.grid, fcfg.grid, backbone.channels), writers + 2, pinned=device.type == "cuda")
@@ -127,15 +141,25 @@ def _featurize_locked(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backb
             if item is None:
                 break
             batch, (images, good, errors) = item
-            grids = forward(model, images, fcfg, device) if any(good) else None
-            shards.add(batch["row"].tolist(), good, errors, grids)
+            if batch.get("fatal"):
+                raise FeaturizeError(batch["fatal"])
+            rows = batch["row"].tolist()
+            if rows:
+                grids = forward(model, images, fcfg, device) if any(good) else None
+                shards.add(rows, good, errors, grids, batch.get("meta"))
+            for k in batch.get("closes", ()):
+                shards.close(k)
+            if after_batch is not None:
+                after_batch(batch, shards)
             bar.update(len(good))
         shards.wait()
+        if after_batch is not None:
+            after_batch(None, shards)
     bar.close()
     clock = {"total": time.perf_counter() - start, "wait_images": wait_images, "wait_writers": shards.waiting,
              "writing": shards.writing, "writer_threads": writers, "preparing": ahead.busy if ahead is not None else None}
-    if progress and total:
-        log.info(f"featurize {split}: {total} images in {clock['total']:.1f} s; {timing_summary(clock)}")
+    if progress and bar.n:
+        log.info(f"featurize {split}: {bar.n} images in {clock['total']:.1f} s; {timing_summary(clock)}")
     return clock
 
 

@@ -24,7 +24,9 @@ from common.errors import UserError
 from common.files import atomic_write_json
 from featurize.backbone import Backbone, BackboneConfig, file_digest, imagenet_weights
 from featurize.images import SplitImages
+from featurize.inputs import first_images
 from shards.karpathy import DatasetError, load_split
+from shards.remote import expand
 
 RANDOM_BACKBONE = "backbone.safetensors"  # in the features root: the calibrated random backbone all splits share
 
@@ -92,6 +94,15 @@ def calibrated_random_backbone(dcfg: DataConfig, fcfg: FeaturizeConfig, bcfg: Ba
     `calibration_images` train images, saved to `path` (and what was done to `meta_path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     net = Backbone(bcfg)
+    if dcfg.input_shards:  # the first images of the input shards
+        used = net.calibrate_bn(tqdm(first_images(expand(dcfg.input_shards), fcfg.calibration_images, fcfg.image_size,
+                                                  dcfg.url_timeout), desc="calibrate BatchNorm", unit="batch"))
+        if used == 0:
+            raise FeaturizeError(f"--weights none: no image of {dcfg.input_shards} could be read for BatchNorm calibration")
+        net.save(path)
+        atomic_write_json(meta_path, {**meta, "input_shards": dcfg.input_shards, "calibration_images": used,
+                                      "sha256": file_digest(path)})
+        return
     try:
         entries = load_split(dcfg.input_json, "train", dcfg.restval_in_train)[: fcfg.calibration_images]
     except DatasetError as e:

@@ -1,0 +1,83 @@
+"""Featurize image-text input shards (featurize/inputs.py says how rows and work are laid out)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from common.config import DataConfig, FeaturizeConfig
+from featurize.backbone import Backbone
+from featurize.extract import _writer, run_loop, shard_size
+from featurize.inputs import InputShardImages, done_inputs, drop_unfinished, mark_done, rows_per_input, shard_label
+from featurize.prepare import FeaturizeError, SingleProcess
+from shards import finalize, make_plan
+from shards.manifest import WriterLock
+from shards.remote import expand
+
+log = logging.getLogger(__name__)
+
+
+def input_urls(dcfg: DataConfig, split: str) -> list[str]:
+    """The input shards' URLs, for the split they are (`data.shards_split`)."""
+    if split != dcfg.shards_split:
+        raise FeaturizeError(f"--input_shards are the {dcfg.shards_split} split (--shards_split); featurize --split "
+                             f"{dcfg.shards_split}, or give the {split} split's shards with --shards_split {split}")
+    return expand(dcfg.input_shards)
+
+
+def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
+                           state=None, progress: bool = True, timing: dict | None = None) -> dict | None:
+    """Featurize the input shards `data.input_shards` into FEATURES/split; returns the manifest
+    (main process). Same store, same records as from a split file; the manifest lists the URLs."""
+    state = state or SingleProcess()
+    if fcfg.decode == "device":
+        raise FeaturizeError("--decode device reads image files of a split file; input shards decode in the "
+                             "DataLoader workers (--decode workers)")
+    urls = input_urls(dcfg, split)
+    out = Path(dcfg.features) / split
+    S = shard_size(fcfg, dcfg.format, backbone.channels)
+    R = rows_per_input(fcfg.input_shard_samples, S)
+    plan = make_plan(dcfg.format, len(urls) * R, S, fcfg.grid, backbone.channels,
+                     {**info, "split": split, "input_json": "", "input_shards": dcfg.input_shards,
+                      "source_urls": urls, "input_shard_rows": R},
+                     fcfg.codec if dcfg.format == "zarr" else "")
+    with WriterLock(out, state.process_index):
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            drop_unfinished(out, len(urls), R // S)  # a killed run's half-written input shards are redone whole
+        writer = _writer(out, plan, state)
+        done = done_inputs(out, len(urls))
+        mine = [i for i in range(len(urls)) if i % state.num_processes == state.process_index and i not in done]
+        parts = R // S
+        shards = [k for i in mine for k in range(i * parts, (i + 1) * parts)]
+        dataset = InputShardImages(urls, mine, R, S, fcfg.image_size, fcfg.batch_size, dcfg.url_timeout)
+        workers = min(fcfg.num_workers, len(mine))
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        pending: list[tuple] = []
+
+        def markers(batch, assembled) -> None:
+            """An input shard's marker once all of its output shards are written."""
+            if batch is not None and batch.get("input_done"):
+                pending.append(batch["input_done"])
+            for item in list(pending):
+                i = item[0]
+                if assembled.all_written(range(i * parts, (i + 1) * parts)):
+                    mark_done(out, i, shard_label(item[1]), item[2], item[3])
+                    pending.remove(item)
+
+        clock = run_loop(fcfg, split, backbone, state, writer, plan, shards, None, loader, None, progress, markers)
+        if pending:
+            raise FeaturizeError(f"{out}: input shards {[p[0] for p in pending]} were read but not all of their "
+                                 "output shards were written")
+    if timing is not None:
+        timing.update(clock)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    missing = sorted(set(range(len(urls))) - done_inputs(out, len(urls)))
+    if missing:
+        raise FeaturizeError(f"{out}: input shard {urls[missing[0]]} was not featurized; rerun to resume")
+    return finalize(out, split)

@@ -1,0 +1,227 @@
+"""Shards wherever they live: a path, a `file:` URL, `http(s)://`, or `pipe:COMMAND` (its stdout).
+
+    expand("http://host/cc3m/{00000..00331}.tar")        # brace expansion, webdataset's syntax
+    for sample in tar_samples("http://host/cc3m/00000.tar"): ...   # {"__key__", "__url__", "jpg": ...}
+    read_bytes("http://host/features/train/manifest.json")
+
+A shard is streamed, never downloaded first. Every fault is a StoreError naming the URL (and the
+last key read): an HTTP status (404), a refused or timed-out connection (`timeout` seconds per
+connect and per read, so a stalled server is an error, not a hang), a command that exits non-zero,
+a tar cut short anywhere (mid-member, at a member boundary, or before its end-of-archive blocks: a
+tar stream holds no length of its own, so the end blocks are checked, and an HTTP body shorter than
+its Content-Length is named as such). Object stores go through their own command line tools:
+`pipe:aws s3 cp s3://bucket/00000.tar -`, `pipe:gsutil cat gs://bucket/00000.tar`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import shlex
+import socket
+import subprocess
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
+
+import braceexpand
+import webdataset as wds
+
+from shards.format import StoreError
+
+TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
+_TAIL = 1 << 16  # bytes of a stream's end kept to check its end-of-archive blocks
+_SCHEMES = ("http://", "https://", "pipe:", "file:")
+
+
+def is_url(location) -> bool:
+    """Whether a shard or store location is a URL (http, https, pipe:, file:) rather than a path."""
+    return isinstance(location, str) and location.startswith(_SCHEMES)
+
+
+def is_remote(location) -> bool:
+    """http(s) or pipe: (not a file on this machine)."""
+    return is_url(location) and not location.startswith("file:")
+
+
+def local_path(location: str) -> str:
+    """The path a location names on this machine (`file:` stripped)."""
+    return location[len("file:"):] if location.startswith("file:") else location
+
+
+def join(root: str, *parts: str) -> str:
+    """A URL below `root` (http(s) and file: URLs; a `pipe:` command has no below)."""
+    if root.startswith("pipe:"):
+        raise StoreError(f"{root}: a pipe: command names one shard; give a store as a folder or an http(s) URL")
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def expand(pattern: str) -> list[str]:
+    """Shard URLs of a pattern: brace expansion (`{00000..00099}`), several patterns separated by
+    whitespace outside a `pipe:` command or by `::`, as webdataset writes them."""
+    out: list[str] = []
+    pieces = pattern.split("::") if "::" in pattern or pattern.startswith("pipe:") else pattern.split()
+    for piece in pieces:
+        out += list(braceexpand.braceexpand(piece.strip()))
+    urls = [u for u in out if u]
+    if not urls:
+        raise StoreError(f"{pattern!r}: names no shards")
+    return urls
+
+
+class _PipeStream(io.RawIOBase):
+    """stdout of `pipe:COMMAND`; closing it waits for the command and raises on a non-zero exit."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
+        self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.err)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self.proc.stdout.readinto(b)
+
+    def finish(self) -> None:
+        """The command's exit status checked (after its output was read to the end)."""
+        self.proc.stdout.close()
+        rc = self.proc.wait()
+        self.err.seek(0)
+        said = self.err.read().decode("utf-8", "replace").strip().splitlines()
+        self.err.close()
+        if rc != 0:
+            raise StoreError(f"{self.url}: the command exited with status {rc}" + (f": {said[-1]}" if said else ""))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        super().close()
+
+
+@contextmanager
+def open_stream(url: str, timeout: float = TIMEOUT) -> Iterator:
+    """A binary stream of a location's bytes (read sequentially); a StoreError naming it when it
+    cannot be opened."""
+    if url.startswith(("http://", "https://")):
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "shards"}), timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise StoreError(f"{url}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise StoreError(f"{url}: cannot connect ({e.reason})") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise StoreError(f"{url}: cannot connect ({type(e).__name__}: {e})") from None
+        with response:
+            yield response
+    elif url.startswith("pipe:"):
+        stream = _PipeStream(url)
+        try:
+            yield stream
+            stream.finish()
+        finally:
+            stream.close()
+    else:
+        path = local_path(url)
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open ({e.strerror})") from None
+        with f:
+            yield f
+
+
+def _short_body(f, url: str) -> None:
+    """An HTTP body that ended before its Content-Length: named as a cut-short transfer."""
+    missing = getattr(f, "length", None)
+    if isinstance(f, http.client.HTTPResponse) and missing:
+        raise StoreError(f"{url}: the transfer was cut short ({missing} bytes of the Content-Length never came)")
+
+
+def read_bytes(url: str, timeout: float = TIMEOUT) -> bytes:
+    """A whole (small) file: a manifest or a shard's JSON."""
+    with open_stream(url, timeout) as f:
+        try:
+            data = f.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise StoreError(f"{url}: the transfer failed ({type(e).__name__}: {e})") from None
+        _short_body(f, url)
+    return data
+
+
+class _Counted(io.RawIOBase):
+    """A stream that counts the bytes it delivered and keeps the last `_TAIL` of them."""
+
+    def __init__(self, f):
+        self.f, self.n, self.tail = f, 0, bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        k = len(data)
+        b[:k] = data
+        self.n += k
+        self.tail += data
+        del self.tail[:-_TAIL]
+        return k
+
+
+def tar_members(url: str, timeout: float = TIMEOUT) -> Iterator[dict]:
+    """webdataset's file samples ({"fname", "data", "__url__"}) of a tar streamed from `url`,
+    each member read whole; a cut-short or unreadable tar is a StoreError naming the URL and the
+    last member read."""
+    last = "the first member"
+    with open_stream(url, timeout) as raw:
+        f = _Counted(raw)
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    last = info.name
+                    if not info.isreg():
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"{info.name} cut short")
+                    yield {"fname": info.name, "data": data, "__url__": url}
+                end = tar.offset  # where the end-of-archive blocks must start
+            while f.read(1 << 16):  # the record padding after them, and a body's missing bytes
+                if f.n - end > 16 * _TAIL:
+                    raise StoreError(f"{url}: data after the end of the archive")
+        except StoreError:
+            raise
+        except (tarfile.TarError, EOFError) as e:
+            raise StoreError(f"{url}: torn or unreadable tar after {last} ({e})") from None
+        except (OSError, http.client.HTTPException, socket.timeout) as e:
+            raise StoreError(f"{url}: the transfer failed after {last} ({type(e).__name__}: {e})") from None
+        _short_body(raw, url)
+        rest = f.n - end
+        if rest < 2 * tarfile.BLOCKSIZE or rest > len(f.tail) or any(f.tail[len(f.tail) - rest:]):
+            raise StoreError(f"{url}: torn tar: it ends after {last} without its end-of-archive blocks "
+                             f"(cut short in transit?)")
+
+
+def _reraise(exn: Exception) -> bool:
+    if isinstance(exn, StoreError):
+        raise exn
+    raise StoreError(f"unreadable shard: {type(exn).__name__}: {exn}") from None
+
+
+def tar_samples(url: str, timeout: float = TIMEOUT) -> Iterator[dict]:
+    """Samples of a streamed tar: members grouped by key, {"__key__", "__url__", ext: bytes}."""
+    yield from wds.tariterators.group_by_keys(tar_members(url, timeout), handler=_reraise)
+
+
+def describe(url: str) -> str:
+    """How a location is read, for logs: e.g. `http (streamed)`."""
+    if url.startswith(("http://", "https://")):
+        return "http (streamed)"
+    if url.startswith("pipe:"):
+        return f"pipe ({shlex.split(url[5:])[0] if url[5:].strip() else '?'})"
+    return "local" if os.path.exists(local_path(url)) else "local (missing)"
