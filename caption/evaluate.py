@@ -11,6 +11,7 @@ grounding when asked), and prints the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from caption.data import eval_records
 from caption.decode import decode_records
 from caption.finetune import backbone_from_manifest, image_records
 from caption.metrics import ALL, format_table, score
-from caption.references import references_for
+from caption.references import from_records, record_references, references_for
 from caption.run import features_dir, load_decoder, run_features
 from common.cli import command
 from common.config import check_args, images_root
@@ -98,6 +99,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     model, vocab, cfg = load_decoder(run, checkpoint, device)
     coverage = ""
     from_images = cfg.train.finetune if from_images is None else from_images
+    records_only = False
     if from_images:
         m = load_manifest(features_dir(cfg, "train"))
         backbone = backbone_from_manifest(m, cfg.data.features, override=Path(run) / "backbone.safetensors").to(device)
@@ -106,13 +108,16 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         n, grid = len(entries), int(m["grid"])
         records = image_records(entries, images_root(cfg.data), int(m["image_size"]), backbone, device)
     else:
-        root = Path(features) / split if features else features_dir(cfg, split)
+        root = features_dir(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(features))), split) \
+            if features else features_dir(cfg, split)
         store = open_store(root)
         if store.manifest["channels"] != cfg.model.feature_dim:
             raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
         expected, against = run_features(run, cfg)
         check_same_features(store.manifest, expected, str(root), against)
-        ids = {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+        records_only = from_records(store.manifest)  # made from input shards: the records are the split
+        ids = {r["image_id"] for r in store.records} if records_only else \
+            {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
         bad = foreign_records(store.records, ids)
         if bad:
             raise StoreError(f"{root}: {len(bad)} record(s) are not images of split {split!r} in {cfg.data.input_json} "
@@ -129,7 +134,9 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     out = Path(out) if out else Path(run) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
-    refs = references_for(cfg.data.input_json, split, [r["image_id"] for r in results], cfg.data.restval_in_train)
+    ids = [r["image_id"] for r in results]
+    refs = record_references(root, ids) if records_only else \
+        references_for(cfg.data.input_json, split, ids, cfg.data.restval_in_train)
     metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
     if with_grounding:
         metrics.update(grounding(res, cfg.data.input_json, split, grid))

@@ -26,17 +26,19 @@ from caption.vocab import Vocab
 from common import config as C
 from common.errors import UserError
 from common.files import atomic_write_json, read_json, temp_path
-from shards import load_manifest
+from shards import load_manifest, location
 from shards.manifest import identity
+from shards.remote import join
 
 
 class RunError(UserError):
     """A run folder that cannot be used as asked: missing checkpoint, mismatched vocabulary or features."""
 
 
-def features_dir(cfg: C.Config, split: str) -> Path:
-    """The features folder of one split."""
-    return Path(cfg.data.features) / split
+def features_dir(cfg: C.Config, split: str) -> Path | str:
+    """The features folder of one split (or its URL, for a store served over http)."""
+    root = location(cfg.data.features)
+    return join(root, split) if isinstance(root, str) else root / split
 
 
 def check_compatible(run: Path, cfg: C.Config, vocab: Vocab, weights: dict) -> None:

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python caption/train.py` / `accelerate launch caption/train.py`
@@ -41,7 +41,7 @@ from caption.finetune import Captioner, backbone_from_manifest, image_batches, i
 from caption.metrics import score
 from caption.model import Decoder, sequence_loss
 from caption.objective import Objective
-from caption.references import raw_references, store_references
+from caption.references import from_records, raw_references, record_references, store_references
 from caption.resident import ResidentFeatures, choose, rank_slice, resident_batches
 from caption.run import (check_compatible, features_dir, load_progress, load_weights, record_features, resume_dir,
                          run_features, save_state, save_weights)
@@ -92,6 +92,7 @@ class Training:
     batches_per_epoch: int
     val_entries: list  # the val split's images, read once (Karpathy's whole file is parsed to get them)
     resident: ResidentFeatures | None = None  # this process's slice of the train features, held in memory
+    val_refs: dict = field(default_factory=dict)  # input shards: the val records' captions, by image id
 
     @property
     def net(self) -> torch.nn.Module:
@@ -264,6 +265,11 @@ def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
 def with_split_file(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> C.Config:
     """The config with the split file the train features were made from, when the configured one
     does not exist: the manifest records it (and the image root), so training needs only --features."""
+    if from_records(manifest):
+        if cfg.train.finetune:
+            raise TrainError(f"{features_dir(cfg, 'train')}: made from input shards; fine-tuning reads images from a "
+                             "split file (--input_json)")
+        return cfg  # the records hold the captions: no split file is read
     if Path(cfg.data.input_json).is_file() or not manifest.get("input_json") or not Path(manifest["input_json"]).is_file():
         return cfg
     accelerator.print(f"{cfg.data.input_json or '(no --input_json)'}: not a file; using the split file the train "
@@ -282,6 +288,15 @@ def check_features(cfg: C.Config, run: Path, train_manifest: dict, resume: bool,
         expected, against = run_features(run, cfg)
         check_same_features(train_manifest, expected, str(train_dir), against)
     check_same_features(load_manifest(val_dir), identity(train_manifest), str(val_dir), f"the train features ({train_dir})")
+    if from_records(train_manifest):  # no split file: no image may be in both splits
+        val_keys = {r["key"] for r in open_store(val_dir).records}
+        both = [r["key"] for r in open_store(train_dir).records if r["key"] in val_keys]
+        if both:
+            raise TrainError(f"{val_dir}: {len(both)} record(s) are also in {train_dir} (first: {both[0]}); the val "
+                             "shards must hold other images than the train shards")
+        if is_main:
+            record_features(run, train_manifest)
+        return
     entries = load_split(cfg.data.input_json, "all")  # the split file parsed once for both splits
     for split in ("train", "val"):
         names = expand_split(split, cfg.data.restval_in_train)
@@ -300,8 +315,13 @@ def build_vocab(cfg: C.Config, run: Path, accelerator: Accelerator) -> Vocab:
     if cfg.train.init_from and not path.exists() and accelerator.is_main_process:
         shutil.copy(Path(cfg.train.init_from) / "vocab.json", path)
     if not path.exists() and accelerator.is_main_process:
-        build_from_split_file(cfg.data.input_json, cfg.train.word_count_threshold, cfg.train.count_splits,
-                              cfg.data.restval_in_train).save(path)
+        if from_records(load_manifest(features_dir(cfg, "train"))):  # the records' captions
+            splits = ("train", "val") if cfg.train.count_splits == "all" else ("train",)
+            Vocab.build((c for s in splits for caps in store_references(features_dir(cfg, s)) for c in caps),
+                        cfg.train.word_count_threshold).save(path)
+        else:
+            build_from_split_file(cfg.data.input_json, cfg.train.word_count_threshold, cfg.train.count_splits,
+                                  cfg.data.restval_in_train).save(path)
     accelerator.wait_for_everyone()
     return Vocab.load(path)
 
@@ -446,8 +466,11 @@ def after_step(t: Training) -> None:
 def validate_and_save(t: Training) -> None:
     """Score the val split; a better `select_on` value writes best.safetensors; then `last` and the state."""
     acc, p, tcfg = t.accelerator, t.progress, t.cfg.train
-    if not t.val_entries:
-        t.val_entries.extend(load_split(t.cfg.data.input_json, "val", t.cfg.data.restval_in_train))
+    if not t.val_entries and not t.val_refs:
+        if from_records(load_manifest(features_dir(t.cfg, "val"))):
+            t.val_refs.update(record_references(features_dir(t.cfg, "val")))
+        else:
+            t.val_entries.extend(load_split(t.cfg.data.input_json, "val", t.cfg.data.restval_in_train))
     scores = validate(t)
     nll = val_nll(t) if tcfg.select_on == "nll" else None  # every process takes part
     if acc.is_main_process:
@@ -518,7 +541,8 @@ def validate(t: Training) -> dict[str, float]:
     if not acc.is_main_process:
         return {}
     results = {r["image_id"]: r["caption"] for r in everyone}
-    metrics, _ = score(raw_references(t.val_entries, results), results, scorers=("Bleu", "CIDEr"))
+    refs = {i: t.val_refs[i] for i in results} if t.val_refs else raw_references(t.val_entries, results)
+    metrics, _ = score(refs, results, scorers=("Bleu", "CIDEr"))
     return {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
 
 

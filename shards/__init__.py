@@ -4,6 +4,7 @@
     writer.write_shard(k, [(row, record), ...])      # whole shards, atomically
     finalize("features/train")                        # manifest.json once every shard is done
     store = open_store("features/train")              # ZarrReader or WdsReader by the manifest
+    store = open_store("http://host/features/train")  # a wds store streamed from a URL
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Iterable
 
 from shards.format import Record, RecordError, validate
-from shards.manifest import (StoreError, WriterLock, done_shards, load_manifest, make_plan, merge_shards,
-                             shard_range, write_manifest)
+from shards import manifest as _manifest
+from shards.manifest import StoreError, WriterLock, done_shards, make_plan, merge_shards, shard_range, write_manifest
+from shards.remote import is_url, local_path
+from shards.remote_store import RemoteWdsReader, remote_manifest
 from shards.wds import WdsReader, WdsWriter
 from shards.zarr_store import ZarrReader, ZarrWriter, mark_filled_rows
 
@@ -31,9 +34,26 @@ def create_writer(root: str | Path, plan: dict):
     raise StoreError(f"unknown backend {plan['backend']!r}: zarr or wds")
 
 
+def location(root: str | Path) -> str | Path:
+    """A store's location: a folder (a path or `file:` URL) as a Path, an http(s) URL as it is."""
+    if is_url(str(root)) and not str(root).startswith("file:"):
+        return str(root)
+    return Path(local_path(str(root)))
+
+
+def load_manifest(root: str | Path) -> dict:
+    """The manifest of a finished store, in a folder or at an http(s) URL."""
+    root = location(root)
+    return remote_manifest(root) if isinstance(root, str) else _manifest.load_manifest(root)
+
+
 def open_store(root: str | Path):
-    """The reader of a finished features folder, chosen by its manifest."""
-    manifest = load_manifest(Path(root))
+    """The reader of a finished store, chosen by its manifest: a folder's (zarr or wds), or a wds
+    store's at an http(s) URL (`RemoteWdsReader`: the shards streamed)."""
+    root = location(root)
+    if isinstance(root, str):
+        return RemoteWdsReader(root)
+    manifest = load_manifest(root)
     if manifest["backend"] == "zarr":
         return ZarrReader(root, manifest)
     if manifest["backend"] == "wds":
@@ -108,4 +128,4 @@ def _write_locked(root, records, plan: dict, rank: int, world_size: int, split: 
 
 
 __all__ = ["BACKENDS", "Record", "RecordError", "StoreError", "create_writer", "done_shards", "finalize",
-           "load_manifest", "make_plan", "open_store", "shard_range", "validate", "write_records", "writer_threads"]
+           "load_manifest", "location", "make_plan", "open_store", "shard_range", "validate", "write_records", "writer_threads"]

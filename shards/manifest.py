@@ -294,7 +294,11 @@ def load_manifest(root: Path) -> dict:
     if not path.exists():
         hint = " (a writer has not finished: rerun it to resume)" if (root / PLAN).exists() else " (not a features folder?)"
         raise StoreError(f"{path}: no manifest{hint}")
-    m = read_json(path, "manifest")
+    return check_manifest(read_json(path, "manifest"), path)
+
+
+def check_manifest(m, path) -> dict:
+    """A manifest's required fields present and well formed (`path` names it in errors)."""
     if not isinstance(m, dict):
         raise StoreError(f"{path}: not a manifest (expected a JSON object)")
     for k in ("backend", "count", "grid", "channels", "shard_size", "shards"):

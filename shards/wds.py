@@ -30,6 +30,7 @@ import webdataset as wds
 
 from common.files import atomic_write_json, atomic_write_parts
 import shards.format as fmt
+from shards import remote
 from shards.manifest import IndexedStore, StoreError, check_rows, ensure_plan, shard_meta_path, shard_range
 
 ALLOWED = {"features.npy", "json"}
@@ -157,8 +158,10 @@ def local_tar_members(path: str, data: mmap.mmap) -> Iterator[dict]:
 
 
 def _local_path(url: str) -> str | None:
-    """The file a shard URL names, when it is a local file (a path or `file:` URL); None for `pipe:` etc."""
-    path = url[len("file:"):] if url.startswith("file:") else url
+    """The file a shard URL names, when it is a local file (a path or `file:` URL); None for http, `pipe:`."""
+    if remote.is_remote(url):
+        return None
+    path = remote.local_path(url)
     return path if os.path.isfile(path) else None
 
 
@@ -172,8 +175,8 @@ def tar_to_samples(src: Iterable[dict]) -> Iterator[dict]:
     with ThreadPoolExecutor(max_workers=1) as ahead:
         mapped = {i: ahead.submit(map_shard, shards[i][1]) for i in local[:1]}
         for i, (sample, path) in enumerate(shards):
-            if path is None:
-                yield from wds.tarfile_to_samples(handler=_reraise)(iter([sample]))
+            if path is None:  # http(s), pipe: streamed, every fault named (shards.remote)
+                yield from remote.tar_samples(sample["url"])
                 continue
             if i in following:
                 mapped[following[i]] = ahead.submit(map_shard, shards[following[i]][1])
@@ -224,7 +227,7 @@ def _reraise(exn: Exception) -> bool:
 def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None = None, shuffle: bool = False,
            seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, split_nodes: bool = False,
            require_checksum: bool = False) -> wds.DataPipeline:
-    """The streaming reader: local paths or `pipe:` URLs (e.g. `pipe:aws s3 cp s3://b/shard-000000.tar -`).
+    """The streaming reader: local paths, http(s) or `pipe:` URLs (e.g. `pipe:aws s3 cp s3://b/shard-000000.tar -`).
 
     Stages, in order:
       1. the shard list;
