@@ -85,6 +85,14 @@ def grounding(results: list[dict], input_json: str, split: str, grid: int) -> di
             "grounding_unmatched": unmatched, "grounding_chance": chance}
 
 
+def split_image_ids(cfg, store, split: str) -> set[int]:
+    """The images of a split: the split file's, or a store's own records when it was made from
+    input shards (they have no split file)."""
+    if from_records(store.manifest):
+        return {r["image_id"] for r in store.records}
+    return {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+
+
 def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features: str | None = None,
              checkpoint: str = "best", max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
              with_grounding: bool = False, limit: int = -1, batch_size: int = 50, scorers=None, out: str | Path | None = None,
@@ -108,16 +116,14 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         n, grid = len(entries), int(m["grid"])
         records = image_records(entries, images_root(cfg.data), int(m["image_size"]), backbone, device)
     else:
-        root = features_dir(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(features))), split) \
-            if features else features_dir(cfg, split)
+        root = features_dir(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(features or cfg.data.features))), split)
         store = open_store(root)
         if store.manifest["channels"] != cfg.model.feature_dim:
             raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
         expected, against = run_features(run, cfg)
         check_same_features(store.manifest, expected, str(root), against)
         records_only = from_records(store.manifest)  # made from input shards: the records are the split
-        ids = {r["image_id"] for r in store.records} if records_only else \
-            {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+        ids = split_image_ids(cfg, store, split)
         bad = foreign_records(store.records, ids)
         if bad:
             raise StoreError(f"{root}: {len(bad)} record(s) are not images of split {split!r} in {cfg.data.input_json} "

@@ -131,31 +131,33 @@ def run_loop(fcfg: FeaturizeConfig, split: str, backbone: Backbone, state, write
     # the loader's workers start here, on the main thread; the thread only takes batches from them
     ahead = Ahead(iter(loader), prepare, fcfg.decode_ahead, device) if fcfg.decode_ahead > 0 else None
     batches_in = ahead if ahead is not None else ((b, prepare(b)) for b in loader)
-    with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode(), \
-            (closing(ahead) if ahead is not None else nullcontext()):
-        shards = ShardAssembler(writer, plan, mine, entries, pool, threads, device, fcfg.strict)
-        while True:
-            t = time.perf_counter()
-            item = next(batches_in, None)
-            wait_images += time.perf_counter() - t
-            if item is None:
-                break
-            batch, (images, good, errors) = item
-            if batch.get("fatal"):
-                raise FeaturizeError(batch["fatal"])
-            rows = batch["row"].tolist()
-            if rows:
-                grids = forward(model, images, fcfg, device) if any(good) else None
-                shards.add(rows, good, errors, grids, batch.get("meta"))
-            for k in batch.get("closes", ()):
-                shards.close(k)
+    try:
+        with ThreadPoolExecutor(max_workers=writers) as threads, torch.inference_mode(), \
+                (closing(ahead) if ahead is not None else nullcontext()):
+            shards = ShardAssembler(writer, plan, mine, entries, pool, threads, device, fcfg.strict)
+            while True:
+                t = time.perf_counter()
+                item = next(batches_in, None)
+                wait_images += time.perf_counter() - t
+                if item is None:
+                    break
+                batch, (images, good, errors) = item
+                if batch.get("fatal"):
+                    raise FeaturizeError(batch["fatal"])
+                rows = batch["row"].tolist()
+                if rows:
+                    grids = forward(model, images, fcfg, device) if any(good) else None
+                    shards.add(rows, good, errors, grids, batch.get("meta"))
+                for k in batch.get("closes", ()):
+                    shards.close(k)
+                if after_batch is not None:
+                    after_batch(batch, shards)
+                bar.update(len(good))
+            shards.wait()
             if after_batch is not None:
-                after_batch(batch, shards)
-            bar.update(len(good))
-        shards.wait()
-        if after_batch is not None:
-            after_batch(None, shards)
-    bar.close()
+                after_batch(None, shards)
+    finally:
+        bar.close()  # also on an error: the error's line starts a line of its own
     clock = {"total": time.perf_counter() - start, "wait_images": wait_images, "wait_writers": shards.waiting,
              "writing": shards.writing, "writer_threads": writers, "preparing": ahead.busy if ahead is not None else None}
     if progress and bar.n:

@@ -117,7 +117,7 @@ class InputShardImages(IterableDataset):
             try:
                 yield from self._shard(i)
             except StoreError as e:
-                yield {"fatal": str(e)}
+                yield {**self._batch([], []), "fatal": str(e)}
                 return
 
     def _shard(self, i: int) -> Iterator[dict]:

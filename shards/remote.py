@@ -197,6 +197,8 @@ def tar_members(url: str, timeout: float = TIMEOUT) -> Iterator[dict]:
         except StoreError:
             raise
         except (tarfile.TarError, EOFError) as e:
+            if isinstance(raw, _PipeStream):  # a command that failed says why better than its empty output
+                raw.finish()
             raise StoreError(f"{url}: torn or unreadable tar after {last} ({e})") from None
         except (OSError, http.client.HTTPException, socket.timeout) as e:
             raise StoreError(f"{url}: the transfer failed after {last} ({type(e).__name__}: {e})") from None

@@ -1,0 +1,101 @@
+"""Streaming reads over HTTP against reading the same shards from the local folder, in one run.
+
+    python -m bench.stream                    # 256 COCO-size grids (14x14x2048) in 4 tar shards
+    python -m bench.stream --images 1024 --rounds 5
+
+A real HTTP server process (`python -m http.server` on 127.0.0.1) serves the folder; both paths
+read every record through the same reader (`shards.wds.stream`: tar parsed, every grid's CRC-32C
+checked), local files memory-mapped, HTTP streamed by `shards.remote`. Also the image-text input
+shards' raw reads (tar members grouped by key, no decoding). Rounds alternate local and HTTP;
+each prints img/s and the ratio HTTP/local (best of the rounds). Loopback has no network limit:
+the ratio is the cost of the HTTP path itself (server, sockets, stream parsing), an upper bound
+on what a real network gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from shards import open_store, write_records
+from shards.imagetext import write_image_text_shards
+from shards.remote import tar_samples
+from shards.wds import stream
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rng = np.random.default_rng(0)
+        grid = lambda: np.maximum(rng.standard_normal((14, 14, 2048), dtype=np.float32), 0).astype(np.float16)  # noqa: E731
+        recs = ({"key": f"k{i}", "image_id": i, "filename": "x", "captions": [["a", "shape"]], "features": grid()}
+                for i in range(a.images))
+        write_records(root / "feats", recs, backend="wds", num_records=a.images, grid=14, channels=2048,
+                      shard_size=-(-a.images // a.shards))
+        jpeg = bytes(rng.integers(0, 256, 50_000, dtype=np.uint8))  # ~50 kB, a typical img2dataset JPEG's size
+        write_image_text_shards(((f"{i:09d}", {"jpg": jpeg, "txt": b"a shape"}) for i in range(a.images * 8)),
+                                root / "in", a.images * 8 // a.shards)
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                   "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(base + "/", timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            store = open_store(root / "feats")
+            local = store.urls()
+            http = [f"{base}/feats/{Path(u).name}" for u in local]
+            ins = sorted(str(f) for f in (root / "in").glob("*.tar"))
+            ins_http = [f"{base}/in/{Path(u).name}" for u in ins]
+            feats = lambda urls: sum(1 for _ in stream(urls, grid=14, channels=2048, require_checksum=True))  # noqa: E731
+            raw = lambda urls: sum(1 for u in urls for _ in tar_samples(u))  # noqa: E731
+            best = {k: 0.0 for k in ("grids local", "grids http", "images local", "images http")}
+            for _ in range(a.rounds):
+                best["grids local"] = max(best["grids local"], timed(lambda: feats(local)))
+                best["grids http"] = max(best["grids http"], timed(lambda: feats(http)))
+                best["images local"] = max(best["images local"], timed(lambda: raw(ins)))
+                best["images http"] = max(best["images http"], timed(lambda: raw(ins_http)))
+        finally:
+            server.terminate()
+            server.wait()
+    mb = 14 * 14 * 2048 * 2 / 1e6
+    print(f"{a.images} grids of 14x14x2048 float16 ({mb:.2f} MB each) in {a.shards} tar shards; "
+          f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds")
+    for what, size in (("grids", mb), ("images", 0.05)):
+        lo, hi = best[f"{what} local"], best[f"{what} http"]
+        print(f"{what:6s}  local {lo:9,.0f} img/s ({lo * size:6,.0f} MB/s)   http {hi:9,.0f} img/s "
+              f"({hi * size:6,.0f} MB/s)   http/local {hi / lo:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Image-text input shards (img2dataset's layout) served over HTTP from a real server process:
+featurized by two processes through http:// URLs, trained from feature shards served over HTTP,
+evaluated; everything equal to the same data read from local paths. And the faults of data in
+transit: 404, refused connection, a tar cut short, a .pyd member, a caption that is not UTF-8."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, free_port
+from shards import open_store
+from shards.format import StoreError, equal
+from shards.imagetext import parse_sample, write_image_text_shards
+from shards.karpathy import load_split
+from shards.remote import expand, tar_samples
+
+TINY = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--format", "wds", "--input_shard_samples", "16"]
+
+
+def jpeg(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_input_shards(world: Path, out: Path, split: str, per_shard: int = 16) -> list[Path]:
+    """The shapes world's split as img2dataset shards: .jpg + .txt (the first caption) + .json
+    (img2dataset's metadata; every other sample also lists all its captions)."""
+    entries = load_split(world / "dataset.json", split)
+
+    def samples():
+        for i, e in enumerate(entries):
+            key = f"{split[0]}{i:08d}"
+            meta = {"key": key, "status": "success", **({"captions": e.raw} if i % 2 else {})}
+            yield key, {"jpg": jpeg(world / e.filename), "txt": e.raw[0].encode(), "json": json.dumps(meta).encode()}
+    return write_image_text_shards(samples(), out / split, per_shard)
+
+
+@pytest.fixture(scope="module")
+def served(shapes, tmp_path_factory):
+    """(root folder, base URL) of `python -m http.server` on 127.0.0.1 serving the input shards."""
+    root = tmp_path_factory.mktemp("served")
+    for split in ("train", "val"):
+        make_input_shards(shapes, root / "in", split)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", port, "--bind", "127.0.0.1", "--directory", str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield root, base
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def featurize(args: list[str], processes: int = 1) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "featurize", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", free_port(), "-m", "featurize", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def both(served, tmp_path_factory):
+    """The same shards featurized from local paths (1 process) and through http:// (2 processes,
+    2 workers each), with one backbone (calibrated on the shards' first images, then copied)."""
+    root, base = served
+    local, http = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("http")
+    for split, n in (("train", 6), ("val", 1)):
+        last = f"{n - 1:05d}"
+        featurize([*TINY, "--features", str(local), "--split", split, "--shards_split", split,
+                   "--input_shards", f"{root}/in/{split}/{{00000..{last}}}.tar"])
+        if split == "train":
+            for f in ("backbone.safetensors", "backbone.json"):
+                (http / f).write_bytes((local / f).read_bytes())
+        featurize([*TINY, "--features", str(http), "--split", split, "--shards_split", split, "--num_workers", "2",
+                   "--input_shards", f"{base}/in/{split}/{{00000..{last}}}.tar"], processes=2)
+    return local, http
+
+
+def test_http_featurize_two_processes_equals_local(both):
+    local, http = both
+    for split, n in (("train", 96), ("val", 12)):
+        a, b = list(open_store(local / split)), list(open_store(http / split))
+        assert len(a) == len(b) == n
+        assert [r["key"] for r in a] == [r["key"] for r in b]
+        assert all(equal(x, y) for x, y in zip(a, b))  # bit-exact grids, same metadata
+    m = json.loads((http / "train" / "manifest.json").read_text())
+    assert m["source_urls"][0].startswith("http://127.0.0.1:") and len(m["source_urls"]) == 6
+    assert m["input_json"] == "" and m["failures"] == []
+    rec = a[1]
+    assert rec["filename"] == "00000.tar#v00000001" and len(rec["captions"]) == 5  # .json's list: 5 references
+    assert len(a[0]["captions"]) == 1  # .txt only
+
+
+def test_train_from_http_feature_shards_equals_local(both, served, tmp_path):
+    """Feature shards served over HTTP stream into training (no Karpathy file: vocabulary and
+    validation references from the records); same weights and the same evaluation as from the folder."""
+    from caption import evaluate, train
+    local, _ = both
+    root, base = served
+    (root / "features").symlink_to(local, target_is_directory=True)
+    runs = {}
+    for name, features in (("local", str(local)), ("http", f"{base}/features")):
+        run = tmp_path / name
+        assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--features", features, "--input_json", "",
+                           "--checkpoint_path", str(run), "--max_epochs", "2", "--batch_size", "8",
+                           "--num_workers", "0"]) == 0
+        assert evaluate.main(["--run", str(run), "--split", "val"]) == 0
+        runs[name] = run
+    wa, wb = load_file(str(runs["local"] / "last.safetensors")), load_file(str(runs["http"] / "last.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    ra = json.loads((runs["local"] / "eval_val" / "results.json").read_text())
+    rb = json.loads((runs["http"] / "eval_val" / "results.json").read_text())
+    assert ra == rb and len(ra) == 12
+    assert (runs["local"] / "vocab.json").read_text() == (runs["http"] / "vocab.json").read_text()
+
+
+def test_resume_by_input_shard(served, tmp_path, copy_backbone, both):
+    """A half-written input shard (some output shards, no marker) is redone whole; finished ones are kept."""
+    local, _ = both
+    root, _ = served
+    out = copy_backbone(local, tmp_path / "f")
+    args = [*TINY, "--features", str(out), "--split", "train", "--input_shards", f"{root}/in/train/{{00000..00005}}.tar"]
+    featurize(args)
+    marker = out / "train" / "inputs" / "000002.json"
+    kept = (out / "train" / "shards" / "000000.json").stat().st_mtime_ns
+    marker.unlink()
+    (out / "train" / "shards" / "000005.json").unlink()  # input shard 2 owns output shards 4 and 5
+    (out / "train" / "manifest.json").unlink()
+    featurize(args)
+    assert marker.exists() and (out / "train" / "shards" / "000000.json").stat().st_mtime_ns == kept
+    assert all(equal(x, y) for x, y in zip(open_store(out / "train"), open_store(local / "train")))
+
+
+# ---- faults in transit --------------------------------------------------------------------------
+def test_404_and_refused_name_the_url(served):
+    _, base = served
+    with pytest.raises(StoreError, match=r"/in/train/99999\.tar: HTTP 404"):
+        list(tar_samples(f"{base}/in/train/99999.tar"))
+    with pytest.raises(StoreError, match=r"127\.0\.0\.1:1/x\.tar: cannot connect"):
+        list(tar_samples("http://127.0.0.1:1/x.tar", timeout=5))
+
+
+def test_featurize_404_is_one_line_and_writes_nothing_complete(served, tmp_path, copy_backbone, both, capsys):
+    import featurize.__main__ as fz
+    _, base = served
+    out = copy_backbone(both[0], tmp_path / "f")
+    rc = fz.main([*TINY, "--features", str(out), "--split", "train", "--num_workers", "0",
+                  "--input_shards", f"{base}/in/train/{{00004..00006}}.tar"])
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(err) == 1 and "/in/train/00006.tar: HTTP 404" in err[0]
+    assert not (out / "train" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("where", ["mid-member", "member boundary", "no end blocks"])
+def test_truncated_tar_in_transit(served, where):
+    root, base = served
+    data = (root / "in" / "train" / "00000.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    last_end = members[-1].offset_data + -(-members[-1].size // 512) * 512
+    at = {"mid-member": members[4].offset_data + 100, "member boundary": members[6].offset, "no end blocks": last_end}[where]
+    (root / "cut.tar").write_bytes(data[:at])
+    with pytest.raises(StoreError, match=r"cut\.tar: (torn|the transfer)"):
+        list(tar_samples(f"{base}/cut.tar"))
+    (root / "cut.tar").unlink()
+
+
+def test_short_http_body_is_named(served):
+    """A whole tar sent by a server that promised more bytes (Content-Length) and closed: the tar
+    parses, its end blocks are there, and the transfer is still named as cut short."""
+    root, _ = served
+    port = free_port()
+    code = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n"
+            "d=open(sys.argv[1],'rb').read()\n"
+            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % (len(d) + 5000) + d);c.close()")
+    server = subprocess.Popen([sys.executable, "-c", code, str(root / "in" / "train" / "00000.tar")])
+    try:
+        time.sleep(0.5)
+        with pytest.raises(StoreError, match=r"x\.tar: the transfer was cut short \(5000 bytes"):
+            list(tar_samples(f"http://127.0.0.1:{port}/x.tar", timeout=10))
+    finally:
+        server.kill()
+
+
+def test_bad_samples_are_listed_failures(served, shapes, tmp_path, copy_backbone, both):
+    """A .pyd member, a caption that is not UTF-8, a sample without an image, one without a
+    caption: each a listed failure naming shard and key; the good samples are featurized."""
+    root, _ = served
+    good = jpeg(shapes / load_split(shapes / "dataset.json", "train")[0].filename)
+    samples = [("k0", {"jpg": good, "txt": b"a red square"}),
+               ("k1", {"jpg": good, "txt": b"a red square", "pyd": b"cos\nsystem\n"}),
+               ("k2", {"jpg": good, "txt": "un carr\u00e9".encode("latin-1")}),
+               ("k3", {"txt": b"no image here"}),
+               ("k4", {"jpg": good, "json": b'{"status": "success"}'}),
+               ("k5", {"jpg": b"not a jpeg", "txt": b"a blue circle"})]
+    write_image_text_shards(iter(samples), root / "bad", 16)
+    reasons = {s[0]: parse_sample({"__key__": s[0], **s[1]}) for s in samples}
+    assert "refusing member(s) .pyd" in reasons["k1"] and "not UTF-8" in reasons["k2"]
+    assert "no image" in reasons["k3"] and "no caption" in reasons["k4"]
+    import featurize.__main__ as fz
+    out = copy_backbone(both[0], tmp_path / "f")
+    assert fz.main([*TINY, "--features", str(out), "--split", "train", "--input_shards", f"{root}/bad/00000.tar"]) == 0
+    m = json.loads((out / "train" / "manifest.json").read_text())
+    assert m["count"] == 1
+    failed = {f["filename"]: f["reason"] for f in m["failures"]}
+    assert set(failed) == {f"00000.tar#k{i}" for i in range(1, 6)}
+    assert "cannot decode" in failed["00000.tar#k5"] or "identify" in failed["00000.tar#k5"]
+
+
+def test_expand_and_pipe(served, tmp_path):
+    root, _ = served
+    assert len(expand(f"{root}/in/train/{{00000..00005}}.tar")) == 6
+    urls = expand(f"pipe:cat {root}/in/train/{{00000..00001}}.tar")
+    assert urls == [f"pipe:cat {root}/in/train/00000.tar", f"pipe:cat {root}/in/train/00001.tar"]
+    assert len(list(tar_samples(urls[0]))) == 16
+    with pytest.raises(StoreError, match="exited with status"):
+        list(tar_samples(f"pipe:cat {tmp_path}/missing.tar"))
