@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import itertools
 import json
 import math
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # `python caption/train.py` / `accelerate launch 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, broadcast, gather_object, set_seed
 from tqdm import tqdm
 
 from caption.data import collate, encode_record, eval_records, train_batches
@@ -122,6 +123,12 @@ def train(cfg: C.Config) -> int:
             p.epoch, p.batch = p.epoch + 1, 0
             if not tcfg.save_checkpoint_every:
                 validate_and_save(t)
+    except (RuntimeError, OSError) as e:
+        if not lost_peer(accelerator, e):
+            raise
+        raise TrainError(f"{t.run}: lost another process of this {accelerator.num_processes}-process run at step "
+                         f"{p.step} ({str(e).strip().splitlines()[0][:200]}); the last saved state is in {t.run}/state: "
+                         "rerun every node's command with --resume") from None
     except KeyboardInterrupt:
         interrupted = True
         if accelerator.is_main_process:
@@ -238,6 +245,17 @@ def describe_batches(accelerator: Accelerator, run: Path, tcfg: C.TrainConfig, b
                       f"{tcfg.learning_rate:g}", flush=True)
 
 
+def lost_peer(accelerator: Accelerator, e: BaseException) -> bool:
+    """Whether an error is a collective that failed because another process (a node) went away or
+    stopped answering within `dist_timeout`."""
+    if accelerator.num_processes == 1:
+        return False
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    words = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe", "peer")
+    return any(w in str(e).lower() for w in words)
+
+
 def resolve_batch(cfg: C.Config, world: int) -> C.Config:
     """The per-process batch from `global_batch_size` (which must divide by processes x
     accumulation), or the learning rate scaled linearly with them when `scale_lr` asks."""
@@ -254,7 +272,8 @@ def resolve_batch(cfg: C.Config, world: int) -> C.Config:
 
 
 def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
-    kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=tcfg.finetune and tcfg.finetune_start > 0)]}
+    kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=tcfg.finetune and tcfg.finetune_start > 0),
+                                  InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=tcfg.dist_timeout))]}
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # the launcher's --mixed_precision wins
         kwargs["mixed_precision"] = tcfg.mixed_precision
     return Accelerator(cpu=default_device().type == "cpu", gradient_accumulation_steps=tcfg.gradient_accumulation_steps,

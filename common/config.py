@@ -174,6 +174,8 @@ class TrainConfig:
                                  choices=("off", "ram", "device", "auto"))
     memory_budget_gb: float = _f(0.0, "what features_in_memory may take per process, in GB (0: 80% of the RAM "
                                       "available, 90% of the GPU's free memory)", ge=0)
+    dist_timeout: float = _f(600.0, "seconds a collective waits for the other processes (nodes) before the run "
+                                    "stops with an error instead of waiting for a lost node", gt=0)
     save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)
     select_on: str = _f("cider", "the validation metric that picks best.safetensors and drives early stopping: cider "
                                  "(CIDEr-D of greedy captions, higher is better) or nll (mean per-token NLL of the "

@@ -238,3 +238,29 @@ def test_expand_and_pipe(served, tmp_path):
     assert len(list(tar_samples(urls[0]))) == 16
     with pytest.raises(StoreError, match="exited with status"):
         list(tar_samples(f"pipe:cat {tmp_path}/missing.tar"))
+
+
+# ---- two "machines" on this host ----------------------------------------------------------------
+def node(rank: int, port: str, args: list[str], log: Path) -> subprocess.Popen:
+    """One node of a 2-node torchrun job (1 process each) on 127.0.0.1, gloo on CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node",
+           "1", "--master_addr", "127.0.0.1", "--master_port", port, str(ROOT / "caption" / "train.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_two_nodes_one_process_each(shapes, tiny_features, tmp_path):
+    from conftest import tiny_args
+    port = free_port()
+    args = tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
+                     "--batch_size", "4", "--num_workers", "0")
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    procs = [node(r, port, args, logs[r]) for r in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, "\n".join(log.read_text()[-3000:] for log in logs)
+    text = logs[0].read_text() + logs[1].read_text()
+    assert "2 process(es)" in text
+    import re
+    counts = dict(re.findall(r"rank (\d)/2: (\d+) batches this run", text))
+    assert set(counts) == {"0", "1"} and counts["0"] == counts["1"] and int(counts["0"]) > 0, text[-2000:]
+
