@@ -33,6 +33,7 @@ bench: .venv
 	$(PY) -m bench.train_e2e
 	$(PY) -m bench.decode
 	$(PY) -m bench.decode --coco --images 100 --one_by_one 5
+	$(PY) -m bench.stream
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
