@@ -5,6 +5,7 @@ transit: 404, refused connection, a tar cut short, a .pyd member, a caption that
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -12,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,9 +58,12 @@ def served(shapes, tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "http.server", port, "--bind", "127.0.0.1", "--directory", str(root)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    for _ in range(100):  # until the local server answers
         try:
-            urllib.request.urlopen(base + "/", timeout=1).close()
+            conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=1)
+            conn.request("HEAD", "/")
+            conn.getresponse()
+            conn.close()
             break
         except OSError:
             time.sleep(0.1)
