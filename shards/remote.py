@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import io
 import os
-import shlex
 import socket
 import subprocess
 import tarfile
@@ -219,11 +218,3 @@ def tar_samples(url: str, timeout: float = TIMEOUT) -> Iterator[dict]:
     """Samples of a streamed tar: members grouped by key, {"__key__", "__url__", ext: bytes}."""
     yield from wds.tariterators.group_by_keys(tar_members(url, timeout), handler=_reraise)
 
-
-def describe(url: str) -> str:
-    """How a location is read, for logs: e.g. `http (streamed)`."""
-    if url.startswith(("http://", "https://")):
-        return "http (streamed)"
-    if url.startswith("pipe:"):
-        return f"pipe ({shlex.split(url[5:])[0] if url[5:].strip() else '?'})"
-    return "local" if os.path.exists(local_path(url)) else "local (missing)"
