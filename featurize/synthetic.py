@@ -57,7 +57,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int] | int) -> None:
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if shape == "circle":
@@ -164,7 +164,7 @@ def render(rng: random.Random, nprng: np.random.Generator, size: int) -> tuple[I
     draw = ImageDraw.Draw(img)
     for o in objs:
         jitter = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLORS[o["color"]])
-        _draw(draw, o["shape"], tuple(o["box"]), jitter)
+        draw_shape(draw, o["shape"], tuple(o["box"]), jitter)
     return img.filter(ImageFilter.GaussianBlur(0.6)), objs
 
 
