@@ -1,4 +1,5 @@
-"""The whole path on the built-in shapes world: generate, featurize, train, evaluate, caption.
+"""The whole path on the built-in shapes world: generate, pretrain the encoder, featurize, train,
+evaluate, caption.
 
     python -m caption.demo --out demo          # what `make demo` runs
 
@@ -14,12 +15,14 @@ from pathlib import Path
 
 from caption import train
 from caption.evaluate import evaluate
+from caption.grounding import WORLD_KEYS, summary
 from caption.metrics import format_table
 from caption.predict import predict
 from caption.visualize import training_curves
 from common.cli import command
 from common.config import load
 from featurize import synthetic
+from featurize.pretrain import PretrainConfig, pretrain
 import featurize.__main__ as featurize_cli
 from shards.karpathy import load_split
 
@@ -37,24 +40,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_images", type=int, default=2000)
     p.add_argument("--max_epochs", type=int, default=None, help="override the config's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain_epochs", type=int, default=PretrainConfig.epochs, help="the encoder's pretraining epochs")
     a = p.parse_args(argv)
     out = Path(a.out)
     data, feats, run = out / "shapes", out / "features", out / "run"
     common = ["--config", a.config, "--input_json", str(data / "dataset.json"), "--features", str(feats)]
     times = {}
 
-    t = stage("1/5 generate the shapes world")
+    t = stage("1/6 generate the shapes world")
     if not (data / "dataset.json").exists():
         synthetic.generate(data, a.num_images, a.seed)
     print(f"{data / 'dataset.json'}: {a.num_images} images")
     times["generate"] = time.perf_counter() - t
 
-    t = stage("2/5 featurize train, val, test (frozen random-init ResNet-18 to layer3)")
-    if featurize_cli.main(common + ["--split", "all"]) != 0:
+    # COCO's encoder learned ImageNet; this one learns the shapes world's train images (each grid
+    # cell's shape and color), then featurize loads it as it would any weights file.
+    t = stage("2/6 pretrain the encoder (ResNet-18 to layer3) on the train images' shape and color labels")
+    weights = out / "encoder" / "shapes_resnet18.safetensors"
+    meta = pretrain(data / "dataset.json", weights, PretrainConfig(epochs=a.pretrain_epochs, seed=a.seed))
+    acc = meta["held_out_accuracy"]
+    print(f"{weights}: held-out object cells: shape {acc['object_cell_shape']:.1%}, color {acc['object_cell_color']:.1%}")
+    times["pretrain"] = time.perf_counter() - t
+
+    t = stage("3/6 featurize train, val, test (the pretrained ResNet-18 to layer3, frozen)")
+    if featurize_cli.main(common + ["--split", "all", "--weights", str(weights)]) != 0:
         return 1
     times["featurize"] = time.perf_counter() - t
 
-    t = stage("3/5 train the attention decoder")
+    t = stage("4/6 train the attention decoder")
     progress = run / "state" / "progress.json"
     extra = ["--max_epochs", str(a.max_epochs)] if a.max_epochs else []
     done = False
@@ -65,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     times["train"] = time.perf_counter() - t
 
-    t = stage("4/5 evaluate on the test split (beam 3) with attention grounding")
+    t = stage("5/6 evaluate on the test split (beam 3): captions, what the words name, where they look")
     m = evaluate(run, "test", beam_size=3, with_grounding=True)
     skipped, eval_dir, _ = m.pop("_skipped"), m.pop("_out"), m.pop("_coverage")
     times["evaluate"] = time.perf_counter() - t
 
-    t = stage("5/5 caption test images with attention figures")
+    t = stage("6/6 caption test images with attention figures")
     tests = load_split(data / "dataset.json", "test")[:3]
     figs = out / "figures"
     for r in predict(run, [str(data / e.filename) for e in tests], beam_size=3, attention=str(figs)):
@@ -79,12 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     times["predict"] = time.perf_counter() - t
 
     print("\n== results ==")
-    print(format_table({k: v for k, v in m.items() if not k.startswith("grounding")}, skipped))
-    print(f"\ngrounding: argmax attention inside the named object for {m['grounding']:.1%} of {m['grounding_words']} "
-          f"color/shape words (chance ~{m['grounding_chance']:.1%})")
+    print(format_table({k: v for k, v in m.items() if k not in WORLD_KEYS}, skipped))
+    print("\n" + summary(m))
     print(f"\ndataset      {data}/dataset.json\nfeatures     {feats}/<split>/manifest.json\nrun          {run}/ "
           f"(config.yaml, vocab.json, best.safetensors, metrics.jsonl, tb/)\nresults      {eval_dir}/results.json, metrics.json"
-          f"\nfigures      {figs}/ (attention per word; {curves.name})")
+          f"\nencoder      {weights} (+ .json: what it learned)\nfigures      {figs}/ (attention per word; {curves.name})")
     print("time         " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"\nthe page: python -m caption.app --run {run}   (then open http://127.0.0.1:7860; pip install -e '.[app]')")
     return 0

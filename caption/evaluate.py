@@ -15,11 +15,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from caption.data import eval_records
 from caption.decode import decode_records
 from caption.finetune import backbone_from_manifest, image_records
+from caption.grounding import WORLD_KEYS, summary, world_scores
 from caption.metrics import ALL, format_table, score
 from caption.references import from_records, record_references, references_for
 from caption.run import features_dir, load_decoder, run_features
@@ -27,62 +26,9 @@ from common.cli import command
 from common.config import check_args, images_root
 from common.files import atomic_write_json
 from common.tensors import default_device
-from featurize.synthetic import COLORS, SHAPE_WORDS
 from shards import load_manifest, open_store
-from shards.karpathy import DatasetError, load_split
+from shards.karpathy import load_split
 from shards.manifest import StoreError, check_same_features, foreign_records
-
-
-# ---- attention grounding (shapes world) ------------------------------------------------
-def grounding(results: list[dict], input_json: str, split: str, grid: int) -> dict:
-    """How often the argmax attention of a color or shape word falls inside the object it names.
-
-    Color words name one object (colors are unique within a shapes image); a shape word
-    names the object of the color word just before it when that object has this shape.
-    Words naming no object in the image are not counted (reported as `unmatched`).
-    """
-    shape_of = {w: s for s, words in SHAPE_WORDS.items() for w in words}
-    entries = {e.image_id: e for e in load_split(input_json, split)}
-    hits = total = unmatched = 0
-    by_kind = {"color": [0, 0], "shape": [0, 0]}
-    for r in results:
-        e = entries[r["image_id"]]
-        objs = e.extra.get("objects")
-        if objs is None:
-            raise DatasetError(f"{input_json}: image {e.image_id} has no `objects` boxes (grounding needs the shapes world)")
-        W, H = e.extra.get("width"), e.extra.get("height")
-        last_color_obj = None
-        for t, w in enumerate(r["caption"].split()):
-            obj, kind = None, None
-            if w in COLORS:
-                kind = "color"
-                obj = next((o for o in objs if o["color"] == w), None)
-                last_color_obj = obj
-            elif w in shape_of:
-                kind = "shape"
-                if last_color_obj is not None and last_color_obj["shape"] == shape_of[w]:
-                    obj = last_color_obj
-            if kind is None:
-                continue
-            if obj is None:
-                unmatched += 1
-                continue
-            cell = int(np.argmax(r["alphas"][t]))
-            i, j = divmod(cell, grid)
-            cx, cy = (j + 0.5) * W / grid, (i + 0.5) * H / grid  # the cell's center in image pixels
-            x0, y0, x1, y1 = obj["box"]
-            hit = x0 <= cx <= x1 and y0 <= cy <= y1
-            hits += hit
-            total += 1
-            by_kind[kind][0] += hit
-            by_kind[kind][1] += 1
-    # Chance: the mean fraction of its image an object's box covers.
-    areas = [(o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]) / (e.extra["width"] * e.extra["height"])
-             for e in (entries[r["image_id"]] for r in results) for o in e.extra["objects"]]
-    chance = float(np.mean(areas)) if areas else 0.0
-    return {"grounding": hits / max(total, 1), "grounding_color": by_kind["color"][0] / max(by_kind["color"][1], 1),
-            "grounding_shape": by_kind["shape"][0] / max(by_kind["shape"][1], 1), "grounding_words": total,
-            "grounding_unmatched": unmatched, "grounding_chance": chance}
 
 
 def split_image_ids(cfg, store, split: str) -> set[int]:
@@ -145,7 +91,8 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         references_for(cfg.data.input_json, split, ids, cfg.data.restval_in_train)
     metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
     if with_grounding:
-        metrics.update(grounding(res, cfg.data.input_json, split, grid))
+        entries = {e.image_id: e for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+        metrics.update(world_scores(res, entries, grid))
     atomic_write_json(out / "metrics.json", metrics)
     if skipped:
         atomic_write_json(out / "skipped.json", skipped)
@@ -166,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_length", type=int, default=20)
     p.add_argument("--length_penalty", type=float, default=0.0, help="divide log p by length**this (0: off)")
     p.add_argument("--suppress_unk", action="store_true", help="never emit <unk>")
-    p.add_argument("--grounding", action="store_true", help="shapes world: argmax attention inside the named object")
+    p.add_argument("--grounding", action="store_true", help="shapes world: color, shape and pair precision, and whether "
+                   "each such word's argmax attention lies inside the object it names (caption/grounding.py)")
     p.add_argument("--limit", type=int, default=-1, help="first N images only")
     p.add_argument("--batch_size", type=int, default=50, help="images per batched beam search")
     p.add_argument("--out", default=None, help="output folder (default RUN/eval_SPLIT)")
@@ -181,11 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped, out, coverage = m.pop("_skipped"), m.pop("_out"), m.pop("_coverage")
     if coverage:
         print(f"note: {coverage}", file=sys.stderr)
-    print(format_table({k: v for k, v in m.items() if not k.startswith("grounding")}, skipped))
+    print(format_table({k: v for k, v in m.items() if k not in WORLD_KEYS}, skipped))
     if a.grounding:
-        print(f"grounding: argmax attention inside the named object for {m['grounding']:.1%} of {m['grounding_words']} "
-              f"color/shape words (colors {m['grounding_color']:.1%}, shapes {m['grounding_shape']:.1%}; "
-              f"chance ~{m['grounding_chance']:.1%})")
+        print(summary(m))
     print(f"wrote {out}/results.json and {out}/metrics.json")
     return 0
 

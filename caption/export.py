@@ -63,7 +63,7 @@ def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vo
     progress = run / "state" / "progress.json"
     steps = json.loads(progress.read_text()).get("step") if progress.exists() else None
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in (metrics or {}).items() if isinstance(v, (int, float))
-                     and not k.startswith("grounding_"))
+                     and not k.endswith(("_words", "_chance", "_count", "_unmatched")))
     table = (f"Test split, beam 3 (`python -m caption.evaluate`), from metrics.json:\n\n| metric | score |\n|---|---|\n{rows}\n"
              if metrics else "Not evaluated: run `python -m caption.evaluate --run RUN` before exporting.\n")
     weights = encoder["weights"] if encoder["weights"] != "backbone.safetensors" else \

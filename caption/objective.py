@@ -48,7 +48,7 @@ class Objective(nn.Module):
             return self.self_critical(inputs, refs, keys, log_greedy)
         logits, alphas = self.net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob)
         total, xent, ntok = sequence_loss(logits, targets, alphas, self.vocab.pad_id, self.alpha_c)
-        stats = {"xent": xent.detach()}
+        stats = {"xent": xent.detach(), "attention_reg": (total - xent).detach()}  # summed; per token when logged
         dec = self.decoder
         if dec.cfg.attention == "hard" and self.training and dec.hard_logp is not None:
             total = total + self.hard_attention_terms(logits, targets, alphas, stats)

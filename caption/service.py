@@ -24,7 +24,7 @@ from PIL import Image
 
 from caption.predict import backbone_for_run, caption_image
 from caption.run import load_decoder
-from caption.visualize import upsample
+from caption.visualize import dim, upsample
 from common.tensors import default_device
 from featurize.images import ImageError, decode_rgb, to_rgb
 
@@ -83,6 +83,5 @@ class CaptionService:
         photo = np.asarray(shown, dtype=np.float32)  # (H, W, 3)
         overlays = []
         for t in range(len(words)):
-            a = upsample(alphas[t], self.grid, shown.size)[..., None]  # (H, W, 1) in [0, 1]
-            overlays.append((photo * (0.25 + 0.75 * a)).clip(0, 255).astype(np.uint8))
+            overlays.append(dim(photo, upsample(alphas[t], self.grid, shown.size)))  # (H, W, 3)
         return Captioned(" ".join(words), words, overlays, photo.astype(np.uint8))

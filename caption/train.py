@@ -448,8 +448,9 @@ def train_one_epoch(t: Training, batches) -> bool:
         p.step += 1
         if p.step % tcfg.log_every == 0:
             rate = captions * acc.num_processes / (time.perf_counter() - t0)
-            row = step_row(t, loss, stats, global_norm, p_ss, rate)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", cap_s=f"{rate:.0f}")
+            row = step_row(t, total, stats, global_norm, p_ss, rate)
+            shown = {"xent/token": row["xent"]} if "xent" in row else {}
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in {**shown, "loss": row["loss"]}.items()}, "cap/s": f"{rate:.0f}"})
             log(t, row)
             t0, captions = time.perf_counter(), 0
         after_step(t)
@@ -460,15 +461,21 @@ def train_one_epoch(t: Training, batches) -> bool:
     return True
 
 
-def step_row(t: Training, loss: torch.Tensor, stats: dict, global_norm: torch.Tensor, p_ss: float, rate: float) -> dict:
-    """The metrics.jsonl row of a logged step: loss, lr, and the objective's stats averaged over processes
-    (xent per token; SCST reward and greedy CIDEr-D; the hard-attention baseline)."""
+PER_TOKEN = ("xent", "attention_reg")  # stats summed over the batch: logged per token (the loss's normalizer)
+
+
+def step_row(t: Training, total: torch.Tensor, stats: dict, global_norm: torch.Tensor, p_ss: float, rate: float) -> dict:
+    """The metrics.jsonl row of a logged step: the loss (summed over every process's batch, over the
+    global normalizer: the same number on 1 or W processes), lr, and the objective's stats over
+    processes (xent and the attention regularizer per token; SCST reward and greedy CIDEr-D; the
+    hard-attention baseline, averaged)."""
     acc, world = t.accelerator, t.accelerator.num_processes
-    row = {"step": t.progress.step, "epoch": t.progress.epoch, "loss": loss.item() / world,
+    summed = acc.reduce(total.detach().float().reshape(1), "sum")[0]
+    row = {"step": t.progress.step, "epoch": t.progress.epoch, "loss": (summed / global_norm).item(),
            "lr": t.scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
     for k, v in stats.items():
         v = acc.reduce(v.detach().float().reshape(1).to(acc.device), "sum")[0]
-        row[k] = (v / global_norm if k == "xent" else v / world).item()
+        row[k] = (v / global_norm if k in PER_TOKEN else v / world).item()
     return row
 
 
