@@ -13,6 +13,7 @@ epoch, already split across processes (the loaders are not passed through
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -156,13 +157,13 @@ def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_im
         sampler = EpochBatches(len(ds), batch_size, rank, world, seed, epoch, start=start)
         # Its own generator: creating the loader mid-epoch (resume) must not draw from the global RNG.
         loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                            collate_fn=lambda items: collate(items, vocab),
+                            collate_fn=partial(collate, vocab=vocab),
                             generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         return n_batches, loader
     ds = StreamedCaptions(store, vocab, seq_per_img, max_length, seed, epoch, shuffle_buffer, rank, world)
     workers = min(num_workers, max(1, len(store.urls()) // world))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                        collate_fn=lambda items: collate(items, vocab),
+                        collate_fn=partial(collate, vocab=vocab),
                         generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     # The same number of batches on every rank: cut the endless stream; skip what a resumed run saw.
     return n_batches, islice(iter(loader), start, n_batches) if start else islice(iter(loader), n_batches)

@@ -11,6 +11,7 @@ the cached run's features (its manifest names it), so step 0 scores what the cac
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -107,7 +108,7 @@ def image_batches(entries: list[ImageEntry], root: str | Path, image_size: int, 
     ds.epoch = epoch
     sampler = EpochBatches(len(ds), batch_size, rank, world, seed, epoch, start=start)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        collate_fn=lambda items: collate(items, vocab), generator=torch.Generator().manual_seed(seed))
+                        collate_fn=partial(collate, vocab=vocab), generator=torch.Generator().manual_seed(seed))
     return sampler.num_batches(), loader
 
 
