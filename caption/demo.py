@@ -55,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # COCO's encoder learned ImageNet; this one learns the shapes world's train images (each grid
     # cell's shape and color), then featurize loads it as it would any weights file.
-    t = stage("2/6 pretrain the encoder (ResNet-18 to layer3) on the train images' shape and color labels")
+    t = stage("2/6 pretrain the encoder on the train images' shape and color labels")
     weights = out / "encoder" / "shapes_resnet18.safetensors"
-    meta = pretrain(data / "dataset.json", weights, PretrainConfig(epochs=a.pretrain_epochs, seed=a.seed))
+    f = load(a.config).featurize  # the trunk featurize runs, at its input size
+    meta = pretrain(data / "dataset.json", weights, PretrainConfig(f.backbone, f.layer, f.image_size, min(128, f.image_size),
+                                                                   epochs=a.pretrain_epochs, seed=a.seed))
     acc = meta["held_out_accuracy"]
     print(f"{weights}: held-out object cells: shape {acc['object_cell_shape']:.1%}, color {acc['object_cell_color']:.1%}")
     times["pretrain"] = time.perf_counter() - t
 
-    t = stage("3/6 featurize train, val, test (the pretrained ResNet-18 to layer3, frozen)")
+    t = stage("3/6 featurize train, val, test (the pretrained encoder, frozen)")
     if featurize_cli.main(common + ["--split", "all", "--weights", str(weights)]) != 0:
         return 1
     times["featurize"] = time.perf_counter() - t
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if progress.exists():
         prog, cfg = json.loads(progress.read_text()), load(run / "config.yaml")
         done = prog["epoch"] >= (a.max_epochs or cfg.train.max_epochs) and (run / "best.safetensors").exists()
-    if not done and train.main(common + ["--checkpoint_path", str(run)] + extra + (["--resume"] if progress.exists() else [])) != 0:
+    if not done and train.main(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"]) != 0:
         return 1
     times["train"] = time.perf_counter() - t
 

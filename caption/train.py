@@ -22,7 +22,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,39 @@ class TrainError(UserError):
     """A training run that cannot start or go on as asked."""
 
 
+class StopSignals:
+    """SIGTERM (SLURM preemption, scancel, `timeout`, `docker stop`, Kubernetes) and SIGUSR1 (SLURM's
+    `--signal=USR1@SECONDS` warning ahead of the end): finish the current step, save `last` and the
+    resume state, exit with 128 + the signal. The handler only notes the signal: the processes agree
+    on it through the step's own all-reduce (so every rank stops after the same step), and a second
+    signal during the save changes nothing (the state is written to state.tmp, then renamed)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _note(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            sys.stderr.write(f"{name}: already stopping; the state being saved replaces the previous one only when "
+                             "complete\n")
+        else:
+            self.signum = signum
+            sys.stderr.write(f"{name}: saving `last` and the resume state after this step, then exiting\n")
+        sys.stderr.flush()
+
+
 @dataclass
 class Progress:
     """Where a run is; saved as state/progress.json with every checkpoint, read back on --resume."""
@@ -75,8 +110,23 @@ class Progress:
     validated_step: int | None = None  # the step of the last validation
 
     @classmethod
-    def from_json(cls, d: dict) -> "Progress":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    def from_json(cls, d, where: str = "progress.json") -> "Progress":
+        """The saved record, every field present with its type, or a TrainError naming the file (a
+        record that is JSON but not a progress record must not restart the run at step 0)."""
+        if not isinstance(d, dict):
+            raise TrainError(f"{where}: not a training progress record (a JSON {type(d).__name__}, not an object)")
+        optional = {"best": (int, float), "validated_step": (int,)}  # may be null
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                raise TrainError(f"{where}: not a training progress record (no {f.name!r}); restore the state "
+                                 "folder or start another run")
+            v, types = d[f.name], optional.get(f.name, (int,))
+            ok = (v is None and f.name in optional) or (isinstance(v, types) and not isinstance(v, bool))
+            if not ok or (isinstance(v, float) and not math.isfinite(v)) or (f.name not in optional and v < -1):
+                raise TrainError(f"{where}: {f.name!r} is {v!r}, not a valid value")
+            values[f.name] = v
+        return cls(**values)
 
 
 @dataclass
@@ -94,6 +144,9 @@ class Training:
     val_entries: list  # the val split's images, read once (Karpathy's whole file is parsed to get them)
     resident: ResidentFeatures | None = None  # this process's slice of the train features, held in memory
     val_refs: dict = field(default_factory=dict)  # input shards: the val records' captions, by image id
+    stop: StopSignals = field(default_factory=StopSignals)  # a stop signal noted by this process
+    stopping: bool = False  # some process noted a stop signal (agreed on through the step's all-reduce)
+    saved_at: float = field(default_factory=time.monotonic)  # the last save of the state (save_every_minutes)
 
     @property
     def net(self) -> torch.nn.Module:
@@ -114,6 +167,35 @@ def train(cfg: C.Config) -> int:
     tcfg, p, accelerator = t.cfg.train, t.progress, t.accelerator
     seen_before = p.batches_total
     interrupted = False
+    with t.stop:  # until the last save is written: a signal then only says so
+        interrupted = train_loop(t)
+        if t.stopping:
+            save_state(accelerator, t.run, dataclasses.asdict(p), t.net)
+            name = signal.Signals(t.stop.signum).name if t.stop.signum else "a stop signal on another process"
+            accelerator.print(f"{t.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
+                              "Continue with the same command and --resume true (or --resume auto)", flush=True)
+            accelerator.end_training()
+            return 128 + (t.stop.signum or signal.SIGTERM)
+        if interrupted:
+            save_state(accelerator, t.run, dataclasses.asdict(p), t.net)
+        elif p.validated_step != p.step:
+            validate_and_save(t)
+    accelerator.end_training()
+    # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
+    sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: "
+                     f"{p.batches_total - seen_before} batches this run\n")
+    sys.stdout.flush()
+    best = "none" if p.best is None else f"{abs(p.best):.3f}"  # (nll is kept negated: higher is better)
+    metric = "CIDEr-D" if tcfg.select_on == "cider" else "NLL"
+    stop = " (stopped early)" if stopped_early(t) else ""
+    accelerator.print(f"{t.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
+    return 130 if interrupted else 0
+
+
+def train_loop(t: Training) -> bool:
+    """The epochs, until max_epochs, max_steps, early stopping or a stop signal; True when
+    interrupted by Ctrl-C."""
+    tcfg, p, accelerator = t.cfg.train, t.progress, t.accelerator
     try:
         if tcfg.finetune and p.step == 0 and resume_dir(t.run) is None:
             validate_and_save(t)  # step 0: the cached run's decoder on grids from the same backbone
@@ -130,23 +212,10 @@ def train(cfg: C.Config) -> int:
                          f"{p.step} ({str(e).strip().splitlines()[0][:200]}); the last saved state is in {t.run}/state: "
                          "rerun every node's command with --resume") from None
     except KeyboardInterrupt:
-        interrupted = True
         if accelerator.is_main_process:
             tqdm.write("interrupted: saving `last` before exiting")
-    if interrupted:
-        save_state(accelerator, t.run, dataclasses.asdict(p), t.net)
-    elif p.validated_step != p.step:
-        validate_and_save(t)
-    accelerator.end_training()
-    # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
-    sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: "
-                     f"{p.batches_total - seen_before} batches this run\n")
-    sys.stdout.flush()
-    best = "none" if p.best is None else f"{abs(p.best):.3f}"  # (nll is kept negated: higher is better)
-    metric = "CIDEr-D" if tcfg.select_on == "cider" else "NLL"
-    stop = " (stopped early)" if stopped_early(t) else ""
-    accelerator.print(f"{t.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
-    return 130 if interrupted else 0
+        return True
+    return False
 
 
 # ---- setup, in the order it happens --------------------------------------------------------
@@ -161,13 +230,15 @@ def setup(cfg: C.Config) -> Training:
     tcfg = cfg.train
     train_manifest = load_manifest(features_dir(cfg, "train"))
     cfg = with_split_file(cfg, train_manifest, accelerator)
-    check_features(cfg, run, train_manifest, tcfg.resume, accelerator.is_main_process)  # now, not at the first validation
+    cfg = resolve_resume(cfg, run)
+    tcfg = cfg.train
+    check_features(cfg, run, train_manifest, tcfg.resume == "true", accelerator.is_main_process)  # now, not at the first validation
     vocab = build_vocab(cfg, run, accelerator)
     set_seed(tcfg.seed)  # before the model's random init
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(vocab),
                                                              feature_dim=int(train_manifest["channels"])))
     decoder = Decoder(cfg.model)
-    state_dir = check_resume(cfg, run)
+    state_dir = check_resume(cfg, run, accelerator.is_main_process)
     net = build_net(decoder, cfg, vocab, train_manifest)
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
@@ -193,8 +264,13 @@ def setup(cfg: C.Config) -> Training:
 
     progress = Progress()
     if state_dir is not None:
-        accelerator.load_state(str(state_dir))  # weights_only loads inside Accelerate
-        progress = Progress.from_json(load_progress(state_dir))
+        progress = Progress.from_json(load_progress(state_dir), str(state_dir / "progress.json"))
+        try:
+            accelerator.load_state(str(state_dir))  # weights_only loads inside Accelerate
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
+            raise TrainError(f"{state_dir}: the saved state cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}); "
+                             "restore it, or start another run") from None
         if progress.batch >= batches_per_epoch:
             progress.epoch, progress.batch = progress.epoch + 1, 0
     if accelerator.is_main_process:  # a killed run logged steps this one will log again
@@ -345,12 +421,24 @@ def build_vocab(cfg: C.Config, run: Path, accelerator: Accelerator) -> Vocab:
     return Vocab.load(path)
 
 
-def check_resume(cfg: C.Config, run: Path) -> Path | None:
+def resolve_resume(cfg: C.Config, run: Path) -> C.Config:
+    """`--resume auto` becomes true when the run folder holds a saved state, else false (a launcher
+    that restarts workers, or a requeued job, then continues by itself)."""
+    if cfg.train.resume != "auto":
+        return cfg
+    resume = "true" if resume_dir(run) is not None else "false"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
+
+
+def check_resume(cfg: C.Config, run: Path, is_main: bool = True) -> Path | None:
     """The state folder to resume from (None: a fresh run), after checking the run folder agrees."""
-    if not cfg.train.resume:
-        if (run / "state").exists():
-            raise TrainError(f"{run}: holds a run already; pass --resume to continue it or choose another "
-                             "--checkpoint_path/--id")
+    if cfg.train.resume == "false":
+        if (run / "state").exists() or (run / "state.old").exists():
+            raise TrainError(f"{run}: holds a run already; pass --resume true (or auto) to continue it, or choose "
+                             "another --checkpoint_path/--id")
+        if is_main and (run / "metrics.jsonl").exists():
+            print(f"{run}: metrics.jsonl holds rows of an earlier run that saved no state; starting over at step 0 "
+                  "and dropping them", file=sys.stderr, flush=True)
         return None
     state_dir = resume_dir(run)
     if state_dir is None:
@@ -365,7 +453,7 @@ def build_net(decoder: Decoder, cfg: C.Config, vocab: Vocab, manifest: dict) -> 
     tcfg = cfg.train
     if tcfg.finetune and not tcfg.init_from:
         raise TrainError("--finetune needs --init_from RUN: a cached-feature run whose decoder and vocabulary it starts from")
-    if tcfg.init_from and not tcfg.resume:
+    if tcfg.init_from and tcfg.resume != "true":
         weights = load_weights(tcfg.init_from, "best")
         check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
         decoder.load_state_dict(weights)
@@ -427,8 +515,16 @@ def train_one_epoch(t: Training, batches) -> bool:
                 total, norm, stats = objective(inputs, tokens, targets, ss_prob=p_ss, refs=batch["refs"],
                                                keys=batch["keys"], scst=scst, log_greedy=logged)
             # Normalizer (tokens, or sampled captions) over every process: each weighs the same however
-            # the batch was split. DDP averages gradients over processes, hence the x world.
-            global_norm = acc.reduce(norm.detach().float().reshape(1), reduction="sum")[0]
+            # the batch was split. DDP averages gradients over processes, hence the x world. The same
+            # all-reduce carries whether any process noted a stop signal, and the main process's
+            # save_every_minutes clock, so every rank acts on them after the same step.
+            shared = acc.reduce(torch.stack([norm.detach().float().reshape(()).to(acc.device),
+                                             torch.tensor(float(t.stop.signum > 0), device=acc.device),
+                                             torch.tensor(float(acc.is_main_process and save_due(t)), device=acc.device)]),
+                                reduction="sum")
+            global_norm = shared[0]
+            t.stopping = t.stopping or bool(shared[1] > 0)
+            save_now = bool(shared[2] > 0)
             loss = total * acc.num_processes / global_norm
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at step {p.step} (epoch {p.epoch}); "
@@ -453,7 +549,13 @@ def train_one_epoch(t: Training, batches) -> bool:
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in {**shown, "loss": row["loss"]}.items()}, "cap/s": f"{rate:.0f}"})
             log(t, row)
             t0, captions = time.perf_counter(), 0
+        if t.stopping:
+            bar.close()
+            return False  # train() saves and exits
         after_step(t)
+        if save_now and p.validated_step != p.step:
+            save_state(acc, t.run, dataclasses.asdict(p), t.net)
+            t.saved_at = time.monotonic()
         if (tcfg.max_steps and p.step >= tcfg.max_steps) or stopped_early(t):
             bar.close()
             return False
@@ -516,6 +618,13 @@ def validate_and_save(t: Training) -> None:
     p.best, p.bad_validations = (None if best == -math.inf else best), int(bad)
     p.validated_step = p.step
     save_state(acc, t.run, dataclasses.asdict(p), t.net)
+    t.saved_at = time.monotonic()
+
+
+def save_due(t: Training) -> bool:
+    """`save_every_minutes` have passed since the last save (decided by the main process's clock)."""
+    minutes = t.cfg.train.save_every_minutes
+    return bool(minutes) and time.monotonic() - t.saved_at >= 60 * minutes
 
 
 def stopped_early(t: Training) -> bool:
@@ -604,7 +713,19 @@ def drop_rows_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    keep = []
+    for i, line in enumerate(rows):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(rows) - 1:  # the last line torn by a kill mid-write: dropped
+                print(f"{path}: its last line is incomplete (a kill mid-write); dropped", file=sys.stderr, flush=True)
+                continue
+            raise TrainError(f"{path}: line {i + 1} is not JSON; repair or delete the line to resume") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            raise TrainError(f"{path}: line {i + 1} is not a metrics row; repair or delete the line to resume")
+        if row.get("step", 0) <= step:
+            keep.append(line)
     if len(keep) != len(rows):
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 

@@ -134,7 +134,10 @@ class TrainConfig:
     id: str = _f("", "run name, appended to checkpoint_path when set")
     checkpoint_path: str = _f("runs/shapes", "run folder: config, vocab, checkpoints, logs")
     init_from: str = _f("", "start from this run's `best` decoder weights and vocabulary")
-    resume: bool = _f(False, "continue from the run folder's `last` state")
+    resume: str = _f("false", "continue from the run folder's `last` state: true, false (a folder holding state is "
+                              "an error), or auto (continue when the folder holds state, else start: for launchers "
+                              "that restart workers, torchrun --max_restarts, SLURM --requeue)",
+                     choices=("false", "true", "auto"), flag_const="true")
     seed: int = _f(123, "random seed", ge=0)
     batch_size: int = _f(10, "images per batch PER PROCESS (each brings seq_per_img captions): the global batch of "
                               "an optimizer step is batch_size x processes x gradient_accumulation_steps; see "
@@ -177,6 +180,9 @@ class TrainConfig:
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other processes (nodes) before the run "
                                     "stops with an error instead of waiting for a lost node", gt=0)
     save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)
+    save_every_minutes: float = _f(0.0, "also save `last` and the resume state (no validation) when this many minutes "
+                                        "have passed since the last save: what a SIGKILL can lose (0: off)",
+                                   ge=0, le=100_000)
     select_on: str = _f("cider", "the validation metric that picks best.safetensors and drives early stopping: cider "
                                  "(CIDEr-D of greedy captions, higher is better) or nll (mean per-token NLL of the "
                                  "val captions, lower is better: the authors' choice)", choices=("cider", "nll"))
@@ -244,6 +250,8 @@ def _coerce(value, typ, where: str):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if typ is str:
+        if isinstance(value, bool):  # YAML's true/false for a field that also takes words (resume: auto)
+            return "true" if value else "false"
         return "" if value is None else str(value)
     if typ is list or origin is list:
         if isinstance(value, str):
@@ -304,9 +312,10 @@ def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             if counts[f.name] == 1:
                 names.insert(0, f"--{f.name}")
             help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-            if typing.get_type_hints(types_[s])[f.name] is bool:  # `--resume` alone means true; also true/false
-                group.add_argument(*names, dest=f"{s}.{f.name}", default=None, nargs="?", const="true",
-                                   metavar="true|false", help=help_)
+            if typing.get_type_hints(types_[s])[f.name] is bool or "flag_const" in f.metadata:  # `--resume` alone: true
+                group.add_argument(*names, dest=f"{s}.{f.name}", default=None, nargs="?",
+                                   const=f.metadata.get("flag_const", "true"),
+                                   metavar="|".join(f.metadata.get("choices", ("true", "false"))), help=help_)
             else:
                 group.add_argument(*names, dest=f"{s}.{f.name}", default=None, metavar=f.name.upper(), help=help_)
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             if train.main(base + ["--features", str(out / f"features_{enc}"), "--checkpoint_path", str(run),
                                   "--alpha_c", str(alpha_c), "--max_epochs", str(epochs),
-                                  "--resume", "true" if (run / "state").exists() else "false"]) != 0:
+                                  "--resume", "auto"]) != 0:
                 return 1
             timing.write_text(json.dumps({"seconds": time.perf_counter() - t}))
         m = evaluate(run, "test", beam_size=3, with_grounding=True, scorers=("Bleu", "CIDEr"), progress=False)

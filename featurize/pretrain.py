@@ -51,13 +51,15 @@ class PretrainError(UserError):
     """A pretraining run that cannot start as asked."""
 
 
+STRIDE = {"layer3": 16, "layer4": 32}  # pixels per grid cell of a ResNet trunk
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     arch: str = "resnet18"
     layer: str = "layer3"
-    image_size: int = 224  # featurize's input size: the grid's cells are image_size / grid pixels
-    grid: int = 14
-    crop: int = 128  # training crops (a multiple of the cell size, so labels stay on the grid)
+    image_size: int = 224  # featurize's input size; the trunk's own grid is image_size / its stride
+    crop: int = 128  # training crops (a multiple of the stride, so labels stay on the grid)
     epochs: int = 6
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -65,6 +67,10 @@ class PretrainConfig:
     max_images: int = -1  # train images used (-1: all)
     holdout: float = 0.1  # of those, scored for the JSON's accuracy and never trained on
     seed: int = 0
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // STRIDE[self.layer]
 
 
 def cell_labels(objects: list[dict], width: int, height: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +149,7 @@ class CellClassifier(nn.Module):
 
 def random_crops(images, shape, color, cfg: PretrainConfig, gen: torch.Generator):
     """The same cell-aligned crop of a batch's images and labels, flipped left-right half the time."""
-    cell = cfg.image_size // cfg.grid
+    cell = STRIDE[cfg.layer]
     k = cfg.crop // cell  # crop in cells
     i, j = (int(v) for v in torch.randint(0, cfg.grid - k + 1, (2,), generator=gen))
     images = images[:, :, i * cell:(i + k) * cell, j * cell:(j + k) * cell]  # (B, 3, crop, crop)
@@ -182,9 +188,12 @@ def pretrain(input_json: str | os.PathLike, out: str | os.PathLike, cfg: Pretrai
         if meta.get("config") == asdict(cfg) and meta.get("trained_on", {}).get("input_json_sha256") == source["input_json_sha256"]:
             log.info("%s: reused (trained on %s)", out, meta["trained_on"]["input_json"])
             return meta
-    if cfg.image_size % cfg.grid or cfg.crop % (cfg.image_size // cfg.grid) or cfg.crop > cfg.image_size:
-        raise PretrainError(f"--crop {cfg.crop}: must be a multiple of the cell size {cfg.image_size}/{cfg.grid} and at "
-                            "most --image_size")
+    if cfg.layer not in STRIDE:
+        raise PretrainError(f"--layer {cfg.layer}: layer3 or layer4")
+    stride = STRIDE[cfg.layer]
+    if cfg.image_size % stride or cfg.crop % stride or cfg.crop > cfg.image_size:
+        raise PretrainError(f"--image_size {cfg.image_size}, --crop {cfg.crop}: both must be multiples of {cfg.layer}'s "
+                            f"stride ({stride} px), the crop at most the image")
     t0 = time.perf_counter()
     data = load_world(input_json, cfg, images_root)
     n_hold = int(len(data) * cfg.holdout)
@@ -193,8 +202,6 @@ def pretrain(input_json: str | os.PathLike, out: str | os.PathLike, cfg: Pretrai
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = CellClassifier(cfg)
-    if model(data.images[:1])[0].shape[-1] != cfg.grid:
-        raise PretrainError(f"{cfg.arch} up to {cfg.layer} at {cfg.image_size} px does not give a {cfg.grid}x{cfg.grid} grid")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * (len(train) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.learning_rate, total_steps=max(steps, 1), pct_start=0.15)
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(a, k) for k in asdict(defaults)})
-    for k in ("epochs", "batch_size", "crop", "image_size", "grid"):
+    for k in ("epochs", "batch_size", "crop", "image_size"):
         if not 0 < getattr(cfg, k) <= 100_000:
             raise PretrainError(f"--{k} {getattr(cfg, k)}: must be between 1 and 100000")
     if not str(a.out).endswith(".safetensors"):

@@ -43,7 +43,12 @@ def test_typed_overrides():
     with pytest.raises(C.ConfigError, match="--batch_size: expected an integer"):
         C.parse(["--config", "configs/shapes.yaml", "--batch_size", "ten"], argparse.ArgumentParser(), ("train",))
     with pytest.raises(C.ConfigError, match="expected true or false"):
+        C.parse(["--config", "configs/shapes.yaml", "--finetune", "maybe"], argparse.ArgumentParser(), ("train",))
+    with pytest.raises(C.ConfigError, match="--resume: must be one of false, true, auto"):
         C.parse(["--config", "configs/shapes.yaml", "--resume", "maybe"], argparse.ArgumentParser(), ("train",))
+    for flag, want in ((["--resume"], "true"), (["--resume", "auto"], "auto"), (["--resume", "false"], "false")):
+        cfg, _ = C.parse(["--config", "configs/shapes.yaml", *flag], argparse.ArgumentParser(), ("train",))
+        assert cfg.train.resume == want
 
 
 def test_every_shipped_config_loads(tmp_path):

@@ -1,0 +1,141 @@
+"""What clusters do to a training process: SIGTERM (preemption, `timeout`, `docker stop`), SLURM's
+SIGUSR1 warning, a second signal during the save, SIGKILL with `save_every_minutes`, launchers that
+restart workers (`--resume auto`), and resume state that is damaged or not what it claims."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from caption import train
+from tests.conftest import ROOT, tiny_args
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def command(shapes, feats, run, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "caption" / "train.py"),
+            *tiny_args(shapes, feats, "--checkpoint_path", str(run), "--max_epochs", "5", "--log_every", "2", *extra)]
+
+
+def start(cmd) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_rows(run, p, rows: int = 1, timeout: float = 300) -> None:
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no metrics rows before the process ended: {p.communicate()[0][-2000:]}")
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes, tiny_features, tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    r = subprocess.run(command(shapes, tiny_features, run), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_and_resume_auto_finishes_as_uninterrupted(sig, shapes, tiny_features, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    p = start(command(shapes, tiny_features, run))
+    wait_for_rows(run, p)
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, out[-3000:]
+    assert time.monotonic() - t0 < 30  # within seconds (a step and a save)
+    assert f"stopped by {signal.Signals(sig).name}" in out and "--resume" in out
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    assert 0 < progress["step"] < 5 * 24, progress
+    # A restarted worker (torchrun --max_restarts, a requeued job) continues by itself.
+    r = subprocess.run(command(shapes, tiny_features, run, "--resume", "auto"), cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert same_weights(run / "last.safetensors", uninterrupted / "last.safetensors")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+def test_a_second_signal_during_the_save_changes_nothing(shapes, tiny_features, tmp_path):
+    run = tmp_path / "run"
+    p = start(command(shapes, tiny_features, run))
+    wait_for_rows(run, p)
+    p.send_signal(signal.SIGTERM)
+    while not (run / "state.tmp").exists() and p.poll() is None:  # the save has begun
+        time.sleep(0.001)
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert out.count("already stopping") <= 1
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "5",
+                                "--log_every", "2", "--resume", "true")) == 0
+
+
+@pytest.mark.slow
+def test_sigkill_loses_at_most_save_every_minutes(shapes, tiny_features, tmp_path):
+    run = tmp_path / "run"
+    p = start(command(shapes, tiny_features, run, "--save_every_minutes", "0.0005"))  # every step or so
+    wait_for_rows(run, p, rows=3)
+    p.kill()
+    p.communicate()
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    assert progress["step"] >= 4 and progress["validated_step"] is None, progress  # saved without validating
+
+
+def test_resume_auto_starts_a_fresh_folder(shapes, tiny_features, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_steps", "3",
+                                "--resume", "auto")) == 0
+    assert json.loads((run / "state" / "progress.json").read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("bad", ["{}", "[1, 2, 3]", '{"epoch": "1", "batch": "x"}', "null"])
+def test_a_progress_record_that_is_not_one_is_an_error_and_nothing_is_lost(bad, trained_run, shapes, tiny_features,
+                                                                           tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "state" / "progress.json").write_text(bad)
+    before = {f: (run / f).read_bytes() for f in ("best.safetensors", "metrics.jsonl", "last.safetensors")}
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "6",
+                                "--resume", "true")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "progress.json" in err[-1] and "progress record" in err[-1] or \
+        "not a valid value" in err[-1], err[-3:]
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_a_torn_metrics_line_is_dropped_and_a_missing_optimizer_is_one_line(trained_run, shapes, tiny_features, tmp_path,
+                                                                            capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')  # a kill mid-write
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "5",
+                                "--resume", "true", "--learning_rate", "5e-3", "--batch_size", "8")) == 0
+    assert "last line is incomplete" in capsys.readouterr().err
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+    (run / "state" / "optimizer.bin").unlink()
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "6",
+                                "--resume", "true", "--learning_rate", "5e-3", "--batch_size", "8")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "state" in err[-1] and "cannot be loaded" in err[-1], err[-3:]
