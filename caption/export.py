@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from caption.finetune import backbone_from_manifest
+from caption.metrics import APPROXIMATE
 from caption.run import ENCODER, RunError, encoder_of, load_decoder
 from common import config as C
 from common.cli import command
@@ -51,6 +52,8 @@ def export(run: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     metrics = run / "eval_test" / "metrics.json"
     if metrics.exists():
         shutil.copy(metrics, out / "metrics.json")
+    if (run / "eval_test" / "skipped.json").exists():
+        shutil.copy(run / "eval_test" / "skipped.json", out / "skipped.json")
     atomic_write_text(out / "README.md", model_card(run, cfg, encoder, read_json(metrics, "metrics") if metrics.exists()
                                                     else None, len(vocab), manifest))
     return out
@@ -66,6 +69,10 @@ def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vo
                      and not k.endswith(("_words", "_chance", "_count", "_unmatched")))
     table = (f"Test split, beam 3 (`python -m caption.evaluate`), from metrics.json:\n\n| metric | score |\n|---|---|\n{rows}\n"
              if metrics else "Not evaluated: run `python -m caption.evaluate --run RUN` before exporting.\n")
+    skipped_file = run / "eval_test" / "skipped.json"
+    skipped = read_json(skipped_file, "skipped scorers") if metrics and skipped_file.exists() else {}
+    if isinstance(skipped, dict) and APPROXIMATE in skipped:
+        table += f"\n**APPROXIMATE scores**: {skipped[APPROXIMATE]}\n"
     weights = encoder["weights"] if encoder["weights"] != "backbone.safetensors" else \
         f"backbone.safetensors (trained as: {encoder.get('trained_weights')})"
     return f"""---

@@ -22,6 +22,7 @@ class ScoreError(UserError):
 
 
 ALL = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+APPROXIMATE = "PTBTokenizer"  # the `skipped` entry saying every score was computed without coco-caption's tokenizer
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 
@@ -142,11 +143,17 @@ def score(references: dict, results: dict, scorers=ALL) -> tuple[dict[str, float
     gts = {i: both[("gt", i)] for i in ids}
     res = {i: both[("res", i)] for i in ids}
     metrics, skipped, _ = score_tokenized(gts, res, scorers)
+    if java_missing():  # the numbers are not coco-caption's: said wherever they are shown or saved
+        skipped[APPROXIMATE] = (f"{java_missing()}: every score above is APPROXIMATE, computed on a regex "
+                                "tokenization instead of PTBTokenizer's ('t-shirt' becomes 't shirt'); install "
+                                "Java (e.g. apt install default-jre-headless) for coco-caption's numbers")
     return metrics, skipped
 
 
 def format_table(metrics: dict[str, float], skipped: dict[str, str] | None = None) -> str:
-    lines = [f"{'metric':<10} {'score':>8}", f"{'-' * 10} {'-' * 8}"]
+    approximate = APPROXIMATE in (skipped or {})
+    lines = [f"{'metric':<10} {'score':>8}" + ("  (APPROXIMATE: no Java, see below)" if approximate else ""),
+             f"{'-' * 10} {'-' * 8}"]
     lines += [f"{k:<10} {v:>8.4f}" for k, v in metrics.items()]
     for k, why in (skipped or {}).items():
         lines.append(f"{k:<10} {'skipped':>8}  ({why})")

@@ -19,6 +19,19 @@ from caption.scst import CiderD, reward_references, scst_loss
 from caption.vocab import Vocab
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x over every process's values (each process's module sees only its share)."""
+    if not _distributed():
+        return x.mean()
+    both = torch.stack([x.sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)])
+    torch.distributed.all_reduce(both)
+    return both[0] / both[1]
+
+
 class Objective(nn.Module):
     """The training loss of `net` (a Decoder, or a Captioner: backbone + decoder when fine-tuning).
 
@@ -27,8 +40,9 @@ class Objective(nn.Module):
 
     def __init__(self, net: nn.Module, vocab: Vocab, alpha_c: float = 1.0, seq_per_img: int = 5,
                  cider: CiderD | None = None, sc_sample_n: int = 5, sc_baseline: str = "mean", max_length: int = 16,
-                 sc_labels: bool = True, sc_eos: bool = True):
+                 sc_labels: bool = True, sc_eos: bool = True, world: int = 1):
         super().__init__()
+        self.world = world  # processes: the hard-attention terms weigh the global batch's captions
         self.net = net
         self.vocab, self.alpha_c, self.seq_per_img = vocab, alpha_c, seq_per_img
         self.cider, self.sc_sample_n, self.sc_baseline, self.max_length = cider, sc_sample_n, sc_baseline, max_length
@@ -59,26 +73,30 @@ class Objective(nn.Module):
 
             J = mean_n NLL_n + sum_{t,n} (c_n - b) / 10 * log p(s_tn | a) + lambda_e * sum_{t,n,l} alpha log alpha
 
-        with c_n caption n's NLL over the batch's T steps divided by T, b the moving average of
-        that per-step NLL (`baseline_time`), the REINFORCE sum over the captions that sampled,
-        the entropy over all. The loop divides our summed loss by the batch's tokens, where
-        capgen.py averages over captions: these terms are returned x N (captions), so that
-        their weight against the cross entropy is the authors'. Padding steps are left out.
+        with c_n caption n's NLL divided by its own length (capgen's batches hold captions of one
+        length, homogeneous_data.py, so its batch length is each caption's), b the moving average
+        of that per-step NLL over the global batch (`baseline_time`; every process averages all
+        processes' captions), the REINFORCE sum over the captions that sampled, the entropy over
+        all. The loop divides our summed loss by the global batch's tokens, where capgen.py
+        averages over captions: these terms are returned x the global batch's captions, so that
+        their weight against the cross entropy is the authors' on any number of processes.
+        Padding steps are left out.
         """
         dec = self.decoder
-        N, T = targets.shape
+        N = targets.shape[0]
         mask = (targets != self.vocab.pad_id).float()  # (N, T)
         nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T)
-        c = (nll * mask).sum(1).detach() / T  # (N,) per-step NLL of each caption
+        c = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).detach()  # (N,) per-step NLL over the caption's own length
         sampled = dec.hard_mask.float()  # (N,) the captions that sampled locations
         logp_s = (dec.hard_logp * mask).sum(1)  # (N,) log p(s | a)
         reinforce = ((c - self.baseline) / 10.0 * sampled * logp_s).sum()
         neg_entropy = (alphas.float() * alphas.float().clamp_min(1e-12).log()).sum(-1)  # (N, T) sum_l alpha log alpha
         neg_entropy = (neg_entropy * mask).sum()
-        with torch.no_grad():  # the authors' baseline_time: 0.9 b + 0.1 mean per-step NLL
-            self.baseline.mul_(dec.cfg.baseline_decay).add_((1 - dec.cfg.baseline_decay) * c.mean())
+        with torch.no_grad():  # the authors' baseline_time: 0.9 b + 0.1 mean per-step NLL of the global batch
+            self.baseline.mul_(dec.cfg.baseline_decay).add_((1 - dec.cfg.baseline_decay) * global_mean(c))
         stats["hard_baseline"] = self.baseline.detach().clone()
-        return N * (reinforce + dec.cfg.entropy_weight * neg_entropy)
+        # x the global batch's captions: the loop divides by the global token count (and DDP averages over processes)
+        return N * self.world * (reinforce + dec.cfg.entropy_weight * neg_entropy)
 
     def self_critical(self, inputs, refs, keys, log_greedy: bool):
         if self.cider is None:

@@ -257,7 +257,7 @@ def setup(cfg: C.Config) -> Training:
                         for refs in store_references(features_dir(cfg, "train"))])
     objective = Objective(net, vocab, tcfg.alpha_c, tcfg.seq_per_img, cider=cider, sc_sample_n=tcfg.sc_sample_n,
                           sc_baseline=tcfg.sc_baseline, max_length=tcfg.max_length,
-                          sc_labels=tcfg.sc_references == "labels", sc_eos=tcfg.sc_eos)
+                          sc_labels=tcfg.sc_references == "labels", sc_eos=tcfg.sc_eos, world=accelerator.num_processes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     scheduler.split_batches = True  # it steps once per optimizer step on every process (not once per process)

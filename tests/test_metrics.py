@@ -60,6 +60,17 @@ def test_missing_scorers_are_skipped_not_fatal(monkeypatch):
     assert skipped["METEOR"] == "java not found on PATH" and "SPICE" in skipped
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(ours)
     assert "skipped" in metrics.format_table(ours, skipped)
+    # Without Java the numbers are not coco-caption's, and every place that shows them says so.
+    assert "APPROXIMATE" in skipped[metrics.APPROXIMATE] and "regex" in skipped[metrics.APPROXIMATE]
+    assert metrics.format_table(ours, skipped).splitlines()[0].endswith("(APPROXIMATE: no Java, see below)")
+
+
+def test_scores_with_java_are_not_marked_approximate():
+    if metrics.java_missing():
+        import pytest
+        pytest.skip(metrics.java_missing())
+    _, skipped = metrics.score(REFS, RES, ("Bleu",))
+    assert metrics.APPROXIMATE not in skipped
 
 
 def karpathy(tmp_path):

@@ -193,7 +193,9 @@ def test_semi_sampling_is_the_probability_of_sampling():
 
 
 def test_hard_attention_terms_weigh_as_capgen():
-    """The REINFORCE and entropy terms against a hand computation of capgen.py's rule, x N captions."""
+    """The REINFORCE and entropy terms against a hand computation of capgen.py's rule, x N captions.
+    c_n is a caption's NLL over its own length: capgen's batches hold captions of one length
+    (homogeneous_data.py), so its division by the batch length is a division by each caption's."""
     vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(8)]])
     model = tiny_decoder(attention="hard", entropy_weight=0.01, baseline_decay=0.9)
     obj = Objective(model, vocab, seq_per_img=1)
@@ -207,7 +209,7 @@ def test_hard_attention_terms_weigh_as_capgen():
     got = obj.hard_attention_terms(logits, targets, alphas, {})
     mask = (targets != 0).float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
-    c = nll.sum(1) / T
+    c = nll.sum(1) / mask.sum(1)
     want_rf = sum((c[n] - 0.5) / 10 * (model.hard_logp[n] * mask[n]).sum() for n in (0, 2))
     want_ent = 0.01 * ((alphas * alphas.log()).sum(-1) * mask).sum()
     torch.testing.assert_close(got, N * (want_rf + want_ent))
