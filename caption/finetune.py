@@ -73,8 +73,8 @@ class Captioner(nn.Module):
             grid = self.backbone(images)
         return to_fp16(grid).float() + (grid - grid.detach())  # fp16 values, full gradient
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, seq_per_img: int = 1, ss_prob: float = 0.0):
-        return self.decoder(self.encode(images), tokens, seq_per_img=seq_per_img, ss_prob=ss_prob)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, seq_per_img: int = 1, ss_prob: float = 0.0, noise=None):
+        return self.decoder(self.encode(images), tokens, seq_per_img=seq_per_img, ss_prob=ss_prob, noise=noise)
 
 
 class CaptionedImages(Dataset):

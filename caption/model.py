@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from caption.noise import COIN, DROP_H, DROP_OUT, HARD_LOCATION, SS_SAMPLE, SS_USE, RowNoise, categorical, dropout
 from common.config import DecoderConfig
 
 
@@ -139,11 +140,11 @@ class Decoder(nn.Module):
         """The recurrence's values (h, c, beta) in float32 under autocast (`fp32_recurrence`)."""
         return x.float() if self.cfg.fp32_recurrence else x
 
-    def context(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+    def context(self, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) and alpha_t (B, L)."""
         alpha = self.attention(state["keys"], state["h"])  # (B, L)
         if self.cfg.attention == "hard" and self.training and state.get("hard_mask") is not None:
-            alpha_used = self._hard_alpha(alpha, state)
+            alpha_used = self._hard_alpha(alpha, state, noise)
         else:
             alpha_used = alpha
         feats = state["features"]  # (B, L, D), once per image
@@ -156,25 +157,28 @@ class Decoder(nn.Module):
             alpha = alpha.to(state["keys"].dtype)
         return beta * context, alpha
 
-    def _hard_alpha(self, alpha: torch.Tensor, state: State) -> torch.Tensor:
+    def _hard_alpha(self, alpha: torch.Tensor, state: State, noise: RowNoise | None = None) -> torch.Tensor:
         """Stochastic hard attention (Eq. 8-9): a one-hot location s_t ~ Multinoulli(alpha).
 
         Rows whose `hard_mask` is False use the soft expectation instead (semi-sampling,
         Sec. 4.1). The chosen locations' log-probabilities are appended to state["hard_logp"].
         """
-        idx = torch.multinomial(alpha.detach().float(), 1)  # (B, 1)
+        idx = categorical(alpha.detach().float(), noise, HARD_LOCATION)[:, None]  # (B, 1)
         onehot = torch.zeros_like(alpha).scatter_(1, idx, 1.0)  # (B, L)
         logp = torch.log(alpha.gather(1, idx).squeeze(1).clamp_min(1e-12))  # (B,)
         state.setdefault("hard_logp", []).append(logp * state["hard_mask"])  # type: ignore[arg-type]
         mask = state["hard_mask"][:, None]  # (B, 1)
         return torch.where(mask, onehot, alpha)
 
-    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Deep output (Eq. 7) as in the authors' code: L_o(dropout(tanh(E y + L_h dropout(h) + L_z z)))."""
-        return self.L_o(self.drop(torch.tanh(emb + self.L_h(self.drop(h)) + self.L_z(z))))
+    def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor, noise: RowNoise | None = None) -> torch.Tensor:
+        """Deep output (Eq. 7) as in the authors' code: L_o(dropout(tanh(E y + L_h dropout(h) + L_z z))).
+        `noise`: the dropout masks from each caption's own numbers (caption/noise.py)."""
+        p = self.drop.p
+        h = dropout(h, p, noise, self.training, DROP_H)
+        return self.L_o(dropout(torch.tanh(emb + self.L_h(h) + self.L_z(z)), p, noise, self.training, DROP_OUT))
 
-    def _advance(self, emb: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
-        z, alpha = self.context(state)
+    def _advance(self, emb: torch.Tensor, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor, State]:
+        z, alpha = self.context(state, noise)
         h, c = self._lstm(torch.cat([emb, z], dim=-1), state["h"], state["c"])  # (B, E+D) -> (B, H)
         return z, alpha, {**state, "h": h, "c": c, "alpha": alpha}
 
@@ -198,7 +202,7 @@ class Decoder(nn.Module):
 
     # ---- teacher forcing -------------------------------------------------------------
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, seq_per_img: int = 1,
-                ss_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                ss_prob: float = 0.0, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits and attention for every caption, in the batch's order.
 
         Args:
@@ -206,6 +210,8 @@ class Decoder(nn.Module):
             tokens: (N = B*S, T) inputs y_0..y_{T-1}, starting with <bos>, pad after the end.
             seq_per_img: S, captions per image; image b owns rows b*S .. b*S+S-1.
             ss_prob: scheduled sampling: probability of feeding the model's own sample.
+            noise: each caption's own random numbers (dropout, sampled locations, coins), so that a
+                caption trains alike on any number of processes; None: torch's global generator.
 
         Returns:
             logits (N, T, V) and alphas (N, T, L).
@@ -215,28 +221,33 @@ class Decoder(nn.Module):
         if self.cfg.attention == "hard" and self.training:
             # Semi-sampling (Sec. 4.1): locations are sampled with probability semi_sampling_p (else the
             # soft expectation), one coin per minibatch as capgen.py's h_sampling_mask, or per caption.
-            coins = torch.rand(1 if self.cfg.semi_sampling == "batch" else N, device=tokens.device)
+            if noise is None:
+                coins = torch.rand(1 if self.cfg.semi_sampling == "batch" else N, device=tokens.device)
+            elif self.cfg.semi_sampling == "batch":  # one coin for the global batch, the same on every process
+                coins = torch.full((1,), noise.shared(COIN), device=tokens.device)
+            else:
+                coins = noise.uniform(COIN).to(tokens.device)  # (N,)
             state["hard_mask"] = (coins < self.cfg.semi_sampling_p).expand(N)
         emb = self.embed(tokens)  # (N, T, E)
         hs, zs, alphas, step_logits = [], [], [], []
         for t in range(T):
             emb_t = emb[:, t]
+            noise_t = None if noise is None else noise.at(t)  # step t's draws
             if ss_prob > 0.0 and t > 0:
-                use = torch.rand(N, device=tokens.device) < ss_prob
-                if use.any():
-                    sample = torch.multinomial(step_logits[-1].detach().float().softmax(-1), 1).squeeze(1)  # (N,)
-                    emb_t = torch.where(use[:, None], self.embed(sample), emb_t)
-            z, alpha, state = self._advance(emb_t, state)
+                use = (torch.rand(N, device=tokens.device) if noise is None else noise_t.uniform(SS_USE)) < ss_prob
+                sample = categorical(step_logits[-1].detach().float().softmax(-1), noise_t, SS_SAMPLE)  # (N,)
+                emb_t = torch.where(use[:, None], self.embed(sample), emb_t)
+            z, alpha, state = self._advance(emb_t, state, noise_t)
             hs.append(state["h"])
             zs.append(z)
             alphas.append(alpha)
             if ss_prob > 0.0:
-                step_logits.append(self.output(emb_t, state["h"], z))
+                step_logits.append(self.output(emb_t, state["h"], z, noise_t))
         if ss_prob > 0.0:
             logits = torch.stack(step_logits, dim=1)  # T x (N, V) -> (N, T, V)
         else:
             # The deep output for all T steps in one batched matmul.
-            logits = self.output(emb, torch.stack(hs, dim=1), torch.stack(zs, dim=1))  # (N, T, V)
+            logits = self.output(emb, torch.stack(hs, dim=1), torch.stack(zs, dim=1), noise)  # (N, T, V)
         # Hard attention: log p(s_t | a) of the sampled locations (N, T), for the REINFORCE term.
         self.hard_logp = torch.stack(state["hard_logp"], dim=1) if state.get("hard_logp") else None
         self.hard_mask = state.get("hard_mask")

@@ -54,13 +54,15 @@ class Objective(nn.Module):
         return self.net.decoder if hasattr(self.net, "decoder") else self.net
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, ss_prob: float = 0.0,
-                refs: list | None = None, keys: list | None = None, scst: bool = False, log_greedy: bool = True):
+                refs: list | None = None, keys: list | None = None, scst: bool = False, log_greedy: bool = True,
+                noise=None):
         """(summed loss, normalizer, stats) of a batch: `inputs` are grids (B, g, g, D), or images
         (B, 3, S, S) when fine-tuning; tokens/targets (N = B*S, T). `log_greedy`: SCST measures the
-        greedy captions' CIDEr-D this step (a logged step)."""
+        greedy captions' CIDEr-D this step (a logged step). `noise`: the captions' own random numbers
+        (caption/noise.py)."""
         if scst:
             return self.self_critical(inputs, refs, keys, log_greedy)
-        logits, alphas = self.net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob)
+        logits, alphas = self.net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob, noise=noise)
         total, xent, ntok = sequence_loss(logits, targets, alphas, self.vocab.pad_id, self.alpha_c)
         stats = {"xent": xent.detach(), "attention_reg": (total - xent).detach()}  # summed; per token when logged
         dec = self.decoder

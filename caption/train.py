@@ -43,6 +43,7 @@ from caption.decode import decode_records
 from caption.finetune import Captioner, backbone_from_manifest, image_batches, image_records
 from caption.metrics import score
 from caption.model import Decoder, sequence_loss
+from caption.noise import RowNoise
 from caption.objective import Objective
 from caption.references import from_records, raw_references, record_references, store_references
 from caption.resident import ResidentFeatures, choose, rank_slice, resident_batches
@@ -512,8 +513,10 @@ def train_one_epoch(t: Training, batches) -> bool:
         logged = (p.step + 1) % tcfg.log_every == 0
         with acc.accumulate(objective):
             with acc.autocast():
+                noise = RowNoise.for_batch(tcfg.seed, p.batches_total, inputs.shape[0], tcfg.seq_per_img,
+                                           acc.process_index, acc.num_processes, acc.device)
                 total, norm, stats = objective(inputs, tokens, targets, ss_prob=p_ss, refs=batch["refs"],
-                                               keys=batch["keys"], scst=scst, log_greedy=logged)
+                                               keys=batch["keys"], scst=scst, log_greedy=logged, noise=noise)
             # Normalizer (tokens, or sampled captions) over every process: each weighs the same however
             # the batch was split. DDP averages gradients over processes, hence the x world. The same
             # all-reduce carries whether any process noted a stop signal, and the main process's

@@ -71,10 +71,27 @@ def test_global_batch_must_divide_and_lr_scaling(shapes, tiny_features, tmp_path
     assert resolve_batch(scaled, 1).train.learning_rate == cfg.train.learning_rate
 
 
-def test_two_processes_follow_the_one_process_trajectory(shapes, tiny_features, tmp_path):
-    """The same global batch on 1 and on 2 real processes (torchrun, gloo): the same weights after 6 steps."""
-    common = ["--global_batch_size", "8", "--dropout", "0", "--max_steps", "6", "--save_checkpoint_every", "0",
-              "--num_workers", "0"]
+RECIPES = {  # the shipped recipes' semantics at tiny sizes
+    "soft, no dropout": ["--dropout", "0"],
+    "coco.yaml: dropout 0.5": ["--dropout", "0.5"],
+    "coco_hard.yaml: hard attention, a coin per batch, entropy, dropout": [
+        "--dropout", "0.5", "--attention", "hard", "--semi_sampling", "batch", "--semi_sampling_p", "0.5",
+        "--entropy_weight", "0.002", "--baseline_decay", "0.9"],
+    "hard attention, a coin per caption": ["--dropout", "0.5", "--attention", "hard", "--semi_sampling", "caption"],
+    "scheduled sampling (from epoch 1: steps 13-14)": [
+        "--dropout", "0.5", "--scheduled_sampling_start", "0", "--scheduled_sampling_increase_prob", "0.25",
+        "--scheduled_sampling_increase_every", "1", "--max_steps", "14"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_two_processes_follow_the_one_process_trajectory(recipe, shapes, tiny_features, tmp_path):
+    """The same global batch on 1 and on 2 real processes (torchrun, gloo): the same logged loss and
+    cross entropy at every step and the same weights after 6 steps, with the recipe's randomness
+    (dropout masks, sampled locations, coins) drawn per caption (caption/noise.py)."""
+    common = ["--global_batch_size", "8", "--max_steps", "6", "--save_checkpoint_every", "0",
+              "--num_workers", "0", "--log_every", "1", *RECIPES[recipe]]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(one), *common)) == 0
     torchrun = Path(sys.executable).parent / "torchrun"
@@ -89,9 +106,16 @@ def test_two_processes_follow_the_one_process_trajectory(shapes, tiny_features, 
     # and Adam turns rounding noise of either sign into lr-sized steps. Every other weight must agree.
     diffs = {k: (w1[k] - w2[k]).abs().max().item() for k in w1 if k != "attention.score.bias"}
     assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
-    init = load_file(str(one / "best.safetensors"))  # validated at step 6 too: the same weights
-    assert all(torch.equal(init[k], w1[k]) for k in w1)
-    assert json.loads((two / "state" / "progress.json").read_text())["step"] == 6
+    rows1, rows2 = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+                    for run in (one, two))
+    steps = int(common[len(common) - 1 - common[::-1].index("--max_steps") + 1])  # the last --max_steps given
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == list(range(1, steps + 1))
+    for k in ("loss", "xent", "attention_reg"):
+        assert [r[k] for r in rows1] == pytest.approx([r[k] for r in rows2], rel=1e-4, abs=1e-5), k
+    if json.loads((one / "state" / "progress.json").read_text())["best_step"] == steps:  # best is the last step's
+        init = load_file(str(one / "best.safetensors"))
+        assert all(torch.equal(init[k], w1[k]) for k in w1)
+    assert json.loads((two / "state" / "progress.json").read_text())["step"] == steps
 
 
 def tiny_decoder(**kw) -> Decoder:
