@@ -54,6 +54,7 @@ def build(service: CaptionService, examples: list[str]):
 
     with gr.Blocks(title="Show, Attend and Tell") as page:
         gr.Markdown("# Show, Attend and Tell\nUpload a photo; each word of the caption shows where the model looked.")
+        gr.Markdown(service.about, elem_id="about")
         overlays = gr.State([])
         with gr.Row():
             with gr.Column():

@@ -9,7 +9,6 @@ Each stage resumes or is skipped when its output is complete, so a second run is
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,18 @@ from shards.karpathy import load_split
 def stage(name: str) -> float:
     print(f"\n== {name} ==", flush=True)
     return time.perf_counter()
+
+
+def pretrain_encoder(out: Path, data: Path, a: argparse.Namespace) -> Path:
+    """COCO's encoder learned ImageNet; the demo's learns the shapes world's train images (each grid
+    cell's shape and color), then featurize loads it as it would any weights file."""
+    weights = out / "encoder" / "shapes_resnet18.safetensors"
+    f = load(a.config).featurize  # the trunk featurize runs, at its input size
+    meta = pretrain(data / "dataset.json", weights, PretrainConfig(f.backbone, f.layer, f.image_size, min(128, f.image_size),
+                                                                   epochs=a.pretrain_epochs, seed=a.seed))
+    acc = meta["held_out_accuracy"]
+    print(f"{weights}: held-out object cells: shape {acc['object_cell_shape']:.1%}, color {acc['object_cell_color']:.1%}")
+    return weights
 
 
 @command
@@ -53,15 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{data / 'dataset.json'}: {a.num_images} images")
     times["generate"] = time.perf_counter() - t
 
-    # COCO's encoder learned ImageNet; this one learns the shapes world's train images (each grid
-    # cell's shape and color), then featurize loads it as it would any weights file.
     t = stage("2/6 pretrain the encoder on the train images' shape and color labels")
-    weights = out / "encoder" / "shapes_resnet18.safetensors"
-    f = load(a.config).featurize  # the trunk featurize runs, at its input size
-    meta = pretrain(data / "dataset.json", weights, PretrainConfig(f.backbone, f.layer, f.image_size, min(128, f.image_size),
-                                                                   epochs=a.pretrain_epochs, seed=a.seed))
-    acc = meta["held_out_accuracy"]
-    print(f"{weights}: held-out object cells: shape {acc['object_cell_shape']:.1%}, color {acc['object_cell_color']:.1%}")
+    weights = pretrain_encoder(out, data, a)
     times["pretrain"] = time.perf_counter() - t
 
     t = stage("3/6 featurize train, val, test (the pretrained encoder, frozen)")
@@ -69,14 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     times["featurize"] = time.perf_counter() - t
 
-    t = stage("4/6 train the attention decoder")
-    progress = run / "state" / "progress.json"
+    t = stage("4/6 train the attention decoder")  # a finished run resumes to its end at once
     extra = ["--max_epochs", str(a.max_epochs)] if a.max_epochs else []
-    done = False
-    if progress.exists():
-        prog, cfg = json.loads(progress.read_text()), load(run / "config.yaml")
-        done = prog["epoch"] >= (a.max_epochs or cfg.train.max_epochs) and (run / "best.safetensors").exists()
-    if not done and train.main(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"]) != 0:
+    if train.main(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"]) != 0:
         return 1
     times["train"] = time.perf_counter() - t
 

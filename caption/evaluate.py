@@ -39,6 +39,11 @@ def split_image_ids(cfg, store, split: str) -> set[int]:
     return {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
 
 
+def split_entries(cfg, split: str) -> dict:
+    """The split's entries by image id (the shapes world's carry their objects)."""
+    return {e.image_id: e for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+
+
 def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features: str | None = None,
              checkpoint: str = "best", max_length: int = 20, length_penalty: float = 0.0, suppress_unk: bool = False,
              with_grounding: bool = False, limit: int = -1, batch_size: int = 50, scorers=None, out: str | Path | None = None,
@@ -91,8 +96,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         references_for(cfg.data.input_json, split, ids, cfg.data.restval_in_train)
     metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
     if with_grounding:
-        entries = {e.image_id: e for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
-        metrics.update(world_scores(res, entries, grid))
+        metrics.update(world_scores(res, split_entries(cfg, split), grid))
     atomic_write_json(out / "metrics.json", metrics)
     if skipped:
         atomic_write_json(out / "skipped.json", skipped)

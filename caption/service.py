@@ -14,6 +14,7 @@ Requests are served one at a time (a lock around the model), so concurrent ones 
 from __future__ import annotations
 
 import io
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,32 @@ class Captioned:
     error: str | None = None
 
 
+def about(run: Path, vocab, encoder: dict) -> str:
+    """What the model knows, in a few lines read from the run: its words, its encoder and, when the
+    run was evaluated, its scores (with what a shapes-world model names correctly)."""
+    words = [w for w in vocab.words if not w.startswith("<")]
+    lines = [f"**What this model knows**: {len(words)} words, all from its training captions "
+             f"(e.g. {', '.join(words[:12])}{', ...' if len(words) > 12 else ''}); every caption is made of them, so "
+             "an image of anything else still gets the nearest of these words.",
+             f"Encoder: {encoder.get('backbone', '?')} to {encoder.get('layer', '?')}, weights "
+             f"`{Path(str(encoder.get('weights', '?'))).name}`."]
+    metrics = next((run / d / "metrics.json" for d in ("eval_test", "eval_val") if (run / d / "metrics.json").is_file()), None)
+    if metrics is not None:
+        try:
+            m = json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            m = {}
+        split = metrics.parent.name.removeprefix("eval_")
+        if isinstance(m, dict) and isinstance(m.get("shape_precision"), (int, float)):
+            lines.append(f"On its {split} split: shape words right {m['shape_precision']:.0%} (a random one: "
+                         f"{m.get('shape_precision_chance', 0):.0%}), color words {m.get('color_precision', 0):.0%}, "
+                         f"color+shape pairs {m.get('pair_precision', 0):.0%}, attention on the named object "
+                         f"{m.get('grounding', 0):.0%}.")
+        elif isinstance(m, dict) and isinstance(m.get("CIDEr"), (int, float)):
+            lines.append(f"On its {split} split: CIDEr-D {m['CIDEr']:.3f}, BLEU-4 {m.get('Bleu_4', 0):.3f}.")
+    return "\n\n".join(lines)
+
+
 class CaptionService:
     """A run's decoder and encoder, loaded once and reused by every request."""
 
@@ -52,6 +79,7 @@ class CaptionService:
         self.image_size, self.grid = int(manifest["image_size"]), int(manifest["grid"])
         self.max_pixels, self.display_size = max_pixels, display_size
         self.lock = threading.Lock()
+        self.about = about(Path(run), self.vocab, manifest)
 
     def open_image(self, source) -> Image.Image:
         """8-bit RGB from bytes, a path or a PIL image (featurize's decoding, with the pixel limit);

@@ -228,13 +228,12 @@ def setup(cfg: C.Config) -> Training:
     run.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(tcfg, run)
     cfg = resolve_batch(cfg, accelerator.num_processes)
-    tcfg = cfg.train
     train_manifest = load_manifest(features_dir(cfg, "train"))
     cfg = with_split_file(cfg, train_manifest, accelerator)
     cfg = resolve_resume(cfg, run)
-    tcfg = cfg.train
-    check_features(cfg, run, train_manifest, tcfg.resume == "true", accelerator.is_main_process)  # now, not at the first validation
+    check_features(cfg, run, train_manifest, cfg.train.resume == "true", accelerator.is_main_process)  # now, not at the first validation
     vocab = build_vocab(cfg, run, accelerator)
+    tcfg = cfg.train  # resolved: batch per process, resume
     set_seed(tcfg.seed)  # before the model's random init
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(vocab),
                                                              feature_dim=int(train_manifest["channels"])))
@@ -251,11 +250,7 @@ def setup(cfg: C.Config) -> Training:
                          f"{tcfg.batch_size} on {world} process(es)")
     steps_per_epoch = max(1, batches_per_epoch // tcfg.gradient_accumulation_steps)
     optimizer = build_optimizer(net, tcfg)
-    cider = None
-    if tcfg.self_critical_after >= 0:  # document frequencies of the training references, as the reward reads them
-        labels, eos = tcfg.sc_references == "labels", tcfg.sc_eos
-        cider = CiderD([reward_references(refs, vocab, tcfg.max_length, labels, eos)
-                        for refs in store_references(features_dir(cfg, "train"))])
+    cider = build_cider(cfg, vocab) if tcfg.self_critical_after >= 0 else None
     objective = Objective(net, vocab, tcfg.alpha_c, tcfg.seq_per_img, cider=cider, sc_sample_n=tcfg.sc_sample_n,
                           sc_baseline=tcfg.sc_baseline, max_length=tcfg.max_length,
                           sc_labels=tcfg.sc_references == "labels", sc_eos=tcfg.sc_eos, world=accelerator.num_processes)
@@ -284,6 +279,13 @@ def setup(cfg: C.Config) -> Training:
                     resident)
 
 
+def build_cider(cfg: C.Config, vocab: Vocab) -> CiderD:
+    """CIDEr-D's document frequencies from the training references, as the reward reads them."""
+    tcfg = cfg.train
+    return CiderD([reward_references(refs, vocab, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
+                   for refs in store_references(features_dir(cfg, "train"))])
+
+
 def load_resident(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> ResidentFeatures | None:
     """This process's slice of the train features in RAM or on the GPU (`train.features_in_memory`),
     when asked and within the budget; None: batches stream from the store."""
@@ -300,6 +302,10 @@ def load_resident(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> Re
         return None
     resident = ResidentFeatures(features_dir(cfg, "train"), rows, where, accelerator.device,
                                 progress=accelerator.is_main_process)
+    if accelerator.num_processes > 1:
+        accelerator.print(f"features_in_memory on {accelerator.num_processes} processes: each holds and shuffles its own "
+                          "1/N of the train images, so global batches differ from a 1-process run's (the streamed "
+                          "path, features_in_memory off, follows one trajectory on any number of processes)", flush=True)
     # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
     sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: {why}; holding images "
                      f"{rows.start}..{rows.stop - 1}, {resident.nbytes} bytes\n")
@@ -517,18 +523,8 @@ def train_one_epoch(t: Training, batches) -> bool:
                                            acc.process_index, acc.num_processes, acc.device)
                 total, norm, stats = objective(inputs, tokens, targets, ss_prob=p_ss, refs=batch["refs"],
                                                keys=batch["keys"], scst=scst, log_greedy=logged, noise=noise)
-            # Normalizer (tokens, or sampled captions) over every process: each weighs the same however
-            # the batch was split. DDP averages gradients over processes, hence the x world. The same
-            # all-reduce carries whether any process noted a stop signal, and the main process's
-            # save_every_minutes clock, so every rank acts on them after the same step.
-            shared = acc.reduce(torch.stack([norm.detach().float().reshape(()).to(acc.device),
-                                             torch.tensor(float(t.stop.signum > 0), device=acc.device),
-                                             torch.tensor(float(acc.is_main_process and save_due(t)), device=acc.device)]),
-                                reduction="sum")
-            global_norm = shared[0]
-            t.stopping = t.stopping or bool(shared[1] > 0)
-            save_now = bool(shared[2] > 0)
-            loss = total * acc.num_processes / global_norm
+            global_norm, save_now = agree(t, norm)
+            loss = total * acc.num_processes / global_norm  # DDP averages gradients over processes: x world
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at step {p.step} (epoch {p.epoch}); "
                                  "lower --learning_rate, check the features with `python -m shards verify`")
@@ -567,6 +563,20 @@ def train_one_epoch(t: Training, batches) -> bool:
 
 
 PER_TOKEN = ("xent", "attention_reg")  # stats summed over the batch: logged per token (the loss's normalizer)
+
+
+def agree(t: Training, norm: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """One all-reduce per step: the normalizer (tokens, or sampled captions) over every process, so
+    each weighs the same however the batch was split; whether any process noted a stop signal; and
+    the main process's save_every_minutes clock, so every rank acts on them after the same step.
+    Returns (global normalizer, save now); sets t.stopping."""
+    acc = t.accelerator
+    shared = acc.reduce(torch.stack([norm.detach().float().reshape(()).to(acc.device),
+                                     torch.tensor(float(t.stop.signum > 0), device=acc.device),
+                                     torch.tensor(float(acc.is_main_process and save_due(t)), device=acc.device)]),
+                        reduction="sum")
+    t.stopping = t.stopping or bool(shared[1] > 0)
+    return shared[0], bool(shared[2] > 0)
 
 
 def step_row(t: Training, total: torch.Tensor, stats: dict, global_norm: torch.Tensor, p_ss: float, rate: float) -> dict:

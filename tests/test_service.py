@@ -90,3 +90,15 @@ def test_bad_settings_and_concurrent_requests(service, shapes):
         t.join(timeout=120)
     alone = [service.caption(p.read_bytes(), beam_size=2).caption for p in paths]
     assert results == alone
+
+
+def test_the_page_says_what_its_model_knows(service, tmp_path):
+    from caption.service import about
+    assert f"{len(service.vocab) - 4} words" in service.about and "Encoder: resnet18 to layer3" in service.about
+    (tmp_path / "eval_test").mkdir()
+    (tmp_path / "eval_test" / "metrics.json").write_text(
+        '{"CIDEr": 3.3, "Bleu_4": 0.74, "shape_precision": 0.99, "shape_precision_chance": 0.42, '
+        '"color_precision": 1.0, "pair_precision": 0.9, "grounding": 0.81}')
+    text = about(tmp_path, service.vocab, {"backbone": "resnet18", "layer": "layer3", "weights": "/x/enc.safetensors"})
+    assert "shape words right 99% (a random one: 42%)" in text and "attention on the named object 81%" in text
+    assert "`enc.safetensors`" in text
