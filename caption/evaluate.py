@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from_images", default=None, choices=["true", "false"],
                    help="compute grids from the images with the run's encoder (default: true for fine-tuned runs)")
     a = p.parse_args(argv)
-    check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}, "batch_size": {"ge": 1},
+    check_args(a, {"beam_size": {"ge": 1, "le": 100}, "max_length": {"ge": 1, "le": 1000}, "batch_size": {"ge": 1, "le": 100_000},
                    "limit": {"ge": -1, "not_zero": True, "help": "-1: every image"}})
     m = evaluate(a.run, a.split, a.beam_size, a.features, a.checkpoint, a.max_length, a.length_penalty,
                  a.suppress_unk, a.grounding, a.limit, a.batch_size, out=a.out,

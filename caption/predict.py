@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--attention", default=None, help="PNG path (one image) or folder: attention figures")
     a = p.parse_args(argv)
-    check_args(a, {"beam_size": {"ge": 1}, "max_length": {"ge": 1}})
+    check_args(a, {"beam_size": {"ge": 1, "le": 100}, "max_length": {"ge": 1, "le": 1000}})
     results = predict(a.run, a.images, a.beam_size, a.max_length, a.attention, a.checkpoint)
     for r in results:
         if r["error"]:

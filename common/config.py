@@ -75,7 +75,7 @@ class DataConfig:
                                "with brace expansion, e.g. 'http://host/cc3m/{00000..00331}.tar' or "
                                "'pipe:aws s3 cp s3://bucket/{00000..00331}.tar -'")
     shards_split: str = _f("train", "the split the input shards are", choices=("train", "val", "test"))
-    url_timeout: float = _f(60.0, "seconds per connect and per read of a shard streamed over HTTP", gt=0)
+    url_timeout: float = _f(60.0, "seconds per connect and per read of a shard streamed over HTTP", gt=0, le=86_400)
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,9 @@ class FeaturizeConfig:
     backbone: str = _f("resnet101", "resnet18|resnet34|resnet50|resnet101|resnet152", choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
     layer: str = _f("layer4", "last ResNet stage kept: layer4 (stride 32) or layer3 (stride 16)", choices=("layer3", "layer4"))
     weights: str = _f("imagenet", "imagenet (torchvision's cache), none (random init, BatchNorm re-estimated) or a path")
-    image_size: int = _f(448, "square input side; the grid is adaptive-pooled to grid x grid if it is not already", ge=32)
-    grid: int = _f(14, "output grid side (14 gives L = 196 locations)", ge=1)
+    image_size: int = _f(448, "square input side; the grid is adaptive-pooled to grid x grid if it is not already", ge=32,
+                          le=4096)
+    grid: int = _f(14, "output grid side (14 gives L = 196 locations)", ge=1, le=64)
     batch_size: int = _f(32, "images per forward pass", ge=1)
     num_workers: int = _f(4, "DataLoader workers decoding and resizing images", ge=0)
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16", choices=("auto", "fp32", "fp16", "bf16"))
@@ -95,7 +96,8 @@ class FeaturizeConfig:
     limit: int = _f(0, "featurize only the first N images of the split (0: all)", ge=0)
     calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics", ge=1)
     input_shard_samples: int = _f(10000, "input shards: the most samples one holds (img2dataset's "
-                                         "number_sample_per_shard); rows are reserved per input shard", ge=1)
+                                         "number_sample_per_shard); rows are reserved per input shard", ge=1,
+                                 le=10_000_000)
     shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar", ge=1)
     shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard", ge=1)
     codec: str = _f("blosc-zstd", "zarr compression: blosc-zstd (byte shuffle + zstd-1, chosen by bench/store.py), zstd, lz4 or none", choices=("blosc-zstd", "zstd", "lz4", "none"))
@@ -178,7 +180,7 @@ class TrainConfig:
     memory_budget_gb: float = _f(0.0, "what features_in_memory may take per process, in GB (0: 80% of the RAM "
                                       "available, 90% of the GPU's free memory)", ge=0)
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other processes (nodes) before the run "
-                                    "stops with an error instead of waiting for a lost node", gt=0)
+                                    "stops with an error instead of waiting for a lost node", gt=0, le=604_800)
     save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)
     save_every_minutes: float = _f(0.0, "also save `last` and the resume state (no validation) when this many minutes "
                                         "have passed since the last save: what a SIGKILL can lose (0: off)",

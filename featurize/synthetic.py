@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common.cli import command
+from common.config import check_args
 from common.files import atomic_write_json
 
 COLORS = {
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--test_fraction", type=float, default=0.1)
     a = p.parse_args(argv)
+    check_args(a, {"num_images": {"ge": 1, "le": 10_000_000}, "image_size": {"ge": 32, "le": 4096},
+                   "val_fraction": {"ge": 0, "le": 0.5}, "test_fraction": {"ge": 0, "le": 0.5}})
     path = generate(a.out, a.num_images, a.seed, a.image_size, a.val_fraction, a.test_fraction)
     print(f"wrote {a.num_images} images and {path}")
     return 0

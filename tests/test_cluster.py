@@ -139,3 +139,24 @@ def test_a_torn_metrics_line_is_dropped_and_a_missing_optimizer_is_one_line(trai
                                 "--resume", "true", "--learning_rate", "5e-3", "--batch_size", "8")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "state" in err[-1] and "cannot be loaded" in err[-1], err[-3:]
+
+
+@pytest.mark.parametrize("module,args,flag", [
+    ("caption.predict", ["--run", "x", "y.jpg", "--max_length", "100000000"], "--max_length"),
+    ("caption.evaluate", ["--run", "x", "--beam_size", "1000000"], "--beam_size"),
+    ("featurize.synthetic", ["--out", "x", "--num_images", "-1"], "--num_images"),
+    ("featurize", ["--config", "configs/tiny.yaml", "--split", "train", "--input_shard_samples", "99999999999"],
+     "--input_shard_samples"),
+    ("featurize", ["--config", "configs/tiny.yaml", "--split", "train", "--image_size", "1000000000"], "--image_size"),
+    ("featurize", ["--config", "configs/tiny.yaml", "--split", "train", "--grid", "100000"], "--grid"),
+    ("caption.train", ["--config", "configs/tiny.yaml", "--dist_timeout", "1e300"], "--dist_timeout"),
+    ("caption.train", ["--config", "configs/tiny.yaml", "--url_timeout", "inf"], "--url_timeout"),
+])
+def test_numbers_without_an_upper_bound_are_one_line_errors(module, args, flag, capsys, tmp_path, monkeypatch):
+    """The probe's D6, D27 and their kind: a number far beyond any real run is refused at once."""
+    import importlib
+    monkeypatch.chdir(ROOT)
+    mod = importlib.import_module(module if module != "featurize" else "featurize.__main__")
+    assert mod.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
