@@ -79,12 +79,12 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, g
         ax.imshow(dim(img, upsample(alphas[t], grid, image.size, vmax)))
         ax.set_title(f"{word}  (max {float(np.max(alphas[t])):.2f})", fontsize=9)
     caption = "\n".join(textwrap.wrap(" ".join(words), width=max(30, 18 * cols)))
-    fig.suptitle(caption, fontsize=11)
-    top = 1 - (0.1 + 0.06 * caption.count("\n")) / rows
-    fig.subplots_adjust(left=0.01, right=0.9, bottom=0.02, top=top, wspace=0.05, hspace=0.25)
+    fig.suptitle(caption, fontsize=11, y=0.995, va="top")
+    top = 1 - (0.55 + 0.2 * caption.count("\n")) / (rows * PANEL_INCHES)  # room for the caption and panel titles
+    fig.subplots_adjust(left=0.01, right=0.88, bottom=0.02, top=top, wspace=0.05, hspace=0.25)
     brightness = LinearSegmentedColormap.from_list("brightness", [(FLOOR,) * 3, (1.0, 1.0, 1.0)])
     bar = fig.colorbar(ScalarMappable(Normalize(0, vmax), brightness), ax=list(axes.flat), fraction=0.02, pad=0.01)
-    bar.set_label("attention alpha (brightness)", fontsize=8)
+    bar.set_label("alpha", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
