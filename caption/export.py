@@ -8,7 +8,7 @@ the name of torchvision's published ImageNet weights, which torchvision fetches 
 vocab.json, the resolved config.yaml, encoder.json (the backbone, its weights' identity and the
 preprocessing: input size, resize, normalization, grid), metrics.json when the run was
 evaluated, and README.md, a model card. Nothing is pickled. It is laid out for the Hugging Face
-Hub as it is: `huggingface-cli upload USER/NAME exported/shapes` (or `huggingface_hub.upload_folder`)
+Hub as it is: `hf upload USER/NAME exported/shapes` (or `huggingface_hub.upload_folder`)
 publishes it; nothing here uploads.
 """
 
@@ -123,7 +123,7 @@ why. Scores above are on its own test split only.
 
 ## Publish
 
-`huggingface-cli upload USER/NAME THIS_FOLDER` (or `huggingface_hub.upload_folder(repo_id=..., folder_path=...)`).
+`hf upload USER/NAME THIS_FOLDER` (or `huggingface_hub.upload_folder(repo_id=..., folder_path=...)`).
 """
 
 

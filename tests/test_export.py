@@ -41,7 +41,18 @@ def test_exported_run_captions_like_the_run(trained_run, shapes, tmp_path, capsy
     for k in ("Bleu_4", "CIDEr"):
         assert re.search(rf"\| {k} \| {metrics[k]:.4f} \|", card), k
     assert json.loads((moved / "metrics.json").read_text())["CIDEr"] == metrics["CIDEr"]
-    assert "huggingface-cli upload" in card and "caption.predict --run" in card
+    assert "hf upload" in card and "caption.predict --run" in card
     # a second export into a non-empty folder is refused
     assert export_main(["--run", str(run), "--out", str(moved)]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_the_publish_command_the_card_names_exists():
+    """The card's `hf upload` comes with huggingface_hub 2.x (installed with accelerate), in this environment."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    hf = Path(sys.executable).parent / "hf"
+    assert hf.exists(), hf
+    r = subprocess.run([str(hf), "upload", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "upload" in r.stdout.lower()
