@@ -22,8 +22,6 @@ from shards.remote_store import RemoteWdsReader, remote_manifest
 from shards.wds import WdsReader, WdsWriter
 from shards.zarr_store import ZarrReader, ZarrWriter, mark_filled_rows
 
-BACKENDS = ("zarr", "wds")
-
 
 def create_writer(root: str | Path, plan: dict):
     """A ZarrWriter or WdsWriter for `plan["backend"]`."""
@@ -127,5 +125,5 @@ def _write_locked(root, records, plan: dict, rank: int, world_size: int, split: 
     return finalize(Path(root), split) if world_size == 1 else None
 
 
-__all__ = ["BACKENDS", "Record", "RecordError", "StoreError", "create_writer", "done_shards", "finalize",
+__all__ = ["Record", "RecordError", "StoreError", "create_writer", "done_shards", "finalize",
            "load_manifest", "location", "make_plan", "open_store", "shard_range", "validate", "write_records", "writer_threads"]

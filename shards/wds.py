@@ -264,11 +264,6 @@ class WdsReader(IndexedStore):
     def urls(self) -> list[str]:
         return [str(p) for p in self.paths]
 
-    def stream(self, **kw) -> wds.DataPipeline:
-        """`stream` over this store's shards, with its grid, channels and checksum rule."""
-        return stream(self.urls(), grid=self.manifest["grid"], channels=self.manifest["channels"],
-                      require_checksum=self.require_checksum, **kw)
-
     def iter_records(self, span: range | None = None) -> Iterator[fmt.Record]:
         """All records in order (or those at positions `span`, streamed from the shard holding
         its first); each one's key must be the one its shard's JSON lists at that place."""
