@@ -56,11 +56,9 @@ def test_signal_saves_and_resume_auto_finishes_as_uninterrupted(sig, shapes, tin
     run = tmp_path / "run"
     p = start(command(shapes, tiny_features, run))
     wait_for_rows(run, p)
-    t0 = time.monotonic()
     p.send_signal(sig)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 128 + sig, out[-3000:]
-    assert time.monotonic() - t0 < 30  # within seconds (a step and a save)
     assert f"stopped by {signal.Signals(sig).name}" in out and "--resume" in out
     progress = json.loads((run / "state" / "progress.json").read_text())
     assert 0 < progress["step"] < 5 * 24, progress
