@@ -14,7 +14,6 @@ Requests are served one at a time (a lock around the model), so concurrent ones 
 from __future__ import annotations
 
 import io
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ from PIL import Image
 from caption.predict import backbone_for_run, caption_image
 from caption.run import load_decoder
 from caption.visualize import dim, upsample
+from common.errors import UserError
+from common.files import read_json
 from common.tensors import default_device
 from featurize.images import ImageError, decode_rgb, to_rgb
 
@@ -53,8 +54,8 @@ def about(run: Path, vocab, encoder: dict) -> str:
     metrics = next((run / d / "metrics.json" for d in ("eval_test", "eval_val") if (run / d / "metrics.json").is_file()), None)
     if metrics is not None:
         try:
-            m = json.loads(metrics.read_text())
-        except (OSError, ValueError):
+            m = read_json(metrics, "evaluation metrics")
+        except UserError:  # an unreadable metrics file leaves the scores out, not the page
             m = {}
         split = metrics.parent.name.removeprefix("eval_")
         if isinstance(m, dict) and isinstance(m.get("shape_precision"), (int, float)):
