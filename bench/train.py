@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             model = Decoder(replace(cfg, fp32_recurrence=fp32_recurrence)).to(device).train()
             opt = torch.optim.Adam(model.parameters(), 4e-4)
-            _, batches = train_batches(root, vocab, batch_size=a.batch_images, seq_per_img=a.seq_per_img, max_length=16, seed=0,
+            _, batches = train_batches(open_store(root), vocab, batch_size=a.batch_images, seq_per_img=a.seq_per_img, max_length=16, seed=0,
                                        epoch=0, num_workers=a.num_workers, pin_memory=device.type == "cuda")
             caps, t = 0, None
             for i, b in enumerate(batches):
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     sync(device)
                     t, caps = time.perf_counter(), 0
                 with amp:
-                    logits, alphas = model(b["features"].to(device), b["tokens"].to(device), a.seq_per_img)
+                    logits, alphas, *_ = model(b["features"].to(device), b["tokens"].to(device), a.seq_per_img)
                 total, _, ntok = sequence_loss(logits, b["targets"].to(device), alphas, 0, 1.0)
                 (total / ntok).backward()
                 opt.step()

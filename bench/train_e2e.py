@@ -28,7 +28,7 @@ from caption.data import train_batches
 from caption.model import Decoder, DecoderConfig, sequence_loss
 from caption.resident import ResidentFeatures, rank_slice, resident_batches
 from caption.vocab import Vocab
-from shards import write_records
+from shards import open_store, write_records
 
 WARMUP = 2  # steps not timed (allocator, first DataLoader batches)
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(b: dict) -> None:
         with amp:
-            logits, alphas = model(b["features"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
+            logits, alphas, *_ = model(b["features"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
                                    a.seq_per_img)
         total, _, ntok = sequence_loss(logits, b["targets"].to(device, non_blocking=True), alphas, 0, 1.0)
         (total / ntok).backward()
@@ -105,20 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         for name, (backend, codec) in stores.items():
             if name in paths or (name == "zarr-none" and ({"ram", "device"} & set(paths))):
                 make_store(Path(tmp) / name, backend, codec, n, a.channels, words)
-        held = ResidentFeatures(Path(tmp) / "zarr-none", rank_slice(n, 0, 1), "ram", torch.device("cpu"), progress=False)
+        held = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), rank_slice(n, 0, 1), "ram", torch.device("cpu"), progress=False)
         ready = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
                  for b in resident_batches(held, vocab, **kw)]
         resident = {}
         for name in paths:
             if name not in stores:
                 t = time.perf_counter()
-                resident[name] = ResidentFeatures(Path(tmp) / "zarr-none", rank_slice(n, 0, 1), name, device, progress=False)
+                resident[name] = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), rank_slice(n, 0, 1), name, device, progress=False)
                 loads[name] = f"load {time.perf_counter() - t:.2f} s for {n} images ({resident[name].nbytes / 1e6:.0f} MB)"
         for _ in range(a.rounds):  # interleaved: a machine's slow minute spreads over every path
             rates.setdefault("model", []).append(timed_steps(ready, step, device))  # the model step alone
             for name in paths:
                 if name in stores:
-                    batches = train_batches(Path(tmp) / name, vocab, num_workers=a.num_workers,
+                    batches = train_batches(open_store(Path(tmp) / name), vocab, num_workers=a.num_workers,
                                             pin_memory=device.type == "cuda", **kw)[1]
                 else:
                     batches = resident_batches(resident[name], vocab, **kw)

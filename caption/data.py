@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from functools import partial
 from itertools import islice
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -23,7 +22,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from caption.vocab import Vocab
-from shards import open_store
 from shards.format import Record, StoreError
 from shards.wds import stream
 
@@ -142,11 +140,12 @@ class StreamedCaptions(IterableDataset):
                 raise StoreError(f"{self.store.root}: worker {worker} of rank {self.rank} got no records from {mine}")
 
 
-def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_img: int, max_length: int, seed: int,
+def train_batches(store, vocab: Vocab, *, batch_size: int, seq_per_img: int, max_length: int, seed: int,
                   epoch: int, rank: int = 0, world: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
                   start: int = 0, pin_memory: bool = False) -> tuple[int, object]:
-    """(batches in this epoch per rank, an iterable of the batches from `start` on)."""
-    store = open_store(root)
+    """(batches in this epoch per rank, an iterable of the batches from `start` on) of an opened
+    store (caption/splits.py)."""
+    root = store.root
     backend = store.manifest["backend"]
     n_batches = len(store) // (batch_size * world)
     if n_batches == 0:
@@ -167,15 +166,3 @@ def train_batches(root: str | Path, vocab: Vocab, *, batch_size: int, seq_per_im
                         generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     # The same number of batches on every rank: cut the endless stream; skip what a resumed run saw.
     return n_batches, islice(iter(loader), start, n_batches) if start else islice(iter(loader), n_batches)
-
-
-def eval_records(store, rank: int = 0, world: int = 1, limit: int = -1) -> Iterator[Record]:
-    """A store's records in order (`store`: an open store, or its folder), this rank's share
-    (i % world == rank), the first `limit` overall."""
-    store = open_store(store) if isinstance(store, (str, Path)) else store
-    for i, rec in enumerate(store.iter_records()):
-        if 0 <= limit <= i:
-            break
-        if i % world == rank:
-            yield rec
-

@@ -15,28 +15,19 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from caption.data import eval_records
 from caption.decode import decode_records
-from caption.finetune import backbone_from_manifest, image_records
+from caption.encoder import backbone_for_run, image_records
 from caption.grounding import WORLD_KEYS, summary, world_scores
 from caption.metrics import ALL, format_table, score
-from caption.references import from_records, record_references, references_for
+from caption.references import references_for
 from caption.run import features_dir, load_decoder, run_features
+from caption.splits import check_split, open_split
 from common.cli import command
 from common.config import check_args, images_root
 from common.files import atomic_write_json
 from common.tensors import default_device
-from shards import load_manifest, open_store
 from shards.karpathy import load_split
-from shards.manifest import StoreError, check_same_features, foreign_records
-
-
-def split_image_ids(cfg, store, split: str) -> set[int]:
-    """The images of a split: the split file's, or a store's own records when it was made from
-    input shards (they have no split file)."""
-    if from_records(store.manifest):
-        return {r["image_id"] for r in store.records}
-    return {e.image_id for e in load_split(cfg.data.input_json, split, cfg.data.restval_in_train)}
+from shards.manifest import StoreError
 
 
 def split_entries(cfg, split: str) -> dict:
@@ -58,33 +49,27 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     model, vocab, cfg = load_decoder(run, checkpoint, device)
     coverage = ""
     from_images = cfg.train.finetune if from_images is None else from_images
-    records_only = False
+    data = None  # the split's opened store (read once), when its grids are read rather than computed
     if from_images:
-        m = load_manifest(features_dir(cfg, "train"))
-        backbone = backbone_from_manifest(m, cfg.data.features, override=Path(run) / "backbone.safetensors").to(device)
+        backbone, m = backbone_for_run(run, cfg)
+        backbone = backbone.to(device)
         entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)
         entries = entries[:limit] if limit >= 0 else entries
         n, grid = len(entries), int(m["grid"])
         records = image_records(entries, images_root(cfg.data), int(m["image_size"]), backbone, device)
     else:
         root = features_dir(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(features or cfg.data.features))), split)
-        store = open_store(root)
-        if store.manifest["channels"] != cfg.model.feature_dim:
-            raise StoreError(f"{root}: {store.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
-        expected, against = run_features(run, cfg)
-        check_same_features(store.manifest, expected, str(root), against)
-        records_only = from_records(store.manifest)  # made from input shards: the records are the split
-        ids = split_image_ids(cfg, store, split)
-        bad = foreign_records(store.records, ids)
-        if bad:
-            raise StoreError(f"{root}: {len(bad)} record(s) are not images of split {split!r} in {cfg.data.input_json} "
-                             f"(first: {bad[0]['key']}); featurize this split from the run's split file")
-        n, grid = (len(store) if limit < 0 else min(limit, len(store))), int(store.manifest["grid"])
+        data = open_split(root, split, cfg.data.input_json, cfg.data.restval_in_train)
+        if data.manifest["channels"] != cfg.model.feature_dim:
+            raise StoreError(f"{root}: {data.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
+        check_split(data, *run_features(run, cfg))
+        store, ids = data.store, data.image_ids()
+        n, grid = (len(store) if limit < 0 else min(limit, len(store))), int(data.manifest["grid"])
         if limit < 0 and len(store) < len(ids):  # scored anyway (COCO has a broken image), but said
-            failed = len(store.manifest.get("failures", []))
+            failed = len(data.manifest.get("failures", []))
             coverage = (f"{root}: scoring {len(store)} of the {len(ids)} images of split {split!r} "
                         f"({failed} failed to decode, listed in its manifest; {len(ids) - len(store) - failed} not featurized)")
-        records = eval_records(store, limit=limit)  # the store opened and checked above
+        records = data.records(limit=limit)
     res = decode_records(model, vocab, records, device, beam_size, batch_size, max_length,
                          length_penalty, suppress_unk, keep_alphas=with_grounding, progress=progress, total=n)
     results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in res]
@@ -92,7 +77,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     ids = [r["image_id"] for r in results]
-    refs = record_references(root, ids) if records_only else \
+    refs = data.references(ids) if data is not None else \
         references_for(cfg.data.input_json, split, ids, cfg.data.restval_in_train)
     metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
     if with_grounding:

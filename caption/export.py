@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from caption.finetune import backbone_from_manifest
+from caption.encoder import backbone_from_manifest
 from caption.metrics import APPROXIMATE
 from caption.run import ENCODER, RunError, encoder_of, load_decoder
 from common import config as C

@@ -1,17 +1,22 @@
 """Show, Attend and Tell (Xu et al. 2015, arXiv 1502.03044): soft attention LSTM decoder.
 
-Letters used in shape comments: B images, S captions per image, N = B*S captions,
-L = 196 annotation vectors (a 14x14 grid), D feature channels (2048 for ResNet-101
-layer4), T caption steps, V vocabulary, E embedding, H hidden, A attention.
-Equation numbers refer to the arXiv v3 paper.
+Letters used in shape comments, each with one meaning: B images; G rows per image (S
+captions in training, K beams in decoding); R = B*G rows; N = B*S captions; L = 196
+annotation vectors (a 14x14 grid g x g); D feature channels (2048 for ResNet-101 layer4);
+T caption steps; V vocabulary; E embedding; H hidden; A attention.
+Equation numbers refer to the arXiv v3 paper; the paper's formula is written out in
+`Attention.forward` (faster float32 forms of it: caption/kernels.py).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from caption import kernels
 from caption.noise import COIN, DROP_H, DROP_OUT, HARD_LOCATION, SS_SAMPLE, SS_USE, RowNoise, categorical, dropout
 from common.config import DecoderConfig
 
@@ -23,7 +28,7 @@ PER_IMAGE = ("features", "keys")  # state entries held once per image, shared by
 
 
 class Attention(nn.Module):
-    """f_att (Eq. 4-5): e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b), alpha_t = softmax(e_t)."""
+    """f_att (Eq. 4-5): e_ti = w^T tanh(W_a a_i + b + W_h h_{t-1}) + b_w, alpha_t = softmax(e_t)."""
 
     def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int, layers: int = 1):
         super().__init__()
@@ -31,59 +36,21 @@ class Attention(nn.Module):
         if layers == 2:  # the authors' n_layers_att=2: W' tanh(W_a a_i + b) + b'
             self.key = nn.Sequential(nn.Linear(feature_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, attn_dim))
         self.query = nn.Linear(hidden_dim, attn_dim, bias=False)  # W_h h_{t-1}: every step
-        self.score = nn.Linear(attn_dim, 1)
+        self.score = nn.Linear(attn_dim, 1)  # w, b_w
 
     def keys(self, features: torch.Tensor) -> torch.Tensor:
-        """2 (W_a a_i + b): the per-image half of the pre-activation, doubled for `forward`."""
-        return 2 * self.key(features)  # (B, L, D) -> (B, L, A)
+        """W_a a_i + b, the per-image half of Eq. 4: (B, L, D) -> (B, L, A)."""
+        return self.key(features)
 
     def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """alpha_t (B*G, L) from per-image keys (B, L, A) and h_{t-1} (B*G, H) of G rows per image."""
+        """alpha_t (R, L) from per-image keys (B, L, A) and h_{t-1} (R = B*G, H) of G rows per image."""
         B, L, A = keys.shape
-        q = self.query(h).view(B, -1, 1, A)  # W_h h_{t-1}: (B*G, H) -> (B, G, 1, A)
-        e = self.scores(keys, q).view(-1, L)  # e_ti: (B, G, L) -> (B*G, L)
-        return e.float().softmax(dim=-1)  # alpha_ti = exp(e_ti) / sum_k exp(e_tk), in float32
-
-    def scores(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """e (B, G, L) = w^T tanh(W_a a_i + b + W_h h_{t-1}) + b_w, with keys = 2 (W_a a_i + b), q (B, G, 1, A).
-
-        Half precision computes exactly that. In fp32 the same value comes from `_scores_fp32`
-        (tests/test_model.py holds every path to the tanh form)."""
-        if keys.dtype == torch.float32 and q.dtype == torch.float32:
-            return self._scores_fp32(keys, q)
-        return self.score(torch.tanh(torch.add(q, keys[:, None], alpha=0.5))).squeeze(-1)  # (B, G, L, A) -> (B, G, L)
-
-    def _scores_fp32(self, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The fp32 kernel: tanh(x) = 2 sigmoid(2x) - 1 turns w^T tanh(keys/2 + q) + b_w into
-        (2w)^T sigmoid(keys + 2q) + (b_w - sum(w)): the (B, G, L, A) pre-activation, the cost of
-        decoding, takes one add and one in-place sigmoid (a CPU's tanh is much slower than its
-        sigmoid, bench/RESULTS.md). fp32 only: the two forms agree to ~1e-7 there, not in half
-        precision. Without autograd on a CPU, a few images at a time (`_scores_chunked`)."""
-        A = keys.shape[-1]
-        w2, b = 2 * self.score.weight.view(A), self.score.bias - self.score.weight.sum()
-        q2 = 2 * q  # (B, G, 1, A)
-        if keys.device.type == "cpu" and not (torch.is_grad_enabled() and (keys.requires_grad or q2.requires_grad)):
-            return self._scores_chunked(keys, q2, w2) + b
-        s = torch.add(keys[:, None], q2).sigmoid_()  # (B, G, L, A)
-        return torch.matmul(s, w2) + b  # (B, G, L)
-
-    @staticmethod
-    def _scores_chunked(keys: torch.Tensor, q2: torch.Tensor, w2: torch.Tensor, chunk_bytes: int = 4 << 20) -> torch.Tensor:
-        """(2w)^T sigmoid(keys + 2q), (B, G, L), a few images at a time through one reused ~4 MB
-        buffer: without autograd nothing needs the whole (B, G, L, A) tensor, and on a CPU a
-        cache-sized buffer saves allocating (and page-faulting) it at every step. (A GPU takes
-        the whole tensor at once: its allocator caches, and small chunks would cost a kernel
-        launch each.)"""
-        B, L, A = keys.shape
-        G = q2.shape[1]
-        n = max(1, chunk_bytes // (G * L * A * keys.element_size()))  # images per chunk
-        out = keys.new_empty(B, G, L)
-        buf = keys.new_empty(min(n, B), G, L, A)
-        for i in range(0, B, n):
-            m = min(n, B - i)
-            s = torch.add(keys[i:i + m, None], q2[i:i + m], out=buf[:m]).sigmoid_()  # (m, G, L, A)
-            torch.matmul(s, w2, out=out[i:i + m])  # (m, G, L)
-        return out
+        q = self.query(h).view(B, -1, 1, A)  # W_h h_{t-1}: (R, H) -> (B, G, 1, A)
+        if kernels.applies(keys, q):  # float32: the same value, faster (caption/kernels.py)
+            e = kernels.tanh_scores(keys, q, self.score)
+        else:
+            e = self.score(torch.tanh(keys[:, None] + q)).squeeze(-1)  # Eq. 4: (B, G, L, A) -> (B, G, L)
+        return e.view(-1, L).float().softmax(dim=-1)  # Eq. 5: (B, G, L) -> (R, L), in float32
 
 
 class Decoder(nn.Module):
@@ -115,12 +82,10 @@ class Decoder(nn.Module):
         self.L_z = nn.Linear(D, E)
         self.L_o = nn.Linear(E, cfg.vocab_size)
         self.drop = nn.Dropout(cfg.dropout)
-        self.hard_logp: torch.Tensor | None = None  # set by a hard-attention training forward
-        self.hard_mask: torch.Tensor | None = None
 
     # ---- decoding interface: init_state once per image, then step -------------------
     def init_state(self, features: torch.Tensor) -> State:
-        """Per-image state; the attention keys W_a a_i are projected once here.
+        """Per-image state (one row per image: R = B); the attention keys W_a a_i are projected once here.
 
         Args:
             features: (B, L, D) annotation vectors, or (B, h, w, D) grids.
@@ -141,8 +106,8 @@ class Decoder(nn.Module):
         return x.float() if self.cfg.fp32_recurrence else x
 
     def context(self, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) and alpha_t (B, L)."""
-        alpha = self.attention(state["keys"], state["h"])  # (B, L)
+        """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) (R, D) and alpha_t (R, L)."""
+        alpha = self.attention(state["keys"], state["h"])  # (R, L)
         if self.cfg.attention == "hard" and self.training and state.get("hard_mask") is not None:
             alpha_used = self._hard_alpha(alpha, state, noise)
         else:
@@ -151,8 +116,8 @@ class Decoder(nn.Module):
         B, L, D = feats.shape
         # All G rows of an image attend over the same grid: one (G, L) @ (L, D) product per image.
         weights = alpha_used.view(B, -1, L).to(feats.dtype)  # (B, G, L); under autocast bmm runs in bf16/fp16
-        context = torch.bmm(weights, feats).view(-1, D)  # (B, G, L) @ (B, L, D) -> (B*G, D)
-        beta = torch.sigmoid(self._state_dtype(self.f_beta(state["h"])))  # (B, 1)
+        context = torch.bmm(weights, feats).view(-1, D)  # (B, G, L) @ (B, L, D) -> (B, G, D) -> (R, D)
+        beta = torch.sigmoid(self._state_dtype(self.f_beta(state["h"])))  # (R, 1)
         if not self.cfg.fp32_recurrence:
             alpha = alpha.to(state["keys"].dtype)
         return beta * context, alpha
@@ -163,11 +128,11 @@ class Decoder(nn.Module):
         Rows whose `hard_mask` is False use the soft expectation instead (semi-sampling,
         Sec. 4.1). The chosen locations' log-probabilities are appended to state["hard_logp"].
         """
-        idx = categorical(alpha.detach().float(), noise, HARD_LOCATION)[:, None]  # (B, 1)
-        onehot = torch.zeros_like(alpha).scatter_(1, idx, 1.0)  # (B, L)
-        logp = torch.log(alpha.gather(1, idx).squeeze(1).clamp_min(1e-12))  # (B,)
+        idx = categorical(alpha.detach().float(), noise, HARD_LOCATION)[:, None]  # (R, 1)
+        onehot = torch.zeros_like(alpha).scatter_(1, idx, 1.0)  # (R, L)
+        logp = torch.log(alpha.gather(1, idx).squeeze(1).clamp_min(1e-12))  # (R,)
         state.setdefault("hard_logp", []).append(logp * state["hard_mask"])  # type: ignore[arg-type]
-        mask = state["hard_mask"][:, None]  # (B, 1)
+        mask = state["hard_mask"][:, None]  # (R, 1)
         return torch.where(mask, onehot, alpha)
 
     def output(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor, noise: RowNoise | None = None) -> torch.Tensor:
@@ -179,7 +144,7 @@ class Decoder(nn.Module):
 
     def _advance(self, emb: torch.Tensor, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor, State]:
         z, alpha = self.context(state, noise)
-        h, c = self._lstm(torch.cat([emb, z], dim=-1), state["h"], state["c"])  # (B, E+D) -> (B, H)
+        h, c = self._lstm(torch.cat([emb, z], dim=-1), state["h"], state["c"])  # (R, E+D) -> (R, H)
         return z, alpha, {**state, "h": h, "c": c, "alpha": alpha}
 
     def _lstm(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,20 +154,20 @@ class Decoder(nn.Module):
         if not (self.cfg.fp32_recurrence and _autocast_on(x.device.type)):
             return self.lstm(x, (h, c))
         gates = (F.linear(x, self.lstm.weight_ih, self.lstm.bias_ih) + F.linear(h, self.lstm.weight_hh, self.lstm.bias_hh))
-        i, f, g, o = gates.float().chunk(4, dim=1)  # (B, 4H) -> 4 x (B, H), float32
+        i, f, g, o = gates.float().chunk(4, dim=1)  # (R, 4H) -> 4 x (R, H), float32
         c = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One word: tokens (B,) of y_{t-1} -> log p(y_t) (B, V) and the next state (with its alpha)."""
-        emb = self.embed(tokens)  # (B, E)
+        """One word: tokens (R,) of y_{t-1} -> log p(y_t) (R, V) and the next state (with its alpha)."""
+        emb = self.embed(tokens)  # (R, E)
         z, _, state = self._advance(emb, state)
-        logits = self.output(emb, state["h"], z)  # (B, V)
+        logits = self.output(emb, state["h"], z)  # (R, V)
         return logits.float().log_softmax(dim=-1), state
 
     # ---- teacher forcing -------------------------------------------------------------
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, seq_per_img: int = 1,
-                ss_prob: float = 0.0, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                ss_prob: float = 0.0, noise: RowNoise | None = None) -> "Forced":
         """Teacher-forced logits and attention for every caption, in the batch's order.
 
         Args:
@@ -214,7 +179,8 @@ class Decoder(nn.Module):
                 caption trains alike on any number of processes; None: torch's global generator.
 
         Returns:
-            logits (N, T, V) and alphas (N, T, L).
+            Forced: logits (N, T, V), alphas (N, T, L), and in hard-attention training the sampled
+            locations' log p(s_t | a) (N, T) and which captions sampled (N,).
         """
         state = expand_state(self.init_state(features), seq_per_img)  # grid and keys stay once per image
         N, T = tokens.shape
@@ -248,10 +214,16 @@ class Decoder(nn.Module):
         else:
             # The deep output for all T steps in one batched matmul.
             logits = self.output(emb, torch.stack(hs, dim=1), torch.stack(zs, dim=1), noise)  # (N, T, V)
-        # Hard attention: log p(s_t | a) of the sampled locations (N, T), for the REINFORCE term.
-        self.hard_logp = torch.stack(state["hard_logp"], dim=1) if state.get("hard_logp") else None
-        self.hard_mask = state.get("hard_mask")
-        return logits, torch.stack(alphas, dim=1)  # (N, T, L)
+        hard_logp = torch.stack(state["hard_logp"], dim=1) if state.get("hard_logp") else None  # T x (N,) -> (N, T)
+        return Forced(logits, torch.stack(alphas, dim=1), hard_logp, state.get("hard_mask"))  # alphas T x (N, L) -> (N, T, L)
+
+
+class Forced(NamedTuple):
+    """A teacher-forced pass: what the objectives read."""
+    logits: torch.Tensor  # (N, T, V)
+    alphas: torch.Tensor  # (N, T, L)
+    hard_logp: torch.Tensor | None = None  # (N, T): hard-attention training, log p(s_t | a) of the sampled locations
+    hard_mask: torch.Tensor | None = None  # (N,): the captions that sampled locations (semi-sampling)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -1,12 +1,13 @@
-"""What one training step computes, as a module: DDP then sees exactly one forward per step.
+"""What one training step computes. DDP wraps one `TrainStep` (the model and the run's
+objectives) and so sees exactly one forward per step.
 
-Three objectives over the same decoder (or fine-tuning Captioner):
-  cross entropy   summed over non-pad tokens + lambda * the doubly stochastic regularizer (Eq. 14);
-  hard attention  the same, plus REINFORCE for the sampled locations with a moving-average
-                  baseline of the caption log-likelihood and an entropy bonus (Sec. 4.1, Eq. 12);
-  self-critical   policy gradient with a CIDEr-D reward (caption/scst.py).
-`forward` returns (summed loss, normalizer, stats): the loop divides by the normalizer summed
-over processes, so every token (or sampled caption) weighs the same however a batch is split.
+The objectives, each a class with only its own settings, chosen in caption/train.py's `setup`:
+  CrossEntropy   summed over non-pad tokens + alpha_c * the doubly stochastic regularizer (Eq. 14);
+  HardAttention  the same, plus REINFORCE for the sampled locations with a moving-average
+                 baseline of the caption log-likelihood and an entropy bonus (Sec. 4.1, Eq. 12);
+  SelfCritical   policy gradient with a CIDEr-D reward (caption/scst.py), from `self_critical_after`.
+Each returns (summed loss, normalizer, stats): the loop divides by the normalizer summed over
+processes, so every token (or sampled caption) weighs the same however a batch is split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from caption.model import Decoder, sequence_loss
+from caption.model import Forced, sequence_loss
 from caption.scst import CiderD, reward_references, scst_loss
 from caption.vocab import Vocab
 
@@ -32,45 +33,62 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return both[0] / both[1]
 
 
-class Objective(nn.Module):
-    """The training loss of `net` (a Decoder, or a Captioner: backbone + decoder when fine-tuning).
+class TrainStep(nn.Module):
+    """The module DDP wraps: the model (caption.encoder.Captioner) and the run's objectives by
+    name; `use(name)` picks the one the next steps compute (the switch to self-critical)."""
 
-    `cider` (CiderD over the training references) and the `sc_*` settings are needed only for
-    self-critical steps (`forward(..., scst=True)`)."""
-
-    def __init__(self, net: nn.Module, vocab: Vocab, alpha_c: float = 1.0, seq_per_img: int = 5,
-                 cider: CiderD | None = None, sc_sample_n: int = 5, sc_baseline: str = "mean", max_length: int = 16,
-                 sc_labels: bool = True, sc_eos: bool = True, world: int = 1):
+    def __init__(self, net: nn.Module, objectives: dict[str, nn.Module]):
         super().__init__()
-        self.world = world  # processes: the hard-attention terms weigh the global batch's captions
         self.net = net
-        self.vocab, self.alpha_c, self.seq_per_img = vocab, alpha_c, seq_per_img
-        self.cider, self.sc_sample_n, self.sc_baseline, self.max_length = cider, sc_sample_n, sc_baseline, max_length
-        self.sc_labels, self.sc_eos = sc_labels, sc_eos  # how references and captions are read by the reward
-        self.register_buffer("baseline", torch.zeros(()))  # hard attention: moving average of log p(y | a, s)
+        self.objectives = nn.ModuleDict(objectives)  # hard attention's baseline is saved with the state
+        self.active = next(iter(objectives))
 
-    @property
-    def decoder(self) -> Decoder:
-        return self.net.decoder if hasattr(self.net, "decoder") else self.net
+    def use(self, name: str) -> None:
+        self.active = name
 
-    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, ss_prob: float = 0.0,
-                refs: list | None = None, keys: list | None = None, scst: bool = False, log_greedy: bool = True,
-                noise=None):
-        """(summed loss, normalizer, stats) of a batch: `inputs` are grids (B, g, g, D), or images
-        (B, 3, S, S) when fine-tuning; tokens/targets (N = B*S, T). `log_greedy`: SCST measures the
-        greedy captions' CIDEr-D this step (a logged step). `noise`: the captions' own random numbers
-        (caption/noise.py)."""
-        if scst:
-            return self.self_critical(inputs, refs, keys, log_greedy)
-        logits, alphas = self.net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob, noise=noise)
-        total, xent, ntok = sequence_loss(logits, targets, alphas, self.vocab.pad_id, self.alpha_c)
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, **step):
+        """inputs: grids (B, g, g, D), or images (B, 3, P, P) when fine-tuning; tokens/targets
+        (N = B*S, T); `step`: ss_prob, noise (the captions' own random numbers, caption/noise.py),
+        refs and keys (self-critical), logged (a logged step)."""
+        return self.objectives[self.active](self.net, inputs, tokens, targets, **step)
+
+
+class CrossEntropy(nn.Module):
+    """Teacher-forced cross entropy + alpha_c * the doubly stochastic regularizer (Eq. 14)."""
+
+    def __init__(self, pad_id: int, alpha_c: float = 1.0, seq_per_img: int = 5):
+        super().__init__()
+        self.pad_id, self.alpha_c, self.seq_per_img = pad_id, alpha_c, seq_per_img
+
+    def forward(self, net, inputs, tokens, targets, ss_prob: float = 0.0, noise=None, **_):
+        out = net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob, noise=noise)
+        total, xent, ntok = sequence_loss(out.logits, targets, out.alphas, self.pad_id, self.alpha_c)
         stats = {"xent": xent.detach(), "attention_reg": (total - xent).detach()}  # summed; per token when logged
-        dec = self.decoder
-        if dec.cfg.attention == "hard" and self.training and dec.hard_logp is not None:
-            total = total + self.hard_attention_terms(logits, targets, alphas, stats)
-        return total, ntok, stats
+        extra = self.extra(out, targets, stats)
+        return (total if extra is None else total + extra), ntok, stats
 
-    def hard_attention_terms(self, logits, targets, alphas, stats) -> torch.Tensor:
+    def extra(self, out: Forced, targets: torch.Tensor, stats: dict) -> torch.Tensor | None:
+        """Terms a subclass adds to the loss (None: none)."""
+        return None
+
+
+class HardAttention(CrossEntropy):
+    """Stochastic hard attention's objective (Sec. 4.1): the cross entropy and regularizer of the
+    sampled (or, semi-sampling, the expected) contexts plus `terms`."""
+
+    def __init__(self, pad_id: int, alpha_c: float = 1.0, seq_per_img: int = 5, entropy_weight: float = 0.002,
+                 baseline_decay: float = 0.9, world: int = 1):
+        super().__init__(pad_id, alpha_c, seq_per_img)
+        self.entropy_weight, self.baseline_decay = entropy_weight, baseline_decay
+        self.world = world  # processes: the terms weigh the global batch's captions
+        self.register_buffer("baseline", torch.zeros(()))  # moving average of the per-step NLL
+
+    def extra(self, out: Forced, targets: torch.Tensor, stats: dict) -> torch.Tensor | None:
+        if not self.training or out.hard_logp is None:
+            return None
+        return self.terms(out, targets, stats)
+
+    def terms(self, out: Forced, targets: torch.Tensor, stats: dict) -> torch.Tensor:
         """REINFORCE for the sampled locations and the entropy term, weighted as capgen.py (RL_sumCost):
 
             J = mean_n NLL_n + sum_{t,n} (c_n - b) / 10 * log p(s_tn | a) + lambda_e * sum_{t,n,l} alpha log alpha
@@ -84,28 +102,38 @@ class Objective(nn.Module):
         their weight against the cross entropy is the authors' on any number of processes.
         Padding steps are left out.
         """
-        dec = self.decoder
         N = targets.shape[0]
-        mask = (targets != self.vocab.pad_id).float()  # (N, T)
-        nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (N, T)
+        mask = (targets != self.pad_id).float()  # (N, T)
+        nll = nn.functional.cross_entropy(out.logits.float().transpose(1, 2), targets, reduction="none")  # (N, T)
         c = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).detach()  # (N,) per-step NLL over the caption's own length
-        sampled = dec.hard_mask.float()  # (N,) the captions that sampled locations
-        logp_s = (dec.hard_logp * mask).sum(1)  # (N,) log p(s | a)
+        sampled = out.hard_mask.float()  # (N,) the captions that sampled locations
+        logp_s = (out.hard_logp * mask).sum(1)  # (N,) log p(s | a)
         reinforce = ((c - self.baseline) / 10.0 * sampled * logp_s).sum()
-        neg_entropy = (alphas.float() * alphas.float().clamp_min(1e-12).log()).sum(-1)  # (N, T) sum_l alpha log alpha
+        alphas = out.alphas.float()
+        neg_entropy = (alphas * alphas.clamp_min(1e-12).log()).sum(-1)  # (N, T) sum_l alpha log alpha
         neg_entropy = (neg_entropy * mask).sum()
         with torch.no_grad():  # the authors' baseline_time: 0.9 b + 0.1 mean per-step NLL of the global batch
-            self.baseline.mul_(dec.cfg.baseline_decay).add_((1 - dec.cfg.baseline_decay) * global_mean(c))
+            self.baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * global_mean(c))
         stats["hard_baseline"] = self.baseline.detach().clone()
         # x the global batch's captions: the loop divides by the global token count (and DDP averages over processes)
-        return N * self.world * (reinforce + dec.cfg.entropy_weight * neg_entropy)
+        return N * self.world * (reinforce + self.entropy_weight * neg_entropy)
 
-    def self_critical(self, inputs, refs, keys, log_greedy: bool):
-        if self.cider is None:
-            raise ValueError("self-critical steps need Objective(cider=CiderD(training references))")
-        features = self.net.encode(inputs) if hasattr(self.net, "encode") else inputs
-        refs = [reward_references(r, self.vocab, self.max_length, self.sc_labels, self.sc_eos) for r in refs]
-        loss, stats = scst_loss(self.decoder, features, refs, keys, self.vocab, self.cider, self.sc_sample_n,
-                                self.sc_baseline, self.max_length, log_greedy=log_greedy, eos=self.sc_eos)
-        n = features.shape[0] * self.sc_sample_n
+
+class SelfCritical(nn.Module):
+    """Self-critical sequence training (Rennie et al. 2017): `sample_n` sampled captions per image,
+    rewarded by CIDEr-D against the image's references (`cider` holds the training references'
+    document frequencies), with the greedy caption or the other samples' mean as baseline."""
+
+    def __init__(self, cider: CiderD, vocab: Vocab, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
+                 labels: bool = True, eos: bool = True):
+        super().__init__()
+        self.cider, self.vocab, self.sample_n, self.baseline, self.max_length = cider, vocab, sample_n, baseline, max_length
+        self.labels, self.eos = labels, eos  # how references and captions are read by the reward
+
+    def forward(self, net, inputs, tokens, targets, refs=None, keys=None, logged: bool = True, **_):
+        features = net.encode(inputs)
+        refs = [reward_references(r, self.vocab, self.max_length, self.labels, self.eos) for r in refs]
+        loss, stats = scst_loss(net.decoder, features, refs, keys, self.vocab, self.cider, self.sample_n,
+                                self.baseline, self.max_length, log_greedy=logged, eos=self.eos)
+        n = features.shape[0] * self.sample_n
         return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from caption.decode import caption_features
-from caption.finetune import backbone_from_manifest
-from caption.run import ENCODER, encoder_of, load_decoder
+from caption.encoder import backbone_for_run
+from caption.run import load_decoder
 from caption.visualize import attention_figure
 from common.cli import command
 from common.config import check_args
@@ -28,14 +28,6 @@ from featurize.backbone import Backbone
 from featurize.images import ImageError, load_rgb, to_tensor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
-    """The encoder that made the run's training features (an exported run's encoder.json), or the
-    run's fine-tuned one."""
-    m = encoder_of(run, cfg)
-    root = Path(run) if (Path(run) / ENCODER).exists() else Path(cfg.data.features)
-    return backbone_from_manifest(m, root, override=Path(run) / "backbone.safetensors"), m
 
 
 def list_images(paths: list[str]) -> list[Path]:
@@ -58,7 +50,7 @@ def caption_image(model, vocab, backbone: Backbone, image, image_size: int, beam
     """(words, alphas (T, L)) for one RGB image: resized and normalized as featurize did, the grid
     rounded through float16 as the cached grids are, then beam search. The one per-image path of
     `predict` and the page (caption/service.py)."""
-    x = to_tensor(image, image_size)[None].to(device)  # (1, 3, S, S) uint8
+    x = to_tensor(image, image_size)[None].to(device)  # (1, 3, P, P) uint8
     grid = to_fp16(backbone(x))  # (1, g, g, C), fp16 like the cached grids
     dec = caption_features(model, vocab, grid, beam_size, max_length)
     words = vocab.decode(dec.tokens[0].tolist())

@@ -23,7 +23,6 @@ from tqdm import tqdm
 from caption.data import EpochBatches, collate_captions, pick_captions
 from caption.vocab import Vocab
 from common.errors import UserError
-from shards import open_store
 
 MODES = ("off", "ram", "device", "auto")
 
@@ -84,8 +83,8 @@ class ResidentFeatures:
     """Rows `rows` of a feature store as one (n, L, D) float16 tensor in RAM (pinned when a GPU
     will read it) or on `device`, with each record's captions and id; `batch` gathers by index."""
 
-    def __init__(self, root: str | Path, rows: range, where: str, device: torch.device, progress: bool = True):
-        store = open_store(root)
+    def __init__(self, store, rows: range, where: str, device: torch.device, progress: bool = True):
+        """`store`: an opened feature store (caption/splits.py)."""
         g, c = store.manifest["grid"], store.manifest["channels"]
         self.rows, self.where = rows, where
         self.records = [{k: r[k] for k in ("key", "image_id", "captions")} for r in store.records[rows.start:rows.stop]]

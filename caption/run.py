@@ -71,12 +71,11 @@ def load_decoder(run: str | Path, which: str = "best", device: str | torch.devic
     return model.to(device).eval(), vocab, cfg
 
 
-def save_weights(net: torch.nn.Module, path: Path) -> None:
-    """Decoder weights as safetensors, replaced atomically; a fine-tuning Captioner also writes its
-    backbone beside them (best -> backbone.safetensors, last -> backbone_last.safetensors)."""
-    if hasattr(net, "decoder"):
-        net.backbone.save(path.with_name("backbone.safetensors" if path.stem == "best" else "backbone_last.safetensors"))
-        net = net.decoder
+def save_weights(net: torch.nn.Module, path: Path) -> None:  # net: caption.encoder.Captioner
+    """Decoder weights as safetensors, replaced atomically; a Captioner's encoder writes what it
+    learned beside them (a fine-tuned backbone: best -> backbone.safetensors, last -> backbone_last)."""
+    net.encoder.save_beside(path)
+    net = net.decoder
     tmp = temp_path(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)

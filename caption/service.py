@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from caption.predict import backbone_for_run, caption_image
+from caption.encoder import backbone_for_run
+from caption.predict import caption_image
 from caption.run import load_decoder
 from caption.visualize import dim, upsample
 from common.errors import UserError

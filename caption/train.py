@@ -38,27 +38,27 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, broadcast, gather_object, set_seed
 from tqdm import tqdm
 
-from caption.data import collate, encode_record, eval_records, train_batches
+from caption.data import collate, encode_record, train_batches
 from caption.decode import decode_records
-from caption.finetune import Captioner, backbone_from_manifest, image_batches, image_records
+from caption.encoder import CachedGrids, Captioner, FineTuned, backbone_from_manifest
+from caption.finetune import image_batches
 from caption.metrics import score
 from caption.model import Decoder, sequence_loss
 from caption.noise import RowNoise
-from caption.objective import Objective
-from caption.references import from_records, raw_references, record_references, store_references
+from caption.objective import CrossEntropy, HardAttention, SelfCritical, TrainStep
 from caption.resident import ResidentFeatures, choose, rank_slice, resident_batches
 from caption.run import (check_compatible, features_dir, load_progress, load_weights, record_features, resume_dir,
                          run_features, save_state, save_weights)
 from caption.scst import CiderD, reward_references
+from caption.splits import Split, check_split, from_records, open_split
 from caption.vocab import Vocab, build_from_split_file
 from common import config as C
 from common.cli import command
 from common.errors import UserError
 from common.files import atomic_write_text
 from common.tensors import default_device
-from shards import load_manifest, open_store
-from shards.karpathy import expand_split, load_split
-from shards.manifest import check_same_features, foreign_records, identity
+from shards.karpathy import load_split
+from shards.manifest import identity
 
 
 class TrainError(UserError):
@@ -137,22 +137,21 @@ class Training:
     run: Path
     accelerator: Accelerator
     vocab: Vocab
-    objective: torch.nn.Module  # the prepared (DDP-wrapped) Objective; its .net is the model
+    step: torch.nn.Module  # the prepared (DDP-wrapped) TrainStep: the model (.net) and the objectives
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     progress: Progress
     batches_per_epoch: int
-    val_entries: list  # the val split's images, read once (Karpathy's whole file is parsed to get them)
-    resident: ResidentFeatures | None = None  # this process's slice of the train features, held in memory
-    val_refs: dict = field(default_factory=dict)  # input shards: the val records' captions, by image id
+    data: dict[str, Split]  # train and val, each store opened once (caption/splits.py)
+    batches: object  # (epoch, start) -> this epoch's batches from `start` on, chosen in setup (`build_batches`)
     stop: StopSignals = field(default_factory=StopSignals)  # a stop signal noted by this process
     stopping: bool = False  # some process noted a stop signal (agreed on through the step's all-reduce)
     saved_at: float = field(default_factory=time.monotonic)  # the last save of the state (save_every_minutes)
 
     @property
-    def net(self) -> torch.nn.Module:
-        """The model being trained: a Decoder, or a Captioner (backbone + decoder) when fine-tuning."""
-        return self.accelerator.unwrap_model(self.objective).net
+    def net(self) -> Captioner:
+        """The model being trained: encoder (cached grids, or the backbone when fine-tuning) + decoder."""
+        return self.accelerator.unwrap_model(self.step).net
 
 
 @command
@@ -198,10 +197,10 @@ def train_loop(t: Training) -> bool:
     interrupted by Ctrl-C."""
     tcfg, p, accelerator = t.cfg.train, t.progress, t.accelerator
     try:
-        if tcfg.finetune and p.step == 0 and resume_dir(t.run) is None:
+        if t.net.encoder.reads_images and p.step == 0 and resume_dir(t.run) is None:
             validate_and_save(t)  # step 0: the cached run's decoder on grids from the same backbone
         while p.epoch < tcfg.max_epochs and not stopped_early(t):
-            if not train_one_epoch(t, epoch_batches(t)):
+            if not train_one_epoch(t, t.batches(p.epoch, p.batch)):
                 break  # max_steps or early stopping
             p.epoch, p.batch = p.epoch + 1, 0
             if not tcfg.save_checkpoint_every:
@@ -221,41 +220,40 @@ def train_loop(t: Training) -> bool:
 
 # ---- setup, in the order it happens --------------------------------------------------------
 def setup(cfg: C.Config) -> Training:
-    """Check the features, build vocabulary, model, optimizer and schedule, and resume if asked.
-    The order is fixed (the seed is set right before the model's random init)."""
+    """Open and check the data, build vocabulary, model, objectives, optimizer and schedule, and
+    resume if asked. The order is fixed (the seed is set right before the model's random init)."""
     tcfg = cfg.train
     run = C.run_dir(tcfg)
     run.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(tcfg, run)
     cfg = resolve_batch(cfg, accelerator.num_processes)
-    train_manifest = load_manifest(features_dir(cfg, "train"))
-    cfg = with_split_file(cfg, train_manifest, accelerator)
+    train_split = open_split(features_dir(cfg, "train"), "train")
+    cfg = with_split_file(cfg, train_split.manifest, accelerator)
     cfg = resolve_resume(cfg, run)
-    check_features(cfg, run, train_manifest, cfg.train.resume == "true", accelerator.is_main_process)  # now, not at the first validation
-    vocab = build_vocab(cfg, run, accelerator)
+    data = open_data(cfg, train_split)
+    check_data(cfg, run, data, cfg.train.resume == "true", accelerator.is_main_process)  # now, not at the first validation
+    vocab = build_vocab(cfg, run, data, accelerator)
     tcfg = cfg.train  # resolved: batch per process, resume
+    manifest = data["train"].manifest
     set_seed(tcfg.seed)  # before the model's random init
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(vocab),
-                                                             feature_dim=int(train_manifest["channels"])))
+                                                             feature_dim=int(manifest["channels"])))
     decoder = Decoder(cfg.model)
     state_dir = check_resume(cfg, run, accelerator.is_main_process)
-    net = build_net(decoder, cfg, vocab, train_manifest)
+    net = build_net(decoder, cfg, vocab, manifest)
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
 
     world = accelerator.num_processes
-    batches_per_epoch = train_manifest["count"] // (tcfg.batch_size * world)
+    batches_per_epoch = manifest["count"] // (tcfg.batch_size * world)
     if batches_per_epoch == 0:
-        raise TrainError(f"{features_dir(cfg, 'train')}: {train_manifest['count']} images cannot fill a batch of "
+        raise TrainError(f"{features_dir(cfg, 'train')}: {manifest['count']} images cannot fill a batch of "
                          f"{tcfg.batch_size} on {world} process(es)")
     steps_per_epoch = max(1, batches_per_epoch // tcfg.gradient_accumulation_steps)
     optimizer = build_optimizer(net, tcfg)
-    cider = build_cider(cfg, vocab) if tcfg.self_critical_after >= 0 else None
-    objective = Objective(net, vocab, tcfg.alpha_c, tcfg.seq_per_img, cider=cider, sc_sample_n=tcfg.sc_sample_n,
-                          sc_baseline=tcfg.sc_baseline, max_length=tcfg.max_length,
-                          sc_labels=tcfg.sc_references == "labels", sc_eos=tcfg.sc_eos, world=accelerator.num_processes)
+    step = TrainStep(net, build_objectives(cfg, vocab, data, world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
-    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    step, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
     scheduler.split_batches = True  # it steps once per optimizer step on every process (not once per process)
 
     progress = Progress()
@@ -271,25 +269,75 @@ def setup(cfg: C.Config) -> Training:
             progress.epoch, progress.batch = progress.epoch + 1, 0
     if accelerator.is_main_process:  # a killed run logged steps this one will log again
         drop_rows_after(run / "metrics.jsonl", progress.step)
-    describe_batches(accelerator, run, tcfg, batches_per_epoch, steps_per_epoch, train_manifest["backend"])
+    describe_batches(accelerator, run, tcfg, batches_per_epoch, steps_per_epoch, manifest["backend"])
     accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
                                                  if isinstance(v, (int, float, str, bool))})
-    resident = load_resident(cfg, train_manifest, accelerator)
-    return Training(cfg, run, accelerator, vocab, objective, optimizer, scheduler, progress, batches_per_epoch, [],
-                    resident)
+    batches = build_batches(cfg, data, vocab, accelerator.unwrap_model(step).net, accelerator)
+    return Training(cfg, run, accelerator, vocab, step, optimizer, scheduler, progress, batches_per_epoch, data, batches)
 
 
-def build_cider(cfg: C.Config, vocab: Vocab) -> CiderD:
+def open_data(cfg: C.Config, train: Split) -> dict[str, Split]:
+    """The train and val splits, each store opened once; a split file is parsed once for both."""
+    val = open_split(features_dir(cfg, "val"), "val")
+    if not train.from_records:
+        entries = load_split(cfg.data.input_json, "all")
+        for split in (train, val):
+            split.attach(entries, cfg.data.input_json, cfg.data.restval_in_train)
+    return {"train": train, "val": val}
+
+
+def build_objectives(cfg: C.Config, vocab: Vocab, data: dict[str, Split], world: int) -> dict[str, torch.nn.Module]:
+    """The run's objectives by name, the first the one it starts with: cross entropy (or hard
+    attention's), then self-critical from epoch `self_critical_after` when asked."""
+    tcfg = cfg.train
+    if cfg.model.attention == "hard":
+        first = HardAttention(vocab.pad_id, tcfg.alpha_c, tcfg.seq_per_img, tcfg.entropy_weight, tcfg.baseline_decay,
+                              world)
+    else:
+        first = CrossEntropy(vocab.pad_id, tcfg.alpha_c, tcfg.seq_per_img)
+    objectives = {"xent": first}
+    if tcfg.self_critical_after >= 0:
+        objectives["scst"] = SelfCritical(build_cider(cfg, vocab, data["train"]), vocab, tcfg.sc_sample_n,
+                                          tcfg.sc_baseline, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
+    return objectives
+
+
+def objective_at(tcfg: C.TrainConfig, epoch: int) -> str:
+    """The objective an epoch trains with: self-critical from `self_critical_after` on."""
+    return "scst" if 0 <= tcfg.self_critical_after <= epoch else "xent"
+
+
+def build_cider(cfg: C.Config, vocab: Vocab, train: Split) -> CiderD:
     """CIDEr-D's document frequencies from the training references, as the reward reads them."""
     tcfg = cfg.train
     return CiderD([reward_references(refs, vocab, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
-                   for refs in store_references(features_dir(cfg, "train"))])
+                   for refs in train.token_references()])
 
 
-def load_resident(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> ResidentFeatures | None:
+def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Captioner, accelerator: Accelerator):
+    """(epoch, start) -> that epoch's batches from batch `start` on, for this process: the train
+    features held in memory (`features_in_memory`), streamed from the store, or images when the
+    encoder reads them (fine-tuning). Chosen once."""
+    tcfg, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    common = dict(batch_size=tcfg.batch_size, seq_per_img=tcfg.seq_per_img, max_length=tcfg.max_length, seed=tcfg.seed)
+    loader = dict(rank=rank, world=world, num_workers=tcfg.num_workers, pin_memory=accelerator.device.type == "cuda")
+    train = data["train"]
+    resident = load_resident(cfg, train, accelerator)
+    if resident is not None:
+        return lambda epoch, start: resident_batches(resident, vocab, epoch=epoch, start=start, **common)
+    if net.encoder.reads_images:
+        entries = train.entries_in_store()  # the images the cached run trained on (no failures, --limit)
+        size = int(train.manifest["image_size"])
+        return lambda epoch, start: image_batches(entries, C.images_root(cfg.data), size, vocab, epoch=epoch,
+                                                  start=start, **common, **loader)[1]
+    return lambda epoch, start: train_batches(train.store, vocab, shuffle_buffer=tcfg.shuffle_buffer, epoch=epoch,
+                                              start=start, **common, **loader)[1]
+
+
+def load_resident(cfg: C.Config, train: Split, accelerator: Accelerator) -> ResidentFeatures | None:
     """This process's slice of the train features in RAM or on the GPU (`train.features_in_memory`),
     when asked and within the budget; None: batches stream from the store."""
-    tcfg = cfg.train
+    tcfg, manifest = cfg.train, train.manifest
     if tcfg.features_in_memory == "off" or (tcfg.finetune and tcfg.features_in_memory == "auto"):
         return None
     if tcfg.finetune:
@@ -300,8 +348,7 @@ def load_resident(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> Re
     if where == "off":
         accelerator.print(why)
         return None
-    resident = ResidentFeatures(features_dir(cfg, "train"), rows, where, accelerator.device,
-                                progress=accelerator.is_main_process)
+    resident = ResidentFeatures(train.store, rows, where, accelerator.device, progress=accelerator.is_main_process)
     if accelerator.num_processes > 1:
         accelerator.print(f"features_in_memory on {accelerator.num_processes} processes: each holds and shuffles its own "
                           "1/N of the train images, so global batches differ from a 1-process run's (the streamed "
@@ -381,45 +428,30 @@ def with_split_file(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> 
     return dataclasses.replace(cfg, data=data)
 
 
-def check_features(cfg: C.Config, run: Path, train_manifest: dict, resume: bool, is_main: bool = True) -> None:
+def check_data(cfg: C.Config, run: Path, data: dict[str, Split], resume: bool, is_main: bool = True) -> None:
     """Train and val features from one encoder (and, resuming, the one the run started on); every
-    record an image of its split in the split file (none smuggled in). Records the encoder in
-    RUN/features.json, which evaluation checks its features against."""
-    train_dir, val_dir = features_dir(cfg, "train"), features_dir(cfg, "val")
+    record an image of its split in the split file (none smuggled in), or for stores made from
+    input shards, no image in both. Records the encoder in RUN/features.json, which evaluation
+    checks its features against."""
+    train, val = data["train"], data["val"]
     if resume and (run / "features.json").exists():
         expected, against = run_features(run, cfg)
-        check_same_features(train_manifest, expected, str(train_dir), against)
-    check_same_features(load_manifest(val_dir), identity(train_manifest), str(val_dir), f"the train features ({train_dir})")
-    if from_records(train_manifest):  # no split file: no image may be in both splits
-        val_keys = {r["key"] for r in open_store(val_dir).records}
-        both = [r["key"] for r in open_store(train_dir).records if r["key"] in val_keys]
-        if both:
-            raise TrainError(f"{val_dir}: {len(both)} record(s) are also in {train_dir} (first: {both[0]}); the val "
-                             "shards must hold other images than the train shards")
-        if is_main:
-            record_features(run, train_manifest)
-        return
-    entries = load_split(cfg.data.input_json, "all")  # the split file parsed once for both splits
-    for split in ("train", "val"):
-        names = expand_split(split, cfg.data.restval_in_train)
-        ids = {e.image_id for e in entries if e.split in names}
-        bad = foreign_records(open_store(features_dir(cfg, split)).records, ids)
-        if bad:
-            raise TrainError(f"{features_dir(cfg, split)}: {len(bad)} record(s) are not images of split {split!r} in "
-                             f"{cfg.data.input_json} (first: {bad[0]['key']}); featurize from the same split file")
+        check_split(train, expected, against)
+    check_split(train, others=(val,))
+    check_split(val, identity(train.manifest), f"the train features ({train.root})")
     if is_main:
-        record_features(run, train_manifest)
+        record_features(run, train.manifest)
 
 
-def build_vocab(cfg: C.Config, run: Path, accelerator: Accelerator) -> Vocab:
+def build_vocab(cfg: C.Config, run: Path, data: dict[str, Split], accelerator: Accelerator) -> Vocab:
     """The run's vocabulary: vocab.json when it exists (resume, init_from), else from train captions."""
     path = run / "vocab.json"
     if cfg.train.init_from and not path.exists() and accelerator.is_main_process:
         shutil.copy(Path(cfg.train.init_from) / "vocab.json", path)
     if not path.exists() and accelerator.is_main_process:
-        if from_records(load_manifest(features_dir(cfg, "train"))):  # the records' captions
+        if data["train"].from_records:  # the records' captions
             splits = ("train", "val") if cfg.train.count_splits == "all" else ("train",)
-            Vocab.build((c for s in splits for caps in store_references(features_dir(cfg, s)) for c in caps),
+            Vocab.build((c for s in splits for caps in data[s].token_references() for c in caps),
                         cfg.train.word_count_threshold).save(path)
         else:
             build_from_split_file(cfg.data.input_json, cfg.train.word_count_threshold, cfg.train.count_splits,
@@ -455,8 +487,9 @@ def check_resume(cfg: C.Config, run: Path, is_main: bool = True) -> Path | None:
     return state_dir
 
 
-def build_net(decoder: Decoder, cfg: C.Config, vocab: Vocab, manifest: dict) -> torch.nn.Module:
-    """The decoder (from `init_from`'s best weights when given), wrapped with its backbone when fine-tuning."""
+def build_net(decoder: Decoder, cfg: C.Config, vocab: Vocab, manifest: dict) -> Captioner:
+    """The model: the decoder (from `init_from`'s best weights when given) behind its encoder, the
+    cached grids, or when fine-tuning the backbone that made them."""
     tcfg = cfg.train
     if tcfg.finetune and not tcfg.init_from:
         raise TrainError("--finetune needs --init_from RUN: a cached-feature run whose decoder and vocabulary it starts from")
@@ -465,64 +498,43 @@ def build_net(decoder: Decoder, cfg: C.Config, vocab: Vocab, manifest: dict) -> 
         check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
         decoder.load_state_dict(weights)
     if not tcfg.finetune:
-        return decoder
-    backbone = backbone_from_manifest(manifest, cfg.data.features)
-    net = Captioner(backbone, decoder, list(tcfg.finetune_layers), tcfg.freeze_bn, tcfg.activation_checkpointing)
-    net.image_size = int(manifest["image_size"])
-    return net
+        return Captioner(CachedGrids(), decoder)
+    encoder = FineTuned(backbone_from_manifest(manifest, cfg.data.features), list(tcfg.finetune_layers), tcfg.freeze_bn,
+                        tcfg.activation_checkpointing, tcfg.finetune_start, int(manifest["image_size"]),
+                        C.images_root(cfg.data))
+    return Captioner(encoder, decoder)
 
 
-def build_optimizer(net: torch.nn.Module, tcfg: C.TrainConfig) -> torch.optim.Optimizer:
-    """Adam; when fine-tuning, the backbone's blocks at their own learning rate and weight decay."""
-    if tcfg.finetune:
-        groups = [{"params": list(net.decoder.parameters())},
-                  {"params": net.backbone_params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay}]
-    else:
-        groups = [{"params": list(net.parameters())}]
+def build_optimizer(net: Captioner, tcfg: C.TrainConfig) -> torch.optim.Optimizer:
+    """Adam; a fine-tuned encoder's blocks at their own learning rate and weight decay."""
+    groups = [{"params": list(net.decoder.parameters())}]
+    if net.encoder.params:
+        groups.append({"params": net.encoder.params, "lr": tcfg.cnn_learning_rate, "weight_decay": tcfg.cnn_weight_decay})
     return torch.optim.Adam(groups, lr=tcfg.learning_rate, betas=(tcfg.optim_alpha, tcfg.optim_beta),
                             eps=tcfg.optim_epsilon, weight_decay=tcfg.weight_decay)
 
 
 # ---- the loop -----------------------------------------------------------------------------
-def epoch_batches(t: Training):
-    """This epoch's batches from `progress.batch` on: cached grids (streamed, or held in memory),
-    or images when fine-tuning."""
-    cfg, p, acc = t.cfg, t.progress, t.accelerator
-    tcfg = cfg.train
-    common = dict(batch_size=tcfg.batch_size, seq_per_img=tcfg.seq_per_img, max_length=tcfg.max_length, seed=tcfg.seed,
-                  epoch=p.epoch, rank=acc.process_index, world=acc.num_processes, num_workers=tcfg.num_workers,
-                  start=p.batch, pin_memory=acc.device.type == "cuda")
-    if t.resident is not None:
-        return resident_batches(t.resident, t.vocab, batch_size=tcfg.batch_size, seq_per_img=tcfg.seq_per_img,
-                                max_length=tcfg.max_length, seed=tcfg.seed, epoch=p.epoch, start=p.batch)
-    if tcfg.finetune:
-        store = open_store(features_dir(cfg, "train"))
-        keys = {r["key"] for r in store.records}  # the images the cached run trained on (no failures, --limit)
-        entries = [e for e in load_split(cfg.data.input_json, "train", cfg.data.restval_in_train) if e.key in keys]
-        return image_batches(entries, C.images_root(cfg.data), int(store.manifest["image_size"]), t.vocab, **common)[1]
-    return train_batches(features_dir(cfg, "train"), t.vocab, shuffle_buffer=tcfg.shuffle_buffer, **common)[1]
-
-
 def train_one_epoch(t: Training, batches) -> bool:
     """One pass over `batches`; False when max_steps stopped it early."""
-    tcfg, p, acc, objective = t.cfg.train, t.progress, t.accelerator, t.objective
-    objective.train()
+    tcfg, p, acc, step = t.cfg.train, t.progress, t.accelerator, t.step
+    step.train()
+    acc.unwrap_model(step).use(objective_at(tcfg, p.epoch))
     p_ss = ss_prob(tcfg, p.epoch)
-    scst = 0 <= tcfg.self_critical_after <= p.epoch
     bar = tqdm(total=t.batches_per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", unit="batch",
                disable=not acc.is_main_process, dynamic_ncols=True)
     t0, captions = time.perf_counter(), 0
     for batch in batches:
-        inputs = batch["features"].to(acc.device, non_blocking=True)  # (B, g, g, D) grids, or (B, 3, S, S) images
+        inputs = batch["features"].to(acc.device, non_blocking=True)  # (B, g, g, D) grids, or (B, 3, P, P) images
         tokens = batch["tokens"].to(acc.device, non_blocking=True)  # (N = B*S, T)
         targets = batch["targets"].to(acc.device, non_blocking=True)  # (N, T)
         logged = (p.step + 1) % tcfg.log_every == 0
-        with acc.accumulate(objective):
+        with acc.accumulate(step):
             with acc.autocast():
                 noise = RowNoise.for_batch(tcfg.seed, p.batches_total, inputs.shape[0], tcfg.seq_per_img,
                                            acc.process_index, acc.num_processes, acc.device)
-                total, norm, stats = objective(inputs, tokens, targets, ss_prob=p_ss, refs=batch["refs"],
-                                               keys=batch["keys"], scst=scst, log_greedy=logged, noise=noise)
+                total, norm, stats = step(inputs, tokens, targets, ss_prob=p_ss, refs=batch["refs"], keys=batch["keys"],
+                                          logged=logged, noise=noise)
             global_norm, save_now = agree(t, norm)
             loss = total * acc.num_processes / global_norm  # DDP averages gradients over processes: x world
             if not torch.isfinite(loss):
@@ -530,7 +542,7 @@ def train_one_epoch(t: Training, batches) -> bool:
                                  "lower --learning_rate, check the features with `python -m shards verify`")
             acc.backward(loss)
             if acc.sync_gradients and tcfg.grad_clip > 0:
-                acc.clip_grad_norm_(objective.parameters(), tcfg.grad_clip)
+                acc.clip_grad_norm_(step.parameters(), tcfg.grad_clip)
             t.optimizer.step()
             t.scheduler.step()
             t.optimizer.zero_grad(set_to_none=True)
@@ -595,11 +607,10 @@ def step_row(t: Training, total: torch.Tensor, stats: dict, global_norm: torch.T
 
 
 def after_step(t: Training) -> None:
-    """After each optimizer step: the backbone starts training at `finetune_start`; validate and
-    checkpoint every `save_checkpoint_every` steps."""
+    """After each optimizer step: the encoder learns the step (a fine-tuned backbone trains from
+    `finetune_start` on); validate and checkpoint every `save_checkpoint_every` steps."""
     tcfg, p = t.cfg.train, t.progress
-    if tcfg.finetune:
-        t.net.backbone_trains = p.step >= tcfg.finetune_start
+    t.net.encoder.at_step(p.step)
     if tcfg.save_checkpoint_every and p.step % tcfg.save_checkpoint_every == 0:
         validate_and_save(t)
 
@@ -607,16 +618,9 @@ def after_step(t: Training) -> None:
 def validate_and_save(t: Training) -> None:
     """Score the val split; a better `select_on` value writes best.safetensors; then `last` and the state."""
     acc, p, tcfg = t.accelerator, t.progress, t.cfg.train
-    if not t.val_entries and not t.val_refs:
-        if from_records(load_manifest(features_dir(t.cfg, "val"))):
-            t.val_refs.update(record_references(features_dir(t.cfg, "val")))
-        else:
-            t.val_entries.extend(load_split(t.cfg.data.input_json, "val", t.cfg.data.restval_in_train))
-    scores = validate(t)
-    nll = val_nll(t) if tcfg.select_on == "nll" else None  # every process takes part
+    scores = validate(t)  # every process takes part
+    nll = scores.get("NLL")
     if acc.is_main_process:
-        if nll is not None:
-            scores["NLL"] = nll
         log(t, {"step": p.step, "epoch": p.epoch, **{f"val_{k}": v for k, v in scores.items()}})
         tqdm.write(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}"
                    + (f" NLL {nll:.4f}" if nll is not None else ""))
@@ -647,51 +651,44 @@ def stopped_early(t: Training) -> bool:
 
 
 @torch.no_grad()
-def val_nll(t: Training) -> float:
-    """Mean per-token NLL of the val images' captions (seq_per_img each, teacher forced), over every process."""
-    acc, cfg, tcfg = t.accelerator, t.cfg, t.cfg.train
-    decoder = t.net.decoder if tcfg.finetune else t.net
-    was = decoder.training
-    decoder.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, tokens
-    # A second read of the val records (validate's decode is the first), 64 at a time: holding COCO's
-    # 5,000 val grids between the two would take 4 GB of memory.
-    records = eval_records(features_dir(cfg, "val"), acc.process_index, acc.num_processes, tcfg.val_images_use)
-    for i, chunk in enumerate(iter(lambda: list(itertools.islice(records, 64)), [])):
-        items = [encode_record(r, t.vocab, tcfg.seq_per_img, tcfg.max_length,
-                               np.random.default_rng([tcfg.seed, 64 * i + j])) for j, r in enumerate(chunk)]
-        b = collate(items, t.vocab)
-        logits, alphas = decoder(b["features"].to(acc.device), b["tokens"].to(acc.device), tcfg.seq_per_img)
-        _, xent, ntok = sequence_loss(logits, b["targets"].to(acc.device), alphas, t.vocab.pad_id, 0.0)
-        total += torch.stack([xent.double(), ntok.double()])  # xent is summed over the tokens
-    decoder.train(was)
-    total = acc.reduce(total, reduction="sum")
-    return float(total[0] / total[1].clamp_min(1))
-
-
-@torch.no_grad()
 def validate(t: Training) -> dict[str, float]:
-    """Greedy captions of `val_images_use` val images, decoded by every process on its share and
-    scored with CIDEr-D and BLEU-4 on the main process ({} on the others)."""
-    acc, cfg, net = t.accelerator, t.cfg, t.net
+    """The val split's first `val_images_use` images, each process decoding its share: greedy
+    captions scored with CIDEr-D and BLEU-4, and with `select_on nll` the mean per-token NLL of
+    their captions (seq_per_img each, teacher forced), all from the same grids (read from the
+    store, or computed now by a fine-tuned encoder). {} on processes other than the main one."""
+    acc, cfg, net, tcfg = t.accelerator, t.cfg, t.net, t.cfg.train
     was_training = net.training
     net.eval()
-    rank, world, limit = acc.process_index, acc.num_processes, cfg.train.val_images_use
-    if cfg.train.finetune:  # grids from the backbone as it is now
-        use = t.val_entries[:limit] if limit >= 0 else t.val_entries
-        records = image_records(use[rank::world], C.images_root(cfg.data), net.image_size, net.backbone, acc.device)
-        decoder = net.decoder
-    else:
-        records, decoder = eval_records(features_dir(cfg, "val"), rank, world, limit), net
-    mine = decode_records(decoder, t.vocab, records, device=acc.device, beam_size=1, batch_size=64)
+    records = net.encoder.records(t.data["val"], acc.process_index, acc.num_processes, tcfg.val_images_use, acc.device)
+    mine, nll = [], torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, tokens
+    # 64 images at a time: COCO's 5,000 val grids at once would take 4 GB of memory.
+    for i, chunk in enumerate(iter(lambda: list(itertools.islice(records, 64)), [])):
+        mine += decode_records(net.decoder, t.vocab, chunk, device=acc.device, beam_size=1, batch_size=64)
+        if tcfg.select_on == "nll":
+            nll += chunk_nll(t, chunk, i)
     everyone = gather_object(mine)
+    nll = acc.reduce(nll, reduction="sum")
     net.train(was_training)
     if not acc.is_main_process:
         return {}
     results = {r["image_id"]: r["caption"] for r in everyone}
-    refs = {i: t.val_refs[i] for i in results} if t.val_refs else raw_references(t.val_entries, results)
-    metrics, _ = score(refs, results, scorers=("Bleu", "CIDEr"))
-    return {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
+    metrics, _ = score(t.data["val"].references(results), results, scorers=("Bleu", "CIDEr"))
+    scores = {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
+    if tcfg.select_on == "nll":
+        scores["NLL"] = float(nll[0] / nll[1].clamp_min(1))
+    return scores
+
+
+def chunk_nll(t: Training, chunk: list[dict], i: int) -> torch.Tensor:
+    """(summed NLL, tokens) of the i-th chunk of val records' captions, seq_per_img per image
+    picked by (seed, image's place), teacher forced."""
+    acc, tcfg = t.accelerator, t.cfg.train
+    items = [encode_record(r, t.vocab, tcfg.seq_per_img, tcfg.max_length, np.random.default_rng([tcfg.seed, 64 * i + j]))
+             for j, r in enumerate(chunk)]
+    b = collate(items, t.vocab)
+    out = t.net.decoder(b["features"].to(acc.device), b["tokens"].to(acc.device), tcfg.seq_per_img)
+    _, xent, ntok = sequence_loss(out.logits, b["targets"].to(acc.device), out.alphas, t.vocab.pad_id, 0.0)
+    return torch.stack([xent.double(), ntok.double()])  # xent is summed over the tokens
 
 
 def log(t: Training, row: dict) -> None:

@@ -127,8 +127,6 @@ class DecoderConfig:
                                      "expectation), as capgen.py's semi_sampling_p", ge=0, le=1)
     semi_sampling: str = _f("batch", "hard: one coin per minibatch (batch, capgen.py) or per caption (caption)",
                             choices=("batch", "caption"))
-    entropy_weight: float = _f(0.002, "hard: lambda_e, the authors' alpha_entropy_c, on sum alpha log alpha", ge=0)
-    baseline_decay: float = _f(0.9, "hard: moving average of the per-step NLL (capgen.py's baseline_time)", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -162,6 +160,10 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Adam weight decay", ge=0)
     grad_clip: float = _f(2.0, "clip the gradient's global norm to this (0: off)", ge=0)
     alpha_c: float = _f(1.0, "lambda of the doubly stochastic attention regularizer (paper Eq. 14)", ge=0)
+    entropy_weight: float = _f(0.002, "hard attention: lambda_e, the authors' alpha_entropy_c, on sum alpha log alpha",
+                               ge=0)
+    baseline_decay: float = _f(0.9, "hard attention: moving average of the per-step NLL (capgen.py's baseline_time)",
+                               ge=0, le=1)
     max_length: int = _f(16, "captions are cut at this many words", ge=1)
     word_count_threshold: int = _f(5, "words seen this many times or fewer become <unk>", ge=0)
     count_splits: str = _f("train", "splits whose captions build the vocabulary: train or all", choices=("train", "all"))
@@ -282,8 +284,26 @@ def from_dict(d: dict | None, where: str = "config") -> Config:
     unknown = sorted(set(d) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    d = moved(d)
     types_ = _section_types()
     return Config(**{s: _build(types_[s], d.get(s) or {}, f"{where}: {s}") for s in SECTIONS})
+
+
+# Keys that moved between sections: older run folders' config.yaml (and users' YAMLs) still load.
+MOVED = {("model", "entropy_weight"): "train", ("model", "baseline_decay"): "train"}
+
+
+def moved(d: dict) -> dict:
+    """`d` with keys that moved to another section put there (a value already there wins)."""
+    d = {s: dict(v) if isinstance(v, dict) else v for s, v in d.items()}
+    for (old, key), new in MOVED.items():
+        if isinstance(d.get(old), dict) and key in d[old]:
+            value = d[old].pop(key)
+            if d.get(new) is None:
+                d[new] = {}
+            if isinstance(d[new], dict):
+                d[new].setdefault(key, value)
+    return d
 
 
 def to_dict(cfg: Config) -> dict:

@@ -101,7 +101,7 @@ def test_beam_words_scores_and_attention_replay_under_teacher_forcing():
             closed = n < 7  # ended by <eos> (else cut at max_length)
             target = words + ([EOS] if closed else [])
             inputs = torch.tensor([[BOS] + target[:-1]])
-            logits, alphas = model(feats[i:i + 1], inputs)  # (1, T, V), (1, T, L)
+            logits, alphas, *_ = model(feats[i:i + 1], inputs)  # (1, T, V), (1, T, L)
             score = logits.log_softmax(-1)[0, torch.arange(len(target)), torch.tensor(target)].sum()
             torch.testing.assert_close(out.scores[i], score, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out.alphas[i, :len(target)], alphas[0], rtol=1e-5, atol=1e-6)

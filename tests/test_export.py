@@ -31,7 +31,7 @@ def test_exported_run_captions_like_the_run(trained_run, shapes, tmp_path, capsy
     assert ours == theirs
     # the same encoder, bit for bit (the tiny run's captions are short, so compare the grids too)
     import torch
-    from caption.predict import backbone_for_run
+    from caption.encoder import backbone_for_run
     from featurize.images import load_rgb, to_tensor
     x = to_tensor(load_rgb(images[0]), 64)[None]
     (b1, m1), (b2, m2) = backbone_for_run(run, C.load(run / "config.yaml")), backbone_for_run(moved, C.load(moved / "config.yaml"))

@@ -48,11 +48,47 @@ def test_finetune_mechanics(shapes, tiny_features, trained_run, tmp_path):
     old, new = open_store(tiny_features / "test")[0]["features"], open_store(out / "test")[0]["features"]
     assert old.shape == new.shape and not (old == new).all()
     # predict uses the fine-tuned backbone saved with the run
-    from caption.predict import backbone_for_run
+    from caption.encoder import backbone_for_run
     from common.config import load
     bb, _ = backbone_for_run(run, load(run / "config.yaml"))
     ref = load_file(str(run / "backbone.safetensors"))
     assert torch.equal(bb.state_dict()["stages.layer3.0.conv1.weight"], ref["stages.layer3.0.conv1.weight"])
+
+
+def test_select_on_nll_measures_the_encoder_being_trained(shapes, tiny_features, trained_run, tmp_path):
+    """With --select_on nll, a fine-tuning run's val NLL is that of grids from its backbone as it
+    is at the validation (the same grids its CIDEr-D is measured on), not of the cached grids."""
+    import numpy as np
+    from caption.data import collate, encode_record
+    from caption.encoder import backbone_from_manifest, image_records
+    from caption.model import sequence_loss
+    from caption.run import load_decoder
+    from common.config import load
+    from shards import load_manifest, open_store
+    from shards.karpathy import load_split
+    run = tmp_path / "ft"
+    assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--finetune", "true", "--init_from",
+                                str(trained_run), "--finetune_layers", "layer3", "--cnn_learning_rate", "3e-2",
+                                "--max_steps", "6", "--batch_size", "8", "--select_on", "nll")) == 0
+    logged = val_rows(run)[-1]
+    assert logged["step"] == 6
+    decoder, vocab, cfg = load_decoder(run, "last")
+    seed, S, T = cfg.train.seed, cfg.train.seq_per_img, cfg.train.max_length
+
+    def nll(records):
+        items = [encode_record(r, vocab, S, T, np.random.default_rng([seed, j])) for j, r in enumerate(records)]
+        b = collate(items, vocab)
+        with torch.no_grad():
+            out = decoder(b["features"], b["tokens"], S)
+            _, xent, ntok = sequence_loss(out.logits, b["targets"], out.alphas, vocab.pad_id, 0.0)
+        return (xent / ntok).item()
+
+    backbone = backbone_from_manifest(load_manifest(tiny_features / "train"), tiny_features,
+                                      override=run / "backbone_last.safetensors")
+    now = list(image_records(load_split(shapes / "dataset.json", "val"), shapes, 64, backbone, "cpu"))
+    cached = list(open_store(tiny_features / "val").iter_records())
+    assert logged["val_NLL"] == pytest.approx(nll(now), abs=1e-4)
+    assert abs(nll(cached) - nll(now)) > 1e-3  # the backbone moved: the cached grids would say something else
 
 
 def test_finetune_needs_a_cached_run(shapes, tiny_features, tmp_path, capsys):

@@ -102,3 +102,40 @@ def test_long_functions_say_why():
                     unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
                                        f"({node.end_lineno - node.lineno + 1} lines)")
     assert not unexplained, unexplained
+
+
+SERVING = ("caption.predict", "caption.service", "caption.app", "caption.export", "caption.visualize")
+TRAINING = ("caption.train", "caption.objective", "caption.data", "caption.resident", "caption.scst", "caption.finetune")
+
+
+def reachable(start: str, mods: dict) -> set[str]:
+    """Every project module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        for dep, _ in imports(mods[m], mods) if m in mods else ():
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_serving_imports_nothing_of_training():
+    """Captioning an image, the page, export and the figures load no training code (the loop,
+    the objectives, the loaders, resident features, SCST), so serving stays small and a change
+    to training cannot break it."""
+    mods = modules()
+    wrong = {m: sorted(reachable(m, mods) & set(TRAINING)) for m in SERVING}
+    assert not {m: d for m, d in wrong.items() if d}, wrong
+    assert "caption.finetune" in reachable("caption.train", mods)  # the walk follows imports (it sees training's)
+
+
+def test_one_module_of_caption_opens_stores():
+    """caption/splits.py opens each split's store once per run; no other module of caption opens one."""
+    openers = []
+    for mod, path in modules().items():
+        if mod.startswith("caption.") and mod != "caption.splits":
+            tree = ast.parse(path.read_text())
+            openers += [mod for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                        for a in n.names if a.name == "open_store" and n.module == "shards"]
+    assert not openers, openers

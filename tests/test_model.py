@@ -1,5 +1,6 @@
 import torch
 
+from caption import kernels
 from caption.model import Decoder, DecoderConfig, sequence_loss
 
 B, S, L, D, V, T = 3, 2, 196, 24, 11, 7
@@ -25,7 +26,7 @@ def batch():
 def test_shapes_and_attention_sums_to_one():
     model = tiny()
     features, tokens, _ = batch()
-    logits, alphas = model(features, tokens, seq_per_img=S)
+    logits, alphas, *_ = model(features, tokens, seq_per_img=S)
     assert logits.shape == (B * S, T, V) and alphas.shape == (B * S, T, L)
     torch.testing.assert_close(alphas.sum(-1), torch.ones(B * S, T))
     state = model.init_state(features)
@@ -64,10 +65,10 @@ def test_attention_is_the_papers_tanh_mlp():
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         keys, q2 = att.keys(features), 2 * att.query(h).view(B, S, 1, -1)
-        w2 = 2 * att.score.weight.view(-1)
-        whole = att._scores_chunked(keys, q2, w2)
+        k2, w2 = 2 * keys, 2 * att.score.weight.view(-1)
+        whole = kernels.chunked(k2, q2, w2)
         for chunk_bytes in (1, S * L * 12 * 4 * 2):  # one image per chunk; two images, a short last chunk
-            torch.testing.assert_close(att._scores_chunked(keys, q2, w2, chunk_bytes), whole)
+            torch.testing.assert_close(kernels.chunked(k2, q2, w2, chunk_bytes), whole)
         torch.testing.assert_close(att(keys, h), want, rtol=1e-5, atol=1e-6)
         # Half precision keeps the tanh form.
         torch.testing.assert_close(att.half()(keys.half(), h.half()).float(), want, rtol=0, atol=2e-3)
@@ -82,7 +83,7 @@ def test_scalar_gate_and_deep_output():
 def test_loss_ignores_padding():
     model = tiny()
     features, tokens, targets = batch()
-    logits, alphas = model(features, tokens, seq_per_img=S)
+    logits, alphas, *_ = model(features, tokens, seq_per_img=S)
     total, xent, ntok = sequence_loss(logits, targets, alphas, pad_id=0, alpha_c=1.0)
     assert ntok.item() == (targets != 0).sum().item()
     logits2, alphas2 = logits.clone(), alphas.clone()
@@ -100,7 +101,7 @@ def test_loss_ignores_padding():
 def test_teacher_forcing_equals_stepping():
     model = tiny().eval()
     features, tokens, _ = batch()
-    logits, alphas = model(features, tokens, seq_per_img=S)
+    logits, alphas, *_ = model(features, tokens, seq_per_img=S)
     state = model.init_state(features)
     state = {k: v.repeat_interleave(S, 0) for k, v in state.items()}
     for t in range(T):
@@ -112,7 +113,7 @@ def test_teacher_forcing_equals_stepping():
 def test_gradients_reach_every_parameter():
     model = tiny(dropout=0.5).train()
     features, tokens, targets = batch()
-    logits, alphas = model(features, tokens, seq_per_img=S)
+    logits, alphas, *_ = model(features, tokens, seq_per_img=S)
     total, _, ntok = sequence_loss(logits, targets, alphas, 0, 1.0)
     (total / ntok).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -122,9 +123,9 @@ def test_scheduled_sampling_feeds_model_samples():
     model = tiny().train()
     features, tokens, targets = batch()
     torch.manual_seed(0)
-    plain, _ = model(features, tokens, seq_per_img=S, ss_prob=0.0)
+    plain, *_ = model(features, tokens, seq_per_img=S, ss_prob=0.0)
     torch.manual_seed(0)
-    sampled, alphas = model(features, tokens, seq_per_img=S, ss_prob=1.0)
+    sampled, alphas, *_ = model(features, tokens, seq_per_img=S, ss_prob=1.0)
     assert sampled.shape == plain.shape and alphas.shape == (B * S, T, L)
     torch.testing.assert_close(sampled[:, 0], plain[:, 0])  # step 0 always sees <bos>
     assert not torch.allclose(sampled[:, 1:], plain[:, 1:])  # later steps see the model's own words

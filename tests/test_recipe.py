@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from caption import train
 from caption.model import Decoder, DecoderConfig
-from caption.objective import Objective
+from caption.model import Forced
+from caption.objective import HardAttention
 from caption.scst import CiderD, reward_references, words_of
 from caption.vocab import Vocab
 from common import config as C
@@ -130,7 +131,7 @@ def test_recurrence_stays_float32_under_autocast():
         state = model.init_state(feats)
         _, state = model.step(tokens[:, 0], state)
         z, alpha = model.context(state)
-        logits, alphas = model(feats, tokens)
+        logits, alphas, *_ = model(feats, tokens)
     assert state["h"].dtype == state["c"].dtype == state["alpha"].dtype == torch.float32
     assert alpha.dtype == alphas.dtype == torch.float32 and z.dtype == torch.float32
     assert state["keys"].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16  # the big products in bf16
@@ -148,10 +149,11 @@ def test_recurrence_stays_float32_under_autocast():
 def test_bf16_training_tracks_fp32(shapes, tiny_features):
     """40 steps on the tiny world's grids: bf16 autocast (fp32 recurrence) ends within 3% of fp32's loss."""
     from caption.data import train_batches
+    from shards import open_store
     from caption.model import sequence_loss
     from caption.vocab import build_from_split_file
     vocab = build_from_split_file(shapes / "dataset.json", 2)
-    batches = list(train_batches(tiny_features / "train", vocab, batch_size=8, seq_per_img=5, max_length=12, seed=0,
+    batches = list(train_batches(open_store(tiny_features / "train"), vocab, batch_size=8, seq_per_img=5, max_length=12, seed=0,
                                  epoch=0)[1])
     losses = {}
     for precision in ("fp32", "bf16"):
@@ -163,7 +165,7 @@ def test_bf16_training_tracks_fp32(shapes, tiny_features):
         for _ in range(4):
             for b in batches[:10]:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    logits, alphas = model(b["features"], b["tokens"], 5)
+                    logits, alphas, *_ = model(b["features"], b["tokens"], 5)
                 total, xent, ntok = sequence_loss(logits, b["targets"], alphas, vocab.pad_id, 1.0)
                 (total / ntok).backward()
                 opt.step()
@@ -205,8 +207,7 @@ def test_semi_sampling_is_the_probability_of_sampling():
         model = tiny_decoder(attention="hard", semi_sampling_p=0.2, semi_sampling=mode).train()
         masks = []
         for _ in range(400):
-            model(feats, tokens, seq_per_img=2)
-            masks.append(model.hard_mask.clone())
+            masks.append(model(feats, tokens, seq_per_img=2).hard_mask.clone())
         masks = torch.stack(masks).float()  # (400, 8)
         rates[mode] = masks.mean().item()
         if mode == "batch":
@@ -221,20 +222,18 @@ def test_hard_attention_terms_weigh_as_capgen():
     c_n is a caption's NLL over its own length: capgen's batches hold captions of one length
     (homogeneous_data.py), so its division by the batch length is a division by each caption's."""
     vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", *[f"w{i}" for i in range(8)]])
-    model = tiny_decoder(attention="hard", entropy_weight=0.01, baseline_decay=0.9)
-    obj = Objective(model, vocab, seq_per_img=1)
+    obj = HardAttention(vocab.pad_id, seq_per_img=1, entropy_weight=0.01, baseline_decay=0.9)
     obj.baseline.fill_(0.5)
     torch.manual_seed(1)
     N, T, L = 3, 4, 196
     logits, alphas = torch.randn(N, T, 12), torch.softmax(torch.randn(N, T, L), -1)
     targets = torch.tensor([[4, 5, 2, 0], [6, 7, 8, 2], [9, 2, 0, 0]])
-    model.hard_logp = torch.randn(N, T)
-    model.hard_mask = torch.tensor([True, False, True])
-    got = obj.hard_attention_terms(logits, targets, alphas, {})
+    hard_logp = torch.randn(N, T)
+    got = obj.terms(Forced(logits, alphas, hard_logp, torch.tensor([True, False, True])), targets, {})
     mask = (targets != 0).float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
     c = nll.sum(1) / mask.sum(1)
-    want_rf = sum((c[n] - 0.5) / 10 * (model.hard_logp[n] * mask[n]).sum() for n in (0, 2))
+    want_rf = sum((c[n] - 0.5) / 10 * (hard_logp[n] * mask[n]).sum() for n in (0, 2))
     want_ent = 0.01 * ((alphas * alphas.log()).sum(-1) * mask).sum()
     torch.testing.assert_close(got, N * (want_rf + want_ent))
     assert obj.baseline.item() == pytest.approx(0.9 * 0.5 + 0.1 * c.mean().item())

@@ -38,11 +38,11 @@ def test_resident_batches_are_the_streamed_batches(shapes, tiny_features, tmp_pa
         root = tmp_path / "train"
     vocab = build_from_split_file(shapes / "dataset.json", 2)
     n = open_store(root).manifest["count"]
-    resident = ResidentFeatures(root, rank_slice(n, 0, 1), "ram", CPU, progress=False)
+    resident = ResidentFeatures(open_store(root), rank_slice(n, 0, 1), "ram", CPU, progress=False)
     assert resident.nbytes == n * 196 * 256 * 2  # (n, L=196, D=256) float16
     kw = dict(batch_size=8, seq_per_img=3, max_length=6, seed=7)
     for epoch, start in ((0, 0), (1, 0), (2, 5)):  # two shuffles, and a resumed epoch from batch 5
-        streamed = list(train_batches(tiny_features / "train", vocab, epoch=epoch, start=start, **kw)[1])
+        streamed = list(train_batches(open_store(tiny_features / "train"), vocab, epoch=epoch, start=start, **kw)[1])
         held = list(resident_batches(resident, vocab, epoch=epoch, start=start, **kw))
         assert len(held) == len(streamed) == 96 // 8 - start
         for a, b in zip(held, streamed):

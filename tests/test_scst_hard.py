@@ -10,7 +10,8 @@ import torch
 
 from caption import train
 from caption.model import Decoder, DecoderConfig
-from caption.objective import Objective
+from caption.encoder import CachedGrids, Captioner
+from caption.objective import HardAttention
 from caption.scst import CiderD, scst_loss
 from caption.vocab import Vocab
 from tests.conftest import ROOT, free_port, tiny_args
@@ -129,14 +130,15 @@ def test_hard_attention_samples_one_hot_with_soft_expectation():
 
 def test_hard_attention_objective_trains():
     model, vocab = tiny_model("hard")
-    obj = Objective(model, vocab, alpha_c=1.0, seq_per_img=1).train()
+    obj = HardAttention(vocab.pad_id, alpha_c=1.0, seq_per_img=1).train()
+    model.train()
     feats = torch.randn(4, 196, 6)
     tokens = torch.tensor([[1, 4, 5, 6]] * 4)
     targets = torch.tensor([[4, 5, 6, 2]] * 4)
     torch.manual_seed(0)
-    total, ntok, stats = obj(feats, tokens, targets)
+    assert model(feats, tokens).hard_logp.shape == (4, 4)  # log p(s_t | a) of each caption's sampled locations
+    total, ntok, stats = obj(Captioner(CachedGrids(), model), feats, tokens, targets)
     (total / ntok).backward()
-    assert model.hard_logp is not None and model.hard_logp.shape == (4, 4)
     assert model.attention.key.weight.grad is not None and torch.isfinite(model.attention.key.weight.grad).all()
     assert "hard_baseline" in stats and stats["hard_baseline"].item() != 0.0
 

@@ -33,6 +33,19 @@ def test_train_writes_a_run(shapes, tiny_features, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+def test_each_store_is_opened_once_per_run(shapes, tiny_features, tmp_path, monkeypatch):
+    """Two epochs with validation after each: the train and val stores are opened (their index
+    read and checked, or fetched over HTTP) once each, and every reader shares them."""
+    from caption import splits
+    opened = []
+    real = splits.open_store
+    monkeypatch.setattr(splits, "open_store", lambda root: opened.append(Path(root).name) or real(root))
+    run = tmp_path / "run"
+    assert train.main(run_args(shapes, tiny_features, run, "--max_epochs", "2", "--select_on", "nll")) == 0
+    assert sorted(opened) == ["train", "val"]
+    assert len([r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_NLL" in r]) == 2
+
+
 def test_resume_equals_uninterrupted(shapes, tiny_features, tmp_path):
     common = ("--dropout", "0.3", "--max_epochs", "3", "--save_checkpoint_every", "0")
     a, b = tmp_path / "a", tmp_path / "b"
