@@ -4,7 +4,6 @@ CIDEr-D's rewards, come from caption/splits.py.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 from shards.karpathy import load_split

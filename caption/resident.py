@@ -14,7 +14,6 @@ is an error saying so, `auto` falls back (device, then RAM, then streaming) and 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -35,7 +35,8 @@ if __package__ in (None, ""):  # `python caption/train.py` / `accelerate launch 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, broadcast, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                               ProjectConfiguration, broadcast, gather_object, set_seed)
 from tqdm import tqdm
 
 from caption.data import collate, encode_record, train_batches
@@ -254,7 +255,6 @@ def setup(cfg: C.Config) -> Training:
     step = TrainStep(net, build_objectives(cfg, vocab, data, world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, steps_per_epoch))
     step, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
-    scheduler.split_batches = True  # it steps once per optimizer step on every process (not once per process)
 
     progress = Progress()
     if state_dir is not None:
@@ -377,13 +377,13 @@ def describe_batches(accelerator: Accelerator, run: Path, tcfg: C.TrainConfig, b
 
 def lost_peer(accelerator: Accelerator, e: BaseException) -> bool:
     """Whether an error is a collective that failed because another process (a node) went away or
-    stopped answering within `dist_timeout`."""
+    stopped answering within `dist_timeout`: torch.distributed's own errors, or a backend's (gloo,
+    NCCL, c10d) by its text. A read from a store that timed out is not one."""
     if accelerator.num_processes == 1:
         return False
     if isinstance(e, torch.distributed.DistError):
         return True
-    words = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe", "peer")
-    return any(w in str(e).lower() for w in words)
+    return any(w in str(e).lower() for w in ("gloo", "nccl", "c10d", "processgroup"))
 
 
 def resolve_batch(cfg: C.Config, world: int) -> C.Config:
@@ -406,6 +406,9 @@ def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
                                   InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=tcfg.dist_timeout))]}
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # the launcher's --mixed_precision wins
         kwargs["mixed_precision"] = tcfg.mixed_precision
+    # split_batches: our batches are already per process (the loaders are not prepared), and with it
+    # the prepared scheduler steps once per optimizer step, not once per process.
+    kwargs["dataloader_config"] = DataLoaderConfiguration(split_batches=True)
     return Accelerator(cpu=default_device().type == "cpu", gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
                        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "tb")),
                        **kwargs)
@@ -656,7 +659,7 @@ def validate(t: Training) -> dict[str, float]:
     captions scored with CIDEr-D and BLEU-4, and with `select_on nll` the mean per-token NLL of
     their captions (seq_per_img each, teacher forced), all from the same grids (read from the
     store, or computed now by a fine-tuned encoder). {} on processes other than the main one."""
-    acc, cfg, net, tcfg = t.accelerator, t.cfg, t.net, t.cfg.train
+    acc, net, tcfg = t.accelerator, t.net, t.cfg.train
     was_training = net.training
     net.eval()
     records = net.encoder.records(t.data["val"], acc.process_index, acc.num_processes, tcfg.val_images_use, acc.device)
@@ -691,9 +694,18 @@ def chunk_nll(t: Training, chunk: list[dict], i: int) -> torch.Tensor:
     return torch.stack([xent.double(), ntok.double()])  # xent is summed over the tokens
 
 
+TB_NAMES = {"val_CIDEr": "val/CIDEr-D", "val_Bleu_4": "val/BLEU-4", "val_NLL": "val/NLL"}
+
+
+def tb_name(key: str) -> str:
+    """A metrics.jsonl key as TensorBoard shows it: grouped under train/ and val/, named as the paper's tables."""
+    return TB_NAMES.get(key) or (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}")
+
+
 def log(t: Training, row: dict) -> None:
-    """A row to tensorboard (every process calls; Accelerate writes on the main one) and metrics.jsonl."""
-    t.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+    """A row to TensorBoard (every process calls; Accelerate writes on the main one; `tb_name`) and
+    to metrics.jsonl (its own keys: val_CIDEr is CIDEr-D)."""
+    t.accelerator.log({tb_name(k): v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
     if t.accelerator.is_main_process:
         with open(t.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

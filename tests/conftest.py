@@ -68,3 +68,27 @@ def trained_run(shapes, tiny_features, tmp_path_factory) -> Path:
     assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "4",
                                 "--learning_rate", "5e-3", "--batch_size", "8")) == 0
     return run
+
+
+@pytest.fixture
+def run_torchrun():
+    """`run_torchrun(*args, nproc=2, timeout=600)`: torchrun on this machine (gloo, one thread per
+    process) running `args` (a script or `-m module`, then its flags) from the repository root;
+    the CompletedProcess, its stdout + stderr also in `.out`. Tests that use it are `slow`."""
+    import subprocess
+
+    def run(*args, nproc: int = 2, timeout: int = 600, port: str | None = None) -> subprocess.CompletedProcess:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([str(torchrun), "--nproc_per_node", str(nproc), "--master_port", port or free_port(),
+                            *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        r.out = r.stdout + r.stderr
+        return r
+    return run
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start processes through `run_torchrun` are slow (`pytest -m "not slow"` skips them)."""
+    for item in items:
+        if "run_torchrun" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -93,6 +93,7 @@ def caption_text(driver) -> str:
     return driver.find_element(By.CSS_SELECTOR, "#caption textarea").get_attribute("value")
 
 
+@pytest.mark.slow
 def test_the_page_captions_and_shows_attention(page, browser, shapes, tmp_path):
     wait = WebDriverWait(browser, 90)
     browser.get(page)

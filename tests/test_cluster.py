@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from caption import train
@@ -158,3 +159,17 @@ def test_numbers_without_an_upper_bound_are_one_line_errors(module, args, flag, 
     assert mod.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
+
+
+def test_only_collective_failures_count_as_a_lost_peer():
+    """A lost node shows as torch.distributed's error or a backend's text; a store read that timed
+    out, or a broken pipe to a shard server, is the error it is (not 'lost another process')."""
+    from types import SimpleNamespace
+    from caption.train import lost_peer
+    two = SimpleNamespace(num_processes=2)
+    assert lost_peer(two, RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    assert lost_peer(two, RuntimeError("NCCL communicator was aborted"))
+    assert lost_peer(two, torch.distributed.DistBackendError("a collective failed"))
+    assert not lost_peer(two, OSError("http://host/features/train/000001.tar: read timed out"))
+    assert not lost_peer(two, OSError("[Errno 32] Broken pipe"))
+    assert not lost_peer(SimpleNamespace(num_processes=1), RuntimeError("gloo"))

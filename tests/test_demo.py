@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT
 
 DEMO = [sys.executable, "-m", "caption.demo", "--config", str(ROOT / "configs" / "tiny.yaml"), "--num_images", "120",
@@ -15,6 +17,7 @@ DEMO = [sys.executable, "-m", "caption.demo", "--config", str(ROOT / "configs" /
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_demo_interrupted_in_training_resumes_to_the_same_metrics(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     r = subprocess.run(DEMO + ["--out", str(a)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)

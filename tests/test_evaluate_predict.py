@@ -10,6 +10,7 @@ from caption.visualize import figure_size
 from tests.conftest import tiny_args
 
 
+@pytest.mark.slow
 def test_evaluate_writes_coco_results(trained_run, shapes, capsys):
     assert evaluate_main(["--run", str(trained_run), "--split", "test", "--beam_size", "2", "--grounding"]) == 0
     out = capsys.readouterr().out

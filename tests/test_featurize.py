@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from featurize.images import load_rgb
 from shards import load_manifest, open_store
 import shards.format as fmt
 from shards.karpathy import load_split
-from tests.conftest import ROOT, free_port, tiny_args
+from tests.conftest import ROOT, tiny_args
 
 
 def records(root):
@@ -55,6 +54,7 @@ def test_wds_matches_zarr_and_batch_size_does_not_matter(shapes, tiny_features, 
     assert load_manifest(out / "test")["backend"] == "wds"
 
 
+@pytest.mark.slow
 def test_compiled_featurize_matches_eager(shapes, tiny_features, tmp_path, copy_backbone):
     """--compile: BatchNorm-folded, torch.compile'd, short batches padded to one static shape."""
     out = tmp_path / "f"
@@ -190,6 +190,7 @@ raise SystemExit(fz.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_path, copy_backbone):
     out = tmp_path / "f"
     copy_backbone(tiny_features, out)
@@ -212,14 +213,10 @@ def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_p
     assert len(a) == len(b) == 96 and all(fmt.equal(x, y) for x, y in zip(a, b))
 
 
-def test_two_process_featurize(shapes, tiny_features, tmp_path, copy_backbone):
+def test_two_process_featurize(shapes, tiny_features, tmp_path, copy_backbone, run_torchrun):
     out = tmp_path / "f"
     copy_backbone(tiny_features, out)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "featurize",
-                        *tiny_args(shapes, out, "--split", "val", "--shard_images", "4")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_torchrun("-m", "featurize", *tiny_args(shapes, out, "--split", "val", "--shard_images", "4"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[rank 0]" in r.stderr and "[rank 1]" in r.stderr  # two processes really ran
     a, b = records(tiny_features / "val"), records(out / "val")

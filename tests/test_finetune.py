@@ -1,16 +1,12 @@
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from caption import train
-from tests.conftest import ROOT, free_port, tiny_args
+from tests.conftest import ROOT, tiny_args
 
 
 def val_rows(run):
@@ -63,7 +59,6 @@ def test_select_on_nll_measures_the_encoder_being_trained(shapes, tiny_features,
     from caption.encoder import backbone_from_manifest, image_records
     from caption.model import sequence_loss
     from caption.run import load_decoder
-    from common.config import load
     from shards import load_manifest, open_store
     from shards.karpathy import load_split
     run = tmp_path / "ft"
@@ -96,15 +91,12 @@ def test_finetune_needs_a_cached_run(shapes, tiny_features, tmp_path, capsys):
     assert "--init_from" in capsys.readouterr().err
 
 
-def test_two_process_finetune(shapes, tiny_features, trained_run, tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "caption" / "train.py"),
-                        *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "ft2"), "--finetune", "true",
-                                   "--init_from", str(trained_run), "--max_steps", "3", "--finetune_start", "1",
-                                   "--finetune_layers", "layer3")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
+def test_two_process_finetune(shapes, tiny_features, trained_run, tmp_path, run_torchrun):
+    r = run_torchrun(ROOT / "caption" / "train.py",
+                     *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "ft2"), "--finetune", "true",
+                                "--init_from", str(trained_run), "--max_steps", "3", "--finetune_start", "1",
+                                "--finetune_layers", "layer3"))
+    out = r.out
     assert r.returncode == 0, out[-3000:]
     assert "2 process(es)" in out
     assert sorted(re.findall(r"rank \d/2: \d+ batches this run", out)) == [

@@ -35,6 +35,7 @@ def oracle():
     return out
 
 
+@pytest.mark.slow
 def test_reproduces_pycocoevalcap_exactly():
     ours, skipped = metrics.score(REFS, RES)
     expected = oracle()

@@ -4,24 +4,19 @@ with <eos> as self-critical.pytorch computes it; hard attention with capgen.py's
 authors' model options and early stopping."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from caption import train
-from caption.model import Decoder, DecoderConfig
-from caption.model import Forced
+from caption.model import Decoder, DecoderConfig, Forced
 from caption.objective import HardAttention
 from caption.scst import CiderD, reward_references, words_of
 from caption.vocab import Vocab
 from common import config as C
-from tests.conftest import ROOT, free_port, tiny_args
+from tests.conftest import ROOT, tiny_args
 
 RECIPES = ["coco", "coco_authors", "coco_fast", "coco_hard", "coco_scst"]
 
@@ -87,7 +82,7 @@ RECIPES = {  # the shipped recipes' semantics at tiny sizes
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_two_processes_follow_the_one_process_trajectory(recipe, shapes, tiny_features, tmp_path):
+def test_two_processes_follow_the_one_process_trajectory(recipe, shapes, tiny_features, tmp_path, run_torchrun):
     """The same global batch on 1 and on 2 real processes (torchrun, gloo): the same logged loss and
     cross entropy at every step and the same weights after 6 steps, with the recipe's randomness
     (dropout masks, sampled locations, coins) drawn per caption (caption/noise.py)."""
@@ -95,12 +90,8 @@ def test_two_processes_follow_the_one_process_trajectory(recipe, shapes, tiny_fe
               "--num_workers", "0", "--log_every", "1", *RECIPES[recipe]]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(one), *common)) == 0
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "caption" / "train.py"),
-                        *tiny_args(shapes, tiny_features, "--checkpoint_path", str(two), *common)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    r = run_torchrun(ROOT / "caption" / "train.py", *tiny_args(shapes, tiny_features, "--checkpoint_path", str(two), *common))
+    assert r.returncode == 0, r.out[-3000:]
     assert "2 process(es)" in r.stdout and "global batch: 8 images" in r.stdout
     w1, w2 = load_file(str(one / "last.safetensors")), load_file(str(two / "last.safetensors"))
     # attention.score.bias shifts every e_ti alike: softmax cancels it, its gradient is 0 up to rounding,
@@ -146,6 +137,7 @@ def test_recurrence_stays_float32_under_autocast():
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_bf16_training_tracks_fp32(shapes, tiny_features):
     """40 steps on the tiny world's grids: bf16 autocast (fp32 recurrence) ends within 3% of fp32's loss."""
     from caption.data import train_batches

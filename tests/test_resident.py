@@ -2,11 +2,7 @@
 bit for bit; the same trained weights; resume mid-epoch; each process holds only its slice; a
 budget too small is a message, not a crash."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ from caption.data import train_batches
 from caption.resident import MemoryBudgetError, ResidentFeatures, choose, rank_slice, resident_batches
 from caption.vocab import build_from_split_file
 from shards import open_store
-from tests.conftest import ROOT, free_port, tiny_args
+from tests.conftest import ROOT, tiny_args
 
 CPU = torch.device("cpu")
 
@@ -63,6 +59,7 @@ def test_the_budget_is_checked_before_loading(tmp_path):
     assert rank_slice(97, 1, 2) == range(48, 96) and rank_slice(97, 0, 2) == range(0, 48)
 
 
+@pytest.mark.slow
 def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, tmp_path, capsys):
     common = ("--dropout", "0.3", "--max_epochs", "2", "--save_checkpoint_every", "0")
     a, b, c = tmp_path / "streamed", tmp_path / "held", tmp_path / "held_resumed"
@@ -82,15 +79,12 @@ def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, 
     assert not (tmp_path / "small" / "state").exists()
 
 
-def test_two_processes_each_hold_their_slice(shapes, tiny_features, tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"  # (`accelerate launch --cpu` starts one process)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(),
-                        str(ROOT / "caption" / "train.py"),
-                        *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
-                                   "--num_workers", "0", "--features_in_memory", "ram")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
+def test_two_processes_each_hold_their_slice(shapes, tiny_features, tmp_path, run_torchrun):
+    # (torchrun: `accelerate launch --cpu` starts one process)
+    r = run_torchrun(ROOT / "caption" / "train.py",
+                     *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
+                                "--num_workers", "0", "--features_in_memory", "ram"))
+    out = r.out
     assert r.returncode == 0, out[-3000:]
     assert "2 process(es)" in out
     held = sorted(re.findall(r"rank (\d)/2: .*holding images (\d+)\.\.(\d+), (\d+) bytes", out))

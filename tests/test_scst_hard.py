@@ -1,20 +1,16 @@
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from caption import train
-from caption.model import Decoder, DecoderConfig
 from caption.encoder import CachedGrids, Captioner
+from caption.model import Decoder, DecoderConfig
 from caption.objective import HardAttention
 from caption.scst import CiderD, scst_loss
 from caption.vocab import Vocab
-from tests.conftest import ROOT, free_port, tiny_args
+from tests.conftest import ROOT, tiny_args
 
 REFS = {
     1: ["a man riding a horse on a beach", "a person rides a brown horse near the ocean", "man on horseback at the shore"],
@@ -154,14 +150,11 @@ def test_scst_training_resumes_mid_run(shapes, tiny_features, tmp_path):
     assert json.loads((run / "state" / "progress.json").read_text())["step"] == 40
 
 
-def test_two_process_scst(shapes, tiny_features, tmp_path):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "caption" / "train.py"),
-                        *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
-                                   "--self_critical_after", "0", "--sc_sample_n", "2", "--sc_baseline", "greedy")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
+def test_two_process_scst(shapes, tiny_features, tmp_path, run_torchrun):
+    r = run_torchrun(ROOT / "caption" / "train.py",
+                     *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
+                                "--self_critical_after", "0", "--sc_sample_n", "2", "--sc_baseline", "greedy"))
+    out = r.out
     assert r.returncode == 0, out[-3000:]
     assert sorted(re.findall(r"rank \d/2: \d+ batches this run", out)) == [
         "rank 0/2: 12 batches this run", "rank 1/2: 12 batches this run"]

@@ -88,6 +88,7 @@ def run_writer(tmp_path, rank, world, backend, slow, root):
     return subprocess.Popen([sys.executable, str(script), str(rank), str(world), backend, str(slow), str(root)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_two_writers_merge(tmp_path, backend):
     root = tmp_path / "s"
@@ -98,6 +99,7 @@ def test_two_writers_merge(tmp_path, backend):
     assert all(fmt.equal(a, b) for a, b in zip(make_records(20), open_store(root).iter_records()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_killed_writer_resumes(tmp_path, backend):
     root = tmp_path / "s"

@@ -101,6 +101,7 @@ def both(served, tmp_path_factory):
     return local, http
 
 
+@pytest.mark.slow
 def test_http_featurize_two_processes_equals_local(both):
     local, http = both
     for split, n in (("train", 96), ("val", 12)):
@@ -116,6 +117,7 @@ def test_http_featurize_two_processes_equals_local(both):
     assert len(a[0]["captions"]) == 1  # .txt only
 
 
+@pytest.mark.slow
 def test_train_from_http_feature_shards_equals_local(both, served, tmp_path):
     """Feature shards served over HTTP stream into training (no Karpathy file: vocabulary and
     validation references from the records); same weights and the same evaluation as from the folder."""
@@ -139,6 +141,7 @@ def test_train_from_http_feature_shards_equals_local(both, served, tmp_path):
     assert (runs["local"] / "vocab.json").read_text() == (runs["http"] / "vocab.json").read_text()
 
 
+@pytest.mark.slow
 def test_resume_by_input_shard(served, tmp_path, copy_backbone, both):
     """A half-written input shard (some output shards, no marker) is redone whole; finished ones are kept."""
     local, _ = both
@@ -165,6 +168,7 @@ def test_404_and_refused_name_the_url(served):
         list(tar_samples("http://127.0.0.1:1/x.tar", timeout=5))
 
 
+@pytest.mark.slow
 def test_featurize_404_is_one_line_and_writes_nothing_complete(served, tmp_path, copy_backbone, both, capsys):
     import featurize.__main__ as fz
     _, base = served
@@ -208,6 +212,7 @@ def test_short_http_body_is_named(served):
         server.kill()
 
 
+@pytest.mark.slow
 def test_bad_samples_are_listed_failures(served, shapes, tmp_path, copy_backbone, both):
     """A .pyd member, a caption that is not UTF-8, a sample without an image, one without a
     caption: each a listed failure naming shard and key; the good samples are featurized."""
@@ -252,6 +257,7 @@ def node(rank: int, port: str, args: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_two_nodes_one_process_each(shapes, tiny_features, tmp_path):
     from conftest import tiny_args
     port = free_port()
