@@ -57,9 +57,13 @@ from common import config as C
 from common.cli import command
 from common.errors import UserError
 from common.files import atomic_write_text
+from common.log import get_logger
 from common.tensors import default_device
 from shards.karpathy import load_split
 from shards.manifest import identity
+
+
+log = get_logger(__name__)  # the main process's lines, unless asked of every one (common/log.py)
 
 
 class TrainError(UserError):
@@ -173,8 +177,8 @@ def train(cfg: C.Config) -> int:
         if t.stopping:
             save_state(accelerator, t.run, dataclasses.asdict(p), t.net)
             name = signal.Signals(t.stop.signum).name if t.stop.signum else "a stop signal on another process"
-            accelerator.print(f"{t.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
-                              "Continue with the same command and --resume true (or --resume auto)", flush=True)
+            log.info(f"{t.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
+                     "Continue with the same command and --resume true (or --resume auto)")
             accelerator.end_training()
             return 128 + (t.stop.signum or signal.SIGTERM)
         if interrupted:
@@ -182,14 +186,12 @@ def train(cfg: C.Config) -> int:
         elif p.validated_step != p.step:
             validate_and_save(t)
     accelerator.end_training()
-    # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
-    sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: "
-                     f"{p.batches_total - seen_before} batches this run\n")
-    sys.stdout.flush()
+    log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {p.batches_total - seen_before} batches "
+             "this run", main_process_only=False)
     best = "none" if p.best is None else f"{abs(p.best):.3f}"  # (nll is kept negated: higher is better)
     metric = "CIDEr-D" if tcfg.select_on == "cider" else "NLL"
     stop = " (stopped early)" if stopped_early(t) else ""
-    accelerator.print(f"{t.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
+    log.info(f"{t.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
     return 130 if interrupted else 0
 
 
@@ -213,8 +215,7 @@ def train_loop(t: Training) -> bool:
                          f"{p.step} ({str(e).strip().splitlines()[0][:200]}); the last saved state is in {t.run}/state: "
                          "rerun every node's command with --resume") from None
     except KeyboardInterrupt:
-        if accelerator.is_main_process:
-            tqdm.write("interrupted: saving `last` before exiting")
+        log.info("interrupted: saving `last` before exiting")
         return True
     return False
 
@@ -240,7 +241,7 @@ def setup(cfg: C.Config) -> Training:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=len(vocab),
                                                              feature_dim=int(manifest["channels"])))
     decoder = Decoder(cfg.model)
-    state_dir = check_resume(cfg, run, accelerator.is_main_process)
+    state_dir = check_resume(cfg, run)
     net = build_net(decoder, cfg, vocab, manifest)
     if accelerator.is_main_process:
         C.save(cfg, run / "config.yaml")  # the resolved config, before the first step
@@ -346,17 +347,15 @@ def load_resident(cfg: C.Config, train: Split, accelerator: Accelerator) -> Resi
     need = len(rows) * manifest["grid"] ** 2 * manifest["channels"] * 2
     where, why = choose(tcfg.features_in_memory, need, accelerator.device, tcfg.memory_budget_gb)
     if where == "off":
-        accelerator.print(why)
+        log.info(why)
         return None
     resident = ResidentFeatures(train.store, rows, where, accelerator.device, progress=accelerator.is_main_process)
     if accelerator.num_processes > 1:
-        accelerator.print(f"features_in_memory on {accelerator.num_processes} processes: each holds and shuffles its own "
-                          "1/N of the train images, so global batches differ from a 1-process run's (the streamed "
-                          "path, features_in_memory off, follows one trajectory on any number of processes)", flush=True)
-    # One write per line: the ranks share a terminal (or a pipe) and must not interleave mid-line.
-    sys.stdout.write(f"rank {accelerator.process_index}/{accelerator.num_processes}: {why}; holding images "
-                     f"{rows.start}..{rows.stop - 1}, {resident.nbytes} bytes\n")
-    sys.stdout.flush()
+        log.info(f"features_in_memory on {accelerator.num_processes} processes: each holds and shuffles its own 1/N of "
+                 "the train images, so global batches differ from a 1-process run's (the streamed path, "
+                 "features_in_memory off, follows one trajectory on any number of processes)")
+    log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {why}; holding images "
+             f"{rows.start}..{rows.stop - 1}, {resident.nbytes} bytes", main_process_only=False)
     return resident
 
 
@@ -364,15 +363,13 @@ def describe_batches(accelerator: Accelerator, run: Path, tcfg: C.TrainConfig, b
                      steps_per_epoch: int, backend: str) -> None:
     """The first lines of the log: batches per process, and the global batch, updates and learning rate."""
     world = accelerator.num_processes
-    accelerator.print(f"{run}: {world} process(es) on {accelerator.device}, {batches_per_epoch} batches of "
-                      f"{tcfg.batch_size} images x {tcfg.seq_per_img} captions per epoch per process "
-                      f"({backend} features)", flush=True)
+    log.info(f"{run}: {world} process(es) on {accelerator.device}, {batches_per_epoch} batches of {tcfg.batch_size} "
+             f"images x {tcfg.seq_per_img} captions per epoch per process ({backend} features)")
     images = tcfg.batch_size * world * tcfg.gradient_accumulation_steps
     total = steps_per_epoch * tcfg.max_epochs
     total = min(tcfg.max_steps, total) if tcfg.max_steps else total
-    accelerator.print(f"global batch: {images} images x {tcfg.seq_per_img} = {images * tcfg.seq_per_img} captions per "
-                      f"optimizer step; {steps_per_epoch} updates per epoch, {total} in all; learning rate "
-                      f"{tcfg.learning_rate:g}", flush=True)
+    log.info(f"global batch: {images} images x {tcfg.seq_per_img} = {images * tcfg.seq_per_img} captions per "
+             f"optimizer step; {steps_per_epoch} updates per epoch, {total} in all; learning rate {tcfg.learning_rate:g}")
 
 
 def lost_peer(accelerator: Accelerator, e: BaseException) -> bool:
@@ -424,8 +421,8 @@ def with_split_file(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> 
         return cfg  # the records hold the captions: no split file is read
     if Path(cfg.data.input_json).is_file() or not manifest.get("input_json") or not Path(manifest["input_json"]).is_file():
         return cfg
-    accelerator.print(f"{cfg.data.input_json or '(no --input_json)'}: not a file; using the split file the train "
-                      f"features were made from, {manifest['input_json']}", flush=True)
+    log.info(f"{cfg.data.input_json or '(no --input_json)'}: not a file; using the split file the train features "
+             f"were made from, {manifest['input_json']}")
     data = dataclasses.replace(cfg.data, input_json=manifest["input_json"],
                                images_root=cfg.data.images_root or manifest.get("images_root", ""))
     return dataclasses.replace(cfg, data=data)
@@ -472,15 +469,15 @@ def resolve_resume(cfg: C.Config, run: Path) -> C.Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
 
 
-def check_resume(cfg: C.Config, run: Path, is_main: bool = True) -> Path | None:
+def check_resume(cfg: C.Config, run: Path) -> Path | None:
     """The state folder to resume from (None: a fresh run), after checking the run folder agrees."""
     if cfg.train.resume == "false":
         if (run / "state").exists() or (run / "state.old").exists():
             raise TrainError(f"{run}: holds a run already; pass --resume true (or auto) to continue it, or choose "
                              "another --checkpoint_path/--id")
-        if is_main and (run / "metrics.jsonl").exists():
-            print(f"{run}: metrics.jsonl holds rows of an earlier run that saved no state; starting over at step 0 "
-                  "and dropping them", file=sys.stderr, flush=True)
+        if (run / "metrics.jsonl").exists():
+            log.warning(f"{run}: metrics.jsonl holds rows of an earlier run that saved no state; starting over at "
+                        "step 0 and dropping them")
         return None
     state_dir = resume_dir(run)
     if state_dir is None:
@@ -561,7 +558,7 @@ def train_one_epoch(t: Training, batches) -> bool:
             row = step_row(t, total, stats, global_norm, p_ss, rate)
             shown = {"xent/token": row["xent"]} if "xent" in row else {}
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in {**shown, "loss": row["loss"]}.items()}, "cap/s": f"{rate:.0f}"})
-            log(t, row)
+            log_row(t, row)
             t0, captions = time.perf_counter(), 0
         if t.stopping:
             bar.close()
@@ -624,9 +621,9 @@ def validate_and_save(t: Training) -> None:
     scores = validate(t)  # every process takes part
     nll = scores.get("NLL")
     if acc.is_main_process:
-        log(t, {"step": p.step, "epoch": p.epoch, **{f"val_{k}": v for k, v in scores.items()}})
-        tqdm.write(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}"
-                   + (f" NLL {nll:.4f}" if nll is not None else ""))
+        log_row(t, {"step": p.step, "epoch": p.epoch, **{f"val_{k}": v for k, v in scores.items()}})
+        log.info(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}"
+                 + (f" NLL {nll:.4f}" if nll is not None else ""))
         value = scores["CIDEr"] if tcfg.select_on == "cider" else -nll  # higher is better
         if p.best is None or value > p.best:
             p.best, p.best_step, p.bad_validations = value, p.step, 0
@@ -702,7 +699,7 @@ def tb_name(key: str) -> str:
     return TB_NAMES.get(key) or (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}")
 
 
-def log(t: Training, row: dict) -> None:
+def log_row(t: Training, row: dict) -> None:
     """A row to TensorBoard (every process calls; Accelerate writes on the main one; `tb_name`) and
     to metrics.jsonl (its own keys: val_CIDEr is CIDEr-D)."""
     t.accelerator.log({tb_name(k): v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
@@ -741,7 +738,7 @@ def drop_rows_after(path: Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             if i == len(rows) - 1:  # the last line torn by a kill mid-write: dropped
-                print(f"{path}: its last line is incomplete (a kill mid-write); dropped", file=sys.stderr, flush=True)
+                log.warning(f"{path}: its last line is incomplete (a kill mid-write); dropped")
                 continue
             raise TrainError(f"{path}: line {i + 1} is not JSON; repair or delete the line to resume") from None
         if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):

@@ -92,7 +92,8 @@ def test_two_processes_follow_the_one_process_trajectory(recipe, shapes, tiny_fe
     assert train.main(tiny_args(shapes, tiny_features, "--checkpoint_path", str(one), *common)) == 0
     r = run_torchrun(ROOT / "caption" / "train.py", *tiny_args(shapes, tiny_features, "--checkpoint_path", str(two), *common))
     assert r.returncode == 0, r.out[-3000:]
-    assert "2 process(es)" in r.stdout and "global batch: 8 images" in r.stdout
+    assert "2 process(es)" in r.stdout and "global batch: 8 images" in r.stdout  # once: the main process's lines
+    assert r.out.count("global batch: 8 images") == 1
     w1, w2 = load_file(str(one / "last.safetensors")), load_file(str(two / "last.safetensors"))
     # attention.score.bias shifts every e_ti alike: softmax cancels it, its gradient is 0 up to rounding,
     # and Adam turns rounding noise of either sign into lr-sized steps. Every other weight must agree.
