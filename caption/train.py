@@ -168,51 +168,51 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: C.Config) -> int:
     """Train until max_epochs (or max_steps); 130 when interrupted (the state saved first)."""
-    t = setup(cfg)
-    tcfg, p, accelerator = t.cfg.train, t.progress, t.accelerator
+    job = setup(cfg)
+    tcfg, p, accelerator = job.cfg.train, job.progress, job.accelerator
     seen_before = p.batches_total
     interrupted = False
-    with t.stop:  # until the last save is written: a signal then only says so
-        interrupted = train_loop(t)
-        if t.stopping:
-            save_state(accelerator, t.run, dataclasses.asdict(p), t.net)
-            name = signal.Signals(t.stop.signum).name if t.stop.signum else "a stop signal on another process"
-            log.info(f"{t.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
+    with job.stop:  # until the last save is written: a signal then only says so
+        interrupted = train_loop(job)
+        if job.stopping:
+            save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
+            name = signal.Signals(job.stop.signum).name if job.stop.signum else "a stop signal on another process"
+            log.info(f"{job.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
                      "Continue with the same command and --resume true (or --resume auto)")
             accelerator.end_training()
-            return 128 + (t.stop.signum or signal.SIGTERM)
+            return 128 + (job.stop.signum or signal.SIGTERM)
         if interrupted:
-            save_state(accelerator, t.run, dataclasses.asdict(p), t.net)
+            save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
         elif p.validated_step != p.step:
-            validate_and_save(t)
+            validate_and_save(job)
     accelerator.end_training()
     log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {p.batches_total - seen_before} batches "
              "this run", main_process_only=False)
     best = "none" if p.best is None else f"{abs(p.best):.3f}"  # (nll is kept negated: higher is better)
     metric = "CIDEr-D" if tcfg.select_on == "cider" else "NLL"
-    stop = " (stopped early)" if stopped_early(t) else ""
-    log.info(f"{t.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
+    stop = " (stopped early)" if stopped_early(job) else ""
+    log.info(f"{job.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
     return 130 if interrupted else 0
 
 
-def train_loop(t: Training) -> bool:
+def train_loop(job: Training) -> bool:
     """The epochs, until max_epochs, max_steps, early stopping or a stop signal; True when
     interrupted by Ctrl-C."""
-    tcfg, p, accelerator = t.cfg.train, t.progress, t.accelerator
+    tcfg, p, accelerator = job.cfg.train, job.progress, job.accelerator
     try:
-        if t.net.encoder.reads_images and p.step == 0 and resume_dir(t.run) is None:
-            validate_and_save(t)  # step 0: the cached run's decoder on grids from the same backbone
-        while p.epoch < tcfg.max_epochs and not stopped_early(t):
-            if not train_one_epoch(t, t.batches(p.epoch, p.batch)):
+        if job.net.encoder.reads_images and p.step == 0 and resume_dir(job.run) is None:
+            validate_and_save(job)  # step 0: the cached run's decoder on grids from the same backbone
+        while p.epoch < tcfg.max_epochs and not stopped_early(job):
+            if not train_one_epoch(job, job.batches(p.epoch, p.batch)):
                 break  # max_steps or early stopping
             p.epoch, p.batch = p.epoch + 1, 0
             if not tcfg.save_checkpoint_every:
-                validate_and_save(t)
+                validate_and_save(job)
     except (RuntimeError, OSError) as e:
         if not lost_peer(accelerator, e):
             raise
-        raise TrainError(f"{t.run}: lost another process of this {accelerator.num_processes}-process run at step "
-                         f"{p.step} ({str(e).strip().splitlines()[0][:200]}); the last saved state is in {t.run}/state: "
+        raise TrainError(f"{job.run}: lost another process of this {accelerator.num_processes}-process run at step "
+                         f"{p.step} ({str(e).strip().splitlines()[0][:200]}); the last saved state is in {job.run}/state: "
                          "rerun every node's command with --resume") from None
     except KeyboardInterrupt:
         log.info("interrupted: saving `last` before exiting")
@@ -515,13 +515,13 @@ def build_optimizer(net: Captioner, tcfg: C.TrainConfig) -> torch.optim.Optimize
 
 
 # ---- the loop -----------------------------------------------------------------------------
-def train_one_epoch(t: Training, batches) -> bool:
+def train_one_epoch(job: Training, batches) -> bool:
     """One pass over `batches`; False when max_steps stopped it early."""
-    tcfg, p, acc, step = t.cfg.train, t.progress, t.accelerator, t.step
+    tcfg, p, acc, step = job.cfg.train, job.progress, job.accelerator, job.step
     step.train()
     acc.unwrap_model(step).use(objective_at(tcfg, p.epoch))
     p_ss = ss_prob(tcfg, p.epoch)
-    bar = tqdm(total=t.batches_per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", unit="batch",
+    bar = tqdm(total=job.batches_per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", unit="batch",
                disable=not acc.is_main_process, dynamic_ncols=True)
     t0, captions = time.perf_counter(), 0
     for batch in batches:
@@ -535,7 +535,7 @@ def train_one_epoch(t: Training, batches) -> bool:
                                            acc.process_index, acc.num_processes, acc.device)
                 total, norm, stats = step(inputs, tokens, targets, ss_prob=p_ss, refs=batch["refs"], keys=batch["keys"],
                                           logged=logged, noise=noise)
-            global_norm, save_now = agree(t, norm)
+            global_norm, save_now = agree(job, norm)
             loss = total * acc.num_processes / global_norm  # DDP averages gradients over processes: x world
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at step {p.step} (epoch {p.epoch}); "
@@ -543,9 +543,9 @@ def train_one_epoch(t: Training, batches) -> bool:
             acc.backward(loss)
             if acc.sync_gradients and tcfg.grad_clip > 0:
                 acc.clip_grad_norm_(step.parameters(), tcfg.grad_clip)
-            t.optimizer.step()
-            t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
+            job.optimizer.step()
+            job.scheduler.step()
+            job.optimizer.zero_grad(set_to_none=True)
         p.batch += 1
         p.batches_total += 1
         captions += tokens.shape[0]
@@ -555,19 +555,19 @@ def train_one_epoch(t: Training, batches) -> bool:
         p.step += 1
         if p.step % tcfg.log_every == 0:
             rate = captions * acc.num_processes / (time.perf_counter() - t0)
-            row = step_row(t, total, stats, global_norm, p_ss, rate)
+            row = step_row(job, total, stats, global_norm, p_ss, rate)
             shown = {"xent/token": row["xent"]} if "xent" in row else {}
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in {**shown, "loss": row["loss"]}.items()}, "cap/s": f"{rate:.0f}"})
-            log_row(t, row)
+            log_row(job, row)
             t0, captions = time.perf_counter(), 0
-        if t.stopping:
+        if job.stopping:
             bar.close()
             return False  # train() saves and exits
-        after_step(t)
+        after_step(job)
         if save_now and p.validated_step != p.step:
-            save_state(acc, t.run, dataclasses.asdict(p), t.net)
-            t.saved_at = time.monotonic()
-        if (tcfg.max_steps and p.step >= tcfg.max_steps) or stopped_early(t):
+            save_state(acc, job.run, dataclasses.asdict(p), job.net)
+            job.saved_at = time.monotonic()
+        if (tcfg.max_steps and p.step >= tcfg.max_steps) or stopped_early(job):
             bar.close()
             return False
     bar.close()
@@ -577,117 +577,117 @@ def train_one_epoch(t: Training, batches) -> bool:
 PER_TOKEN = ("xent", "attention_reg")  # stats summed over the batch: logged per token (the loss's normalizer)
 
 
-def agree(t: Training, norm: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def agree(job: Training, norm: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """One all-reduce per step: the normalizer (tokens, or sampled captions) over every process, so
     each weighs the same however the batch was split; whether any process noted a stop signal; and
     the main process's save_every_minutes clock, so every rank acts on them after the same step.
-    Returns (global normalizer, save now); sets t.stopping."""
-    acc = t.accelerator
+    Returns (global normalizer, save now); sets job.stopping."""
+    acc = job.accelerator
     shared = acc.reduce(torch.stack([norm.detach().float().reshape(()).to(acc.device),
-                                     torch.tensor(float(t.stop.signum > 0), device=acc.device),
-                                     torch.tensor(float(acc.is_main_process and save_due(t)), device=acc.device)]),
+                                     torch.tensor(float(job.stop.signum > 0), device=acc.device),
+                                     torch.tensor(float(acc.is_main_process and save_due(job)), device=acc.device)]),
                         reduction="sum")
-    t.stopping = t.stopping or bool(shared[1] > 0)
+    job.stopping = job.stopping or bool(shared[1] > 0)
     return shared[0], bool(shared[2] > 0)
 
 
-def step_row(t: Training, total: torch.Tensor, stats: dict, global_norm: torch.Tensor, p_ss: float, rate: float) -> dict:
+def step_row(job: Training, total: torch.Tensor, stats: dict, global_norm: torch.Tensor, p_ss: float, rate: float) -> dict:
     """The metrics.jsonl row of a logged step: the loss (summed over every process's batch, over the
     global normalizer: the same number on 1 or W processes), lr, and the objective's stats over
     processes (xent and the attention regularizer per token; SCST reward and greedy CIDEr-D; the
     hard-attention baseline, averaged)."""
-    acc, world = t.accelerator, t.accelerator.num_processes
+    acc, world = job.accelerator, job.accelerator.num_processes
     summed = acc.reduce(total.detach().float().reshape(1), "sum")[0]
-    row = {"step": t.progress.step, "epoch": t.progress.epoch, "loss": (summed / global_norm).item(),
-           "lr": t.scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
+    row = {"step": job.progress.step, "epoch": job.progress.epoch, "loss": (summed / global_norm).item(),
+           "lr": job.scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
     for k, v in stats.items():
         v = acc.reduce(v.detach().float().reshape(1).to(acc.device), "sum")[0]
         row[k] = (v / global_norm if k in PER_TOKEN else v / world).item()
     return row
 
 
-def after_step(t: Training) -> None:
+def after_step(job: Training) -> None:
     """After each optimizer step: the encoder learns the step (a fine-tuned backbone trains from
     `finetune_start` on); validate and checkpoint every `save_checkpoint_every` steps."""
-    tcfg, p = t.cfg.train, t.progress
-    t.net.encoder.at_step(p.step)
+    tcfg, p = job.cfg.train, job.progress
+    job.net.encoder.at_step(p.step)
     if tcfg.save_checkpoint_every and p.step % tcfg.save_checkpoint_every == 0:
-        validate_and_save(t)
+        validate_and_save(job)
 
 
-def validate_and_save(t: Training) -> None:
+def validate_and_save(job: Training) -> None:
     """Score the val split; a better `select_on` value writes best.safetensors; then `last` and the state."""
-    acc, p, tcfg = t.accelerator, t.progress, t.cfg.train
-    scores = validate(t)  # every process takes part
+    acc, p, tcfg = job.accelerator, job.progress, job.cfg.train
+    scores = validate(job)  # every process takes part
     nll = scores.get("NLL")
     if acc.is_main_process:
-        log_row(t, {"step": p.step, "epoch": p.epoch, **{f"val_{k}": v for k, v in scores.items()}})
+        log_row(job, {"step": p.step, "epoch": p.epoch, **{f"val_{k}": v for k, v in scores.items()}})
         log.info(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}"
                  + (f" NLL {nll:.4f}" if nll is not None else ""))
         value = scores["CIDEr"] if tcfg.select_on == "cider" else -nll  # higher is better
         if p.best is None or value > p.best:
             p.best, p.best_step, p.bad_validations = value, p.step, 0
-            save_weights(t.net, t.run / "best.safetensors")
+            save_weights(job.net, job.run / "best.safetensors")
         else:
             p.bad_validations += 1
     # the main process decided; every process takes its values (None: nothing validated yet)
     best, bad = broadcast_main(acc, [-math.inf if p.best is None else p.best, float(p.bad_validations)])
     p.best, p.bad_validations = (None if best == -math.inf else best), int(bad)
     p.validated_step = p.step
-    save_state(acc, t.run, dataclasses.asdict(p), t.net)
-    t.saved_at = time.monotonic()
+    save_state(acc, job.run, dataclasses.asdict(p), job.net)
+    job.saved_at = time.monotonic()
 
 
-def save_due(t: Training) -> bool:
+def save_due(job: Training) -> bool:
     """`save_every_minutes` have passed since the last save (decided by the main process's clock)."""
-    minutes = t.cfg.train.save_every_minutes
-    return bool(minutes) and time.monotonic() - t.saved_at >= 60 * minutes
+    minutes = job.cfg.train.save_every_minutes
+    return bool(minutes) and time.monotonic() - job.saved_at >= 60 * minutes
 
 
-def stopped_early(t: Training) -> bool:
+def stopped_early(job: Training) -> bool:
     """`early_stop_patience` validations in a row without a better value (the same on every process)."""
-    patience = t.cfg.train.early_stop_patience
-    return bool(patience) and t.progress.bad_validations >= patience
+    patience = job.cfg.train.early_stop_patience
+    return bool(patience) and job.progress.bad_validations >= patience
 
 
 @torch.no_grad()
-def validate(t: Training) -> dict[str, float]:
+def validate(job: Training) -> dict[str, float]:
     """The val split's first `val_images_use` images, each process decoding its share: greedy
     captions scored with CIDEr-D and BLEU-4, and with `select_on nll` the mean per-token NLL of
     their captions (seq_per_img each, teacher forced), all from the same grids (read from the
     store, or computed now by a fine-tuned encoder). {} on processes other than the main one."""
-    acc, net, tcfg = t.accelerator, t.net, t.cfg.train
+    acc, net, tcfg = job.accelerator, job.net, job.cfg.train
     was_training = net.training
     net.eval()
-    records = net.encoder.records(t.data["val"], acc.process_index, acc.num_processes, tcfg.val_images_use, acc.device)
+    records = net.encoder.records(job.data["val"], acc.process_index, acc.num_processes, tcfg.val_images_use, acc.device)
     mine, nll = [], torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, tokens
     # 64 images at a time: COCO's 5,000 val grids at once would take 4 GB of memory.
     for i, chunk in enumerate(iter(lambda: list(itertools.islice(records, 64)), [])):
-        mine += decode_records(net.decoder, t.vocab, chunk, device=acc.device, beam_size=1, batch_size=64)
+        mine += decode_records(net.decoder, job.vocab, chunk, device=acc.device, beam_size=1, batch_size=64)
         if tcfg.select_on == "nll":
-            nll += chunk_nll(t, chunk, i)
+            nll += chunk_nll(job, chunk, i)
     everyone = gather_object(mine)
     nll = acc.reduce(nll, reduction="sum")
     net.train(was_training)
     if not acc.is_main_process:
         return {}
     results = {r["image_id"]: r["caption"] for r in everyone}
-    metrics, _ = score(t.data["val"].references(results), results, scorers=("Bleu", "CIDEr"))
+    metrics, _ = score(job.data["val"].references(results), results, scorers=("Bleu", "CIDEr"))
     scores = {"CIDEr": metrics.get("CIDEr", 0.0), "Bleu_4": metrics.get("Bleu_4", 0.0)}
     if tcfg.select_on == "nll":
         scores["NLL"] = float(nll[0] / nll[1].clamp_min(1))
     return scores
 
 
-def chunk_nll(t: Training, chunk: list[dict], i: int) -> torch.Tensor:
+def chunk_nll(job: Training, chunk: list[dict], i: int) -> torch.Tensor:
     """(summed NLL, tokens) of the i-th chunk of val records' captions, seq_per_img per image
     picked by (seed, image's place), teacher forced."""
-    acc, tcfg = t.accelerator, t.cfg.train
-    items = [encode_record(r, t.vocab, tcfg.seq_per_img, tcfg.max_length, np.random.default_rng([tcfg.seed, 64 * i + j]))
+    acc, tcfg = job.accelerator, job.cfg.train
+    items = [encode_record(r, job.vocab, tcfg.seq_per_img, tcfg.max_length, np.random.default_rng([tcfg.seed, 64 * i + j]))
              for j, r in enumerate(chunk)]
-    b = collate(items, t.vocab)
-    out = t.net.decoder(b["features"].to(acc.device), b["tokens"].to(acc.device), tcfg.seq_per_img)
-    _, xent, ntok = sequence_loss(out.logits, b["targets"].to(acc.device), out.alphas, t.vocab.pad_id, 0.0)
+    b = collate(items, job.vocab)
+    out = job.net.decoder(b["features"].to(acc.device), b["tokens"].to(acc.device), tcfg.seq_per_img)
+    _, xent, ntok = sequence_loss(out.logits, b["targets"].to(acc.device), out.alphas, job.vocab.pad_id, 0.0)
     return torch.stack([xent.double(), ntok.double()])  # xent is summed over the tokens
 
 
@@ -699,12 +699,12 @@ def tb_name(key: str) -> str:
     return TB_NAMES.get(key) or (f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}")
 
 
-def log_row(t: Training, row: dict) -> None:
+def log_row(job: Training, row: dict) -> None:
     """A row to TensorBoard (every process calls; Accelerate writes on the main one; `tb_name`) and
     to metrics.jsonl (its own keys: val_CIDEr is CIDEr-D)."""
-    t.accelerator.log({tb_name(k): v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
-    if t.accelerator.is_main_process:
-        with open(t.run / "metrics.jsonl", "a") as f:
+    job.accelerator.log({tb_name(k): v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+    if job.accelerator.is_main_process:
+        with open(job.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 

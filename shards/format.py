@@ -104,10 +104,3 @@ def finite(x: np.ndarray) -> bool:
     """No NaN or inf in a float16 array. Read as int16, finite values lie below +inf's bits (0x7C00);
     read as uint16, below -inf's (0xFC00): two max reductions, no temporaries (np.isfinite on half makes a float32 copy)."""
     return x.size == 0 or (int(x.view(np.int16).max()) < 0x7C00 and int(x.view(np.uint16).max()) < 0xFC00)
-
-
-def equal(a: Record, b: Record) -> bool:
-    """Bit-exact equality of two records."""
-    return (meta(a) == meta(b) and a["features"].dtype == b["features"].dtype
-            and a["features"].shape == b["features"].shape
-            and a["features"].tobytes() == b["features"].tobytes())

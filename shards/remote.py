@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import os
 import socket
 import subprocess
 import tarfile

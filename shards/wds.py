@@ -291,8 +291,3 @@ class WdsReader(IndexedStore):
 
     def shard_files(self) -> list[tuple[dict, Path]]:
         return list(zip(self.manifest["shards"], self.paths))
-
-
-def iter_urls(urls: Iterable[str], grid: int | None = None, channels: int | None = None) -> Iterator[fmt.Record]:
-    """Records of any tar shards in order (e.g. `pipe:` URLs), without a manifest."""
-    yield from stream(list(urls), grid=grid, channels=channels)

@@ -22,6 +22,19 @@ def shapes(tmp_path_factory) -> Path:
     return out
 
 
+def same_record(a: dict, b: dict) -> bool:
+    """Bit-exact equality of two feature-store records: metadata, dtype, shape and bytes."""
+    from shards.format import meta
+    return (meta(a) == meta(b) and a["features"].dtype == b["features"].dtype
+            and a["features"].shape == b["features"].shape and a["features"].tobytes() == b["features"].tobytes())
+
+
+def read_tars(urls, grid: int | None = None, channels: int | None = None) -> list:
+    """Records of tar shards in order (paths, `pipe:` URLs), without a manifest."""
+    from shards.wds import stream
+    return list(stream(list(urls), grid=grid, channels=channels))
+
+
 def free_port() -> str:
     """A TCP port free on this machine now, for a two-process rendezvous (no fixed ports that
     another test or program may hold)."""

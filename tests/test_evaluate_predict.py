@@ -7,7 +7,6 @@ from PIL import Image
 from caption.evaluate import main as evaluate_main
 from caption.predict import main as predict_main
 from caption.visualize import figure_size
-from tests.conftest import tiny_args
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from featurize.images import load_rgb
 from shards import load_manifest, open_store
 import shards.format as fmt
 from shards.karpathy import load_split
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, same_record, tiny_args
 
 
 def records(root):
@@ -210,7 +210,7 @@ def test_killed_featurize_resumes_to_the_same_store(shapes, tiny_features, tmp_p
     assert not (out / "train" / "manifest.json").exists()
     assert fz.main(args) == 0
     a, b = records(tiny_features / "train"), records(out / "train")
-    assert len(a) == len(b) == 96 and all(fmt.equal(x, y) for x, y in zip(a, b))
+    assert len(a) == len(b) == 96 and all(same_record(x, y) for x, y in zip(a, b))
 
 
 def test_two_process_featurize(shapes, tiny_features, tmp_path, copy_backbone, run_torchrun):

@@ -36,7 +36,6 @@ def test_decoder_learns_the_shapes_world(tmp_path):
     assert fz.main(common + ["--split", "all", "--weights", str(weights)]) == 0
     assert train.main(common + ["--checkpoint_path", str(run), "--max_epochs", "5", "--learning_rate_decay_start", "2"]) == 0
     m = evaluate(run, "test", beam_size=3, scorers=("Bleu",), with_grounding=True, progress=False)
-    results = {r["image_id"]: r["caption"] for r in json.loads((run / "eval_test" / "results.json").read_text())}
 
     test = {e.image_id: e for e in load_split(data / "dataset.json", "test")}
     refs = {i: [" ".join(t) for t in e.tokens] for i, e in test.items()}

@@ -15,7 +15,7 @@ import pytest
 from shards import StoreError, done_shards, finalize, open_store, write_records
 from shards.__main__ import convert, main as shards_main, stats, verify
 import shards.format as fmt
-from shards.wds import iter_urls
+from tests.conftest import read_tars, same_record
 
 ROOT = Path(__file__).resolve().parent.parent
 C = 32
@@ -50,10 +50,10 @@ def test_round_trip_bit_exact(tmp_path, backend):
     assert m["count"] == 11 and m["num_shards"] == 3 and all(len(s["sha256"]) == 64 for s in m["shards"])
     store = open_store(tmp_path / "s")
     back = list(store.iter_records())
-    assert len(back) == 11 and all(fmt.equal(a, b) for a, b in zip(recs, back))
+    assert len(back) == 11 and all(same_record(a, b) for a, b in zip(recs, back))
     assert back[0]["features"].dtype == np.float16 and back[0]["features"].shape == (14, 14, C)
     if backend == "zarr":
-        assert fmt.equal(store[7], recs[7])
+        assert same_record(store[7], recs[7])
     assert verify(tmp_path / "s", progress=False) == []
 
 
@@ -63,7 +63,7 @@ def test_conversion_is_lossless(tmp_path):
     convert(tmp_path / "z", tmp_path / "w", "wds", shard_size=2)
     convert(tmp_path / "w", tmp_path / "z2", "zarr", shard_size=5)
     for path in ("w", "z2"):
-        assert all(fmt.equal(a, b) for a, b in zip(recs, open_store(tmp_path / path).iter_records()))
+        assert all(same_record(a, b) for a, b in zip(recs, open_store(tmp_path / path).iter_records()))
     assert shards_main(["convert", str(tmp_path / "z"), str(tmp_path / "w3"), "--format", "wds"]) == 0
 
 
@@ -96,7 +96,7 @@ def test_two_writers_merge(tmp_path, backend):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     m = finalize(root, "train")
     assert m["count"] == 20 and verify(root, progress=False) == []
-    assert all(fmt.equal(a, b) for a, b in zip(make_records(20), open_store(root).iter_records()))
+    assert all(same_record(a, b) for a, b in zip(make_records(20), open_store(root).iter_records()))
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_killed_writer_resumes(tmp_path, backend):
     assert p.wait(timeout=120) == 0
     assert verify(root, progress=False) == []
     back = list(open_store(root).iter_records())
-    assert len(back) == 20 and all(fmt.equal(a, b) for a, b in zip(make_records(20), back))
+    assert len(back) == 20 and all(same_record(a, b) for a, b in zip(make_records(20), back))
     assert not list(root.glob(".*.tmp"))
 
 
@@ -140,14 +140,14 @@ def test_pickle_member_is_refused(tmp_path):
                                      ("rec_00000.json", json.dumps(fmt.meta(rec)).encode()),
                                      ("rec_00000.pyd", b"\x80\x04K\x01.")])
     with pytest.raises(StoreError, match=r"evil.tar: rec_00000: refusing member\(s\) .pyd"):
-        list(iter_urls([str(tmp_path / "evil.tar")], grid=14))
+        read_tars([str(tmp_path / "evil.tar")], grid=14)
     # an object-dtype .npy (which would need unpickling) is refused too
     buf = io.BytesIO()  # an object-dtype .npy: loading it would need unpickling its payload
     np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
     buf.write(b"\x80\x04K\x01.")
     tar_with(tmp_path / "obj.tar", [("k.features.npy", buf.getvalue()), ("k.json", b'{"key": "k"}')])
     with pytest.raises(StoreError, match="not a plain .npy"):
-        list(iter_urls([str(tmp_path / "obj.tar")]))
+        read_tars([str(tmp_path / "obj.tar")])
 
 
 def test_torn_tar_is_an_error(tmp_path):
@@ -156,13 +156,13 @@ def test_torn_tar_is_an_error(tmp_path):
     data = tar.read_bytes()
     (tmp_path / "torn.tar").write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(StoreError, match="torn.tar|unreadable shard"):
-        list(iter_urls([str(tmp_path / "torn.tar")], grid=14))
+        read_tars([str(tmp_path / "torn.tar")], grid=14)
     with tarfile.open(tar) as t:  # cut exactly at a member's header: tarfile alone would just stop there
         cut = t.getmembers()[6].offset
     (tmp_path / "cut.tar").write_bytes(data[:cut])
     with pytest.raises(StoreError, match="cut.tar: torn shard"):
-        list(iter_urls([str(tmp_path / "cut.tar")], grid=14))
-    assert len(list(iter_urls([f"pipe:cat {tar}"], grid=14))) == 8  # the same shard through webdataset's reader
+        read_tars([str(tmp_path / "cut.tar")], grid=14)
+    assert len(read_tars([f"pipe:cat {tar}"], grid=14)) == 8  # the same shard through webdataset's reader
 
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
@@ -208,7 +208,7 @@ def test_threaded_writes_stop_on_a_bad_record_and_resume(tmp_path, backend):
     m = write(tmp_path / "s", recs, backend, threads=3)
     assert m["count"] == 20 and m["num_shards"] == 5
     back = list(open_store(tmp_path / "s").iter_records())
-    assert len(back) == 20 and all(fmt.equal(a, b) for a, b in zip(recs, back))
+    assert len(back) == 20 and all(same_record(a, b) for a, b in zip(recs, back))
     assert verify(tmp_path / "s", progress=False) == []
 
 
@@ -216,7 +216,7 @@ def test_pipe_urls_and_stats(tmp_path, capsys):
     recs = make_records(6)
     write(tmp_path / "s", recs, "wds", shard_size=3)
     urls = [f"pipe:cat {tmp_path / 's' / f'shard-{k:06d}.tar'}" for k in range(2)]
-    assert all(fmt.equal(a, b) for a, b in zip(recs, iter_urls(urls, grid=14)))
+    assert all(same_record(a, b) for a, b in zip(recs, read_tars(urls, grid=14)))
     s = stats(tmp_path / "s")
     assert s["count"] == 6 and 0.4 < s["zero_fraction"] < 0.6
     assert shards_main(["stats", str(tmp_path / "s")]) == 0
@@ -238,7 +238,7 @@ def test_zarr_reads_our_shards_and_we_read_zarrs(tmp_path, codec):
     arr = zarr.open_array(tmp_path / "s" / "features.zarr", mode="r")[:]  # zarr's own reader
     assert arr.dtype == np.float16 and all(arr[i].tobytes() == r["features"].tobytes() for i, r in enumerate(recs))
     store = open_store(tmp_path / "s")
-    assert all(fmt.equal(store[i], r) for i, r in enumerate(recs))  # random access
+    assert all(same_record(store[i], r) for i, r in enumerate(recs))  # random access
     if codec in ("zstd", "blosc-zstd"):  # a shard written by zarr itself, decoded here
         z = zarr.open_array(tmp_path / "s" / "features.zarr", mode="r+")
         z[4:8] = np.stack([r["features"] for r in recs[:4]])
