@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--max_length", type=int, default=20)
     p.add_argument("--length_penalty", type=float, default=0.0, help="divide log p by length**this (0: off)")
-    p.add_argument("--suppress_unk", action="store_true", help="never emit <unk>")
+    p.add_argument("--suppress_unk", action="store_true",
+                   help="never emit <unk> (off by default: the scores are of what the model says; self-critical.pytorch "
+                        "suppresses it by default, opts.py:357, so pass this to compare with its numbers)")
     p.add_argument("--grounding", action="store_true", help="shapes world: color, shape and pair precision, and whether "
                    "each such word's argmax attention lies inside the object it names (caption/grounding.py)")
     p.add_argument("--limit", type=int, default=-1, help="first N images only")

@@ -33,8 +33,8 @@ class Attention(nn.Module):
     def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int, layers: int = 1):
         super().__init__()
         self.key = nn.Linear(feature_dim, attn_dim)  # W_a a_i + b: once per image
-        if layers == 2:  # the authors' n_layers_att=2: W' tanh(W_a a_i + b) + b'
-            self.key = nn.Sequential(nn.Linear(feature_dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, attn_dim))
+        if layers == 2:  # the authors' n_layers_att=2 (capgen.py:356-362): tanh(W' (W_a a_i + b) + b')
+            self.key = nn.Sequential(nn.Linear(feature_dim, attn_dim), nn.Linear(attn_dim, attn_dim), nn.Tanh())
         self.query = nn.Linear(hidden_dim, attn_dim, bias=False)  # W_h h_{t-1}: every step
         self.score = nn.Linear(attn_dim, 1)  # w, b_w
 

@@ -115,8 +115,8 @@ class DecoderConfig:
     embed_dim: int = _f(512, "m in the paper: word embedding size", ge=1)
     hidden_dim: int = _f(512, "n in the paper: LSTM size", ge=1)
     attn_dim: int = _f(512, "attention MLP size", ge=1)
-    attn_layers: int = _f(1, "layers on the annotation side of f_att: 1 (W_a a_i + b) or 2 (an MLP, W tanh(W_a a_i + b) "
-                             "+ b', the authors' COCO n_layers_att=2); computed once per image", ge=1, le=2)
+    attn_layers: int = _f(1, "layers on the annotation side of f_att: 1 (W_a a_i + b) or 2 (tanh(W' (W_a a_i + b) + b'), "
+                             "the authors' COCO n_layers_att=2, capgen.py:356-362); computed once per image", ge=1, le=2)
     init: str = _f("mlp", "h0, c0 from mean(a): mlp (one tanh MLP each) or authors (n_layers_init=2: a shared ReLU layer, "
                           "then tanh(W .) for h0 and for c0)", choices=("mlp", "authors"))
     fp32_recurrence: bool = _f(True, "under autocast keep h, c, alpha, beta and the softmax in float32 (the big "

@@ -234,7 +234,10 @@ def test_hard_attention_terms_weigh_as_capgen():
 
 def test_authors_model_options():
     m = tiny_decoder(attn_layers=2, init="authors")
-    assert isinstance(m.attention.key, torch.nn.Sequential) and len(m.attention.key) == 3  # W' tanh(W a + b) + b'
+    key = m.attention.key  # capgen.py:356-362: tanh(W' (W_c a + b) + b')
+    assert [type(k) for k in key] == [torch.nn.Linear, torch.nn.Linear, torch.nn.Tanh]
+    a = torch.randn(3, 6)
+    torch.testing.assert_close(key(a), torch.tanh(key[1](key[0](a))))
     assert isinstance(m.init_shared[1], torch.nn.ReLU) and isinstance(m.init_h[1], torch.nn.Tanh)
     state = m.init_state(torch.randn(2, 196, 6))
     assert state["h"].abs().max() < 1 and state["c"].abs().max() < 1  # tanh outputs
@@ -255,3 +258,28 @@ def test_early_stopping_on_validation_nll(shapes, tiny_features, tmp_path, capsy
     assert progress["bad_validations"] >= 2 and progress["step"] < 3 * 24
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_NLL"] > 0 for r in rows if "val_NLL" in r)
+
+
+def test_authors_objective_equals_capgens_at_its_weight():
+    """An oracle: capgen.py's deterministic cost (1164, 1177) on a batch of same-length captions
+    (homogeneous_data.py), J = mean_n sum_t NLL_tn + alpha_c * mean_l sum_n (1 - sum_t alpha_tnl)^2,
+    written in its (T, N, L) layout, equals our summed loss / N with our alpha_c = capgen's x N / L:
+    the same objective up to a constant factor, which Adam does not see (coco_authors.yaml: 0.33)."""
+    from caption.encoder import CachedGrids, Captioner
+    from caption.objective import CrossEntropy
+    torch.manual_seed(0)
+    dec = tiny_decoder().eval()
+    N, T, L = 6, 4, 196
+    feats = torch.randn(N, L, 6)
+    targets = torch.randint(4, 12, (N, T))
+    targets[:, -1] = 2  # every caption T - 1 words and <eos>: one length, as capgen's batches
+    tokens = torch.cat([torch.full((N, 1), 1), targets[:, :-1]], 1)
+    out = dec(feats, tokens)
+    logp = out.logits.log_softmax(-1).gather(2, targets[..., None])[..., 0]  # (N, T)
+    alphas = out.alphas.transpose(0, 1)  # capgen's layout (T, N, L)
+    capgen_alpha_c = 1.0
+    J = (-logp.T).sum(0).mean() + capgen_alpha_c * ((1.0 - alphas.sum(0)) ** 2).sum(0).mean()
+    ours, ntok, _ = CrossEntropy(0, alpha_c=capgen_alpha_c * N / L, seq_per_img=1)(Captioner(CachedGrids(), dec), feats,
+                                                                                   tokens, targets)
+    assert ntok.item() == N * T
+    torch.testing.assert_close(ours / N, J, rtol=1e-5, atol=1e-5)
