@@ -15,6 +15,7 @@ calls -> `train_one_epoch` -> `after_step` -> `validate_and_save` -> `validate` 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import itertools
@@ -86,6 +87,7 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+            follow_the_launcher()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,6 +103,22 @@ class StopSignals:
             self.signum = signum
             sys.stderr.write(f"{name}: saving `last` and the resume state after this step, then exiting\n")
         sys.stderr.flush()
+
+
+def follow_the_launcher() -> None:
+    """Under torchrun (or `accelerate launch`), a worker whose launcher dies gets SIGTERM (Linux's
+    parent-death signal): it saves and stops with its peers, where it would otherwise train on as
+    an orphan (torchrun starts each worker in a session of its own, so killing a node's process
+    group kills only the agent) and hold the other nodes in the job."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -177,8 +195,9 @@ def train(cfg: C.Config) -> int:
         if job.stopping:
             save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
             name = signal.Signals(job.stop.signum).name if job.stop.signum else "a stop signal on another process"
-            log.info(f"{job.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
-                     "Continue with the same command and --resume true (or --resume auto)")
+            who = f"rank {accelerator.process_index}/{accelerator.num_processes}: " if accelerator.num_processes > 1 else ""
+            log.info(f"{who}{job.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
+                     "Continue with the same command and --resume true (or --resume auto)", main_process_only=False)
             accelerator.end_training()
             return 128 + (job.stop.signum or signal.SIGTERM)
         if interrupted:

@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from caption import train
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, free_port, tiny_args
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -173,3 +174,50 @@ def test_only_collective_failures_count_as_a_lost_peer():
     assert not lost_peer(two, OSError("http://host/features/train/000001.tar: read timed out"))
     assert not lost_peer(two, OSError("[Errno 32] Broken pipe"))
     assert not lost_peer(SimpleNamespace(num_processes=1), RuntimeError("gloo"))
+
+
+def workers_of(run) -> list[int]:
+    """Training processes (not launchers) whose command line names `run`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if d.name.isdigit() and str(run).encode() in cmd and not any(b"torch.distributed.run" in c for c in cmd):
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_node_whose_launcher_is_killed_stops_its_worker_and_the_job(shapes, tiny_features, tmp_path):
+    """Two nodes (torchrun, 1 process each) on this host; node 1's process group is killed, as a
+    scheduler or an operator does: torchrun's agent dies, and its worker (in a session of its own)
+    gets the parent-death signal, so it saves with its peer and stops instead of training on as an
+    orphan; node 0's command ends with an error well within the run's time."""
+    run = tmp_path / "run"
+    args = command(shapes, tiny_features, run, "--max_epochs", "50", "--batch_size", "4", "--num_workers", "0")[2:]
+    port = free_port()
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               str(ROOT / "caption" / "train.py"), *args], cwd=ROOT, env=ENV, stdout=open(logs[r], "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True) for r in (0, 1)]
+    try:
+        wait_for_rows(run, procs[0], rows=2)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # node 1's agent: its worker is in another session
+        procs[0].wait(timeout=120)
+        text = logs[0].read_text() + logs[1].read_text()
+        assert procs[0].returncode != 0, text[-3000:]
+        deadline = time.monotonic() + 30
+        while workers_of(run) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not workers_of(run), text[-3000:]  # no orphan trains on
+        assert "stopped by SIGTERM" in text, text[-3000:]
+        assert json.loads((run / "state" / "progress.json").read_text())["step"] > 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for pid in workers_of(run):
+            os.kill(pid, signal.SIGKILL)
