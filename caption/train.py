@@ -417,7 +417,21 @@ def resolve_batch(cfg: C.Config, world: int) -> C.Config:
     return dataclasses.replace(cfg, train=tcfg)
 
 
+def join_restarted_group(timeout: datetime.timedelta) -> None:
+    """A worker torchrun restarted (`--max_restarts`) joins the process group under keys of its own
+    attempt: the agent keeps its store across attempts, and gloo's (or NCCL's) rendezvous would
+    otherwise read the previous attempt's addresses and fail with "Connection refused"."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or int(os.environ.get("WORLD_SIZE", "1")) < 2 or torch.distributed.is_initialized():
+        return
+    store, rank, world = next(torch.distributed.rendezvous("env://", timeout=timeout))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"attempt_{attempt}/", store),
+                                         rank=rank, world_size=world, timeout=timeout)
+
+
 def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
+    join_restarted_group(datetime.timedelta(seconds=tcfg.dist_timeout))
     kwargs = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=tcfg.finetune and tcfg.finetune_start > 0),
                                   InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=tcfg.dist_timeout))]}
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # the launcher's --mixed_precision wins

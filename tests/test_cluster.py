@@ -221,3 +221,36 @@ def test_a_node_whose_launcher_is_killed_stops_its_worker_and_the_job(shapes, ti
                 os.killpg(p.pid, signal.SIGKILL)
         for pid in workers_of(run):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["standalone", "master_port"])
+def test_torchrun_max_restarts_resumes_a_killed_worker_by_itself(rendezvous, shapes, tiny_features, tmp_path):
+    """torchrun --max_restarts 1 with --resume auto: a worker killed mid-run (an OOM kill, a bad
+    GPU) makes torchrun restart both; they continue from the last saved state and finish the run
+    with the steps a whole run has, each logged once. (The restarted workers rendezvous under keys
+    of their own attempt: `join_restarted_group`.)"""
+    run = tmp_path / "run"
+    args = command(shapes, tiny_features, run, "--max_epochs", "4", "--batch_size", "4", "--num_workers", "0",
+                   "--save_checkpoint_every", "4", "--resume", "auto")[2:]
+    log = tmp_path / "torchrun.log"
+    where = ["--standalone"] if rendezvous == "standalone" else ["--master_port", free_port()]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", "2",
+                          "--max_restarts", "1", str(ROOT / "caption" / "train.py"), *args], cwd=ROOT, env=ENV,
+                         stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "state" / "progress.json").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = workers_of(run)
+        assert len(workers) == 2, log.read_text()[-3000:]
+        os.kill(max(workers), signal.SIGKILL)
+        assert p.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    steps_per_epoch = 96 // (4 * 2)
+    assert json.loads((run / "state" / "progress.json").read_text())["step"] == 4 * steps_per_epoch
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 4 * steps_per_epoch, steps
+    assert "restart" in log.read_text().lower()
