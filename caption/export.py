@@ -55,41 +55,112 @@ def export(run: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     if (run / "eval_test" / "skipped.json").exists():
         shutil.copy(run / "eval_test" / "skipped.json", out / "skipped.json")
     atomic_write_text(out / "README.md", model_card(run, cfg, encoder, read_json(metrics, "metrics") if metrics.exists()
-                                                    else None, len(vocab), manifest))
+                                                    else None, len(vocab), manifest, name=out.name))
     return out
 
 
+BIBTEX = """@inproceedings{xu2015show,
+  title     = {Show, Attend and Tell: Neural Image Caption Generation with Visual Attention},
+  author    = {Xu, Kelvin and Ba, Jimmy and Kiros, Ryan and Cho, Kyunghyun and Courville, Aaron and
+               Salakhutdinov, Ruslan and Zemel, Richard and Bengio, Yoshua},
+  booktitle = {Proceedings of the 32nd International Conference on Machine Learning (ICML)},
+  year      = {2015}
+}"""
+CARD_METRICS = {"Bleu_1": "bleu", "Bleu_4": "bleu", "METEOR": "meteor", "ROUGE_L": "rouge", "CIDEr": "cider",
+                "SPICE": "spice"}
+
+
+def training_data(cfg: C.Config, manifest: dict) -> tuple[str, str, bool]:
+    """(what the run trained on, a dataset id for the card's YAML, whether it is the synthetic world)."""
+    if manifest.get("input_shards"):
+        return f"the image-text shards {manifest['input_shards']}", "image-text shards", False
+    split_file = manifest.get("input_json") or cfg.data.input_json or "its split file"
+    try:
+        name = read_json(Path(split_file), "split file").get("dataset", "coco")
+    except Exception:  # noqa: BLE001 - the file is gone or unreadable: the card says only its path
+        name = "coco"
+    if name == "shapes":
+        return (f"the `train` split of {split_file}: the project's synthetic shapes world (`python -m "
+                "featurize.synthetic`), not photographs"), "shapes (synthetic)", True
+    return f"the `train` split of {split_file} (Karpathy's split)", name, False
+
+
+def val_summary(run: Path) -> str:
+    """The best validation row of metrics.jsonl (greedy decoding during training), or ''."""
+    path = run / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("val_CIDEr"), (int, float)):
+                rows.append(row)
+    if not rows:
+        return ""
+    best = max(rows, key=lambda r: r["val_CIDEr"])
+    return (f"Validation during training (greedy, `val_images_use` images): best CIDEr-D {best['val_CIDEr']:.4f}, "
+            f"BLEU-4 {best.get('val_Bleu_4', float('nan')):.4f} at step {best['step']}.\n")
+
+
+def card_yaml(name: str, dataset: str, metrics: dict | None) -> str:
+    """The card's YAML header: what the Hub indexes (task, dataset, metrics, model-index)."""
+    head = ["---", "library_name: pytorch", "pipeline_tag: image-to-text",
+            "tags: [image-captioning, show-attend-and-tell, attention]", "license: mit", f"datasets: [{dataset!r}]",
+            f"metrics: [{', '.join(sorted(set(CARD_METRICS.values())))}]"]
+    scored = {k: v for k, v in (metrics or {}).items() if k in CARD_METRICS and isinstance(v, (int, float))}
+    if scored:
+        head += ["model-index:", f"- name: {name!r}", "  results:", "  - task: {type: image-to-text, name: Image captioning}",
+                 f"    dataset: {{type: {dataset!r}, name: {dataset!r}, split: test}}", "    metrics:"]
+        head += [f"    - {{type: {CARD_METRICS[k]}, name: {k}, value: {v:.4f}}}" for k, v in scored.items()]
+    return "\n".join(head + ["---"])
+
+
 # long: one Markdown template, read as the card it writes
-def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vocab_size: int, manifest: dict) -> str:
+def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vocab_size: int, manifest: dict,
+               name: str = "") -> str:
     """README.md: what the model is, what it was trained on and how, how well it does, how to use it."""
     m, t = cfg.model, cfg.train
+    name = name or run.name
     progress = run / "state" / "progress.json"
     steps = json.loads(progress.read_text()).get("step") if progress.exists() else None
+    data, dataset, synthetic = training_data(cfg, manifest)
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in (metrics or {}).items() if isinstance(v, (int, float))
                      and not k.endswith(("_words", "_chance", "_count", "_unmatched")))
     table = (f"Test split, beam 3 (`python -m caption.evaluate`), from metrics.json:\n\n| metric | score |\n|---|---|\n{rows}\n"
-             if metrics else "Not evaluated: run `python -m caption.evaluate --run RUN` before exporting.\n")
+             if metrics else "The test split was not evaluated before export (`python -m caption.evaluate --run RUN`).\n")
+    table += ("\n" + val_summary(run)) if val_summary(run) else ""
+    if synthetic:
+        table += ("\nThese scores are on synthetic images of colored shapes; they say nothing about photographs.\n")
     skipped_file = run / "eval_test" / "skipped.json"
     skipped = read_json(skipped_file, "skipped scorers") if metrics and skipped_file.exists() else {}
     if isinstance(skipped, dict) and APPROXIMATE in skipped:
         table += f"\n**APPROXIMATE scores**: {skipped[APPROXIMATE]}\n"
     weights = encoder["weights"] if encoder["weights"] != "backbone.safetensors" else \
         f"backbone.safetensors (trained as: {encoder.get('trained_weights')})"
-    return f"""---
-library_name: pytorch
-tags: [image-captioning, show-attend-and-tell, attention]
-license: mit
----
+    return f"""{card_yaml(name, dataset, metrics)}
 
-# Show, Attend and Tell captioner ({run.name})
+# Show, Attend and Tell captioner: {name}
 
 A soft-attention LSTM decoder (Xu et al. 2015, arXiv 1502.03044) over {encoder['grid']}x{encoder['grid']}x{encoder['channels']}
 grids of a frozen {encoder['backbone']} cut at {encoder['layer']}, as trained by image-caption-attention.
 
 ## Use
 
+With the image-caption-attention package installed (`pip install -e .` in its repository):
+
 ```bash
 python -m caption.predict --run THIS_FOLDER photo.jpg --attention attention.png
+```
+
+In Python, the same files (the decoder's tensors are plain safetensors):
+
+```python
+from caption.run import load_decoder          # best.safetensors + vocab.json + config.yaml
+from safetensors.torch import load_file
+decoder, vocab, cfg = load_decoder("THIS_FOLDER")
+tensors = load_file("THIS_FOLDER/best.safetensors")   # {{"embed.weight": ..., "attention.key.weight": ...}}
 ```
 
 Loads offline: best.safetensors (decoder), vocab.json, config.yaml, encoder.json
@@ -105,8 +176,7 @@ No pickle anywhere.
 
 ## Data and recipe
 
-- Trained on the `train` split of {manifest.get('input_json') or cfg.data.input_json or 'its split file'}
-  ({manifest.get('count', '?')} images with features), captions cut at {t.max_length} words.
+- Trained on {data} ({manifest.get('count', '?')} images with features), captions cut at {t.max_length} words.
 - {t.batch_size} images x {t.seq_per_img} captions per step per process, Adam at {t.learning_rate:g},
   {t.max_epochs} epochs{f', {steps} optimizer steps' if steps is not None else ''}; lambda (doubly stochastic) {t.alpha_c};
   model selection on validation {t.select_on}.
@@ -124,6 +194,12 @@ why. Scores above are on its own test split only.
 ## Publish
 
 `hf upload USER/NAME THIS_FOLDER` (or `huggingface_hub.upload_folder(repo_id=..., folder_path=...)`).
+
+## Citation
+
+```bibtex
+{BIBTEX}
+```
 """
 
 

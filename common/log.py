@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from accelerate.logging import get_logger as accelerate_logger
+from accelerate.logging import MultiProcessAdapter
 from tqdm import tqdm
 
 
@@ -31,7 +31,16 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def get_logger(name: str):
+class Adapter(MultiProcessAdapter):
+    """Accelerate's main-process filter, without its "[RANK i]" prefix: a line that every process
+    writes names its rank itself ("rank 1/2: ..."), and a 1-process run's lines stay plain."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("stacklevel", 2)
+        return msg, kwargs
+
+
+def get_logger(name: str) -> Adapter:
     """Accelerate's logger for `name` (a module of a package), the package's handler set once."""
     package = logging.getLogger(name.split(".")[0])
     if not any(isinstance(h, TqdmHandler) for h in package.handlers):
@@ -40,4 +49,4 @@ def get_logger(name: str):
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False  # not again through the root logger's handler
-    return accelerate_logger(name)
+    return Adapter(logging.getLogger(name), {})

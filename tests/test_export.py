@@ -42,6 +42,20 @@ def test_exported_run_captions_like_the_run(trained_run, shapes, tmp_path, capsy
         assert re.search(rf"\| {k} \| {metrics[k]:.4f} \|", card), k
     assert json.loads((moved / "metrics.json").read_text())["CIDEr"] == metrics["CIDEr"]
     assert "hf upload" in card and "caption.predict --run" in card
+    # the Hub reads the YAML header: task, dataset, metrics and their values
+    import yaml
+    head = yaml.safe_load(card.split("---")[1])
+    assert head["pipeline_tag"] == "image-to-text" and head["datasets"] == ["shapes (synthetic)"]
+    assert head["model-index"][0]["name"] == "exported"  # the folder it was exported to
+    values = {m["name"]: m["value"] for m in head["model-index"][0]["results"][0]["metrics"]}
+    assert values["CIDEr"] == round(metrics["CIDEr"], 4)
+    assert "# Show, Attend and Tell captioner: exported" in card and "synthetic" in card and "@inproceedings{xu2015show" in card
+    assert "best CIDEr-D" in card  # the validation during training, too
+    # the card's Python snippet runs as written
+    snippet = card.split("```python\n")[1].split("```")[0].replace("THIS_FOLDER", str(moved))
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - our own card's code
+    assert "embed.weight" in scope["tensors"] and len(scope["vocab"]) == scope["cfg"].model.vocab_size
     # a second export into a non-empty folder is refused
     assert export_main(["--run", str(run), "--out", str(moved)]) == 1
     assert "not empty" in capsys.readouterr().err
