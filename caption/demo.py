@@ -9,6 +9,8 @@ Each stage resumes or is skipped when its output is complete, so a second run is
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(config.yaml, vocab.json, best.safetensors, metrics.jsonl, tb/)\nresults      {eval_dir}/results.json, metrics.json"
           f"\nencoder      {weights} (+ .json: what it learned)\nfigures      {figs}/ (attention per word; {curves.name})")
     print("time         " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    print(f"\nthe page: python -m caption.app --run {run}   (then open http://127.0.0.1:7860; pip install -e '.[app]')")
+    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable
+    print(f"\nthe page: {python} -m caption.app --run {run}   (then open http://127.0.0.1:7860)")
     return 0
 
 

@@ -18,6 +18,8 @@ def command(fn: Callable[[list[str] | None], int | None]) -> Callable[[list[str]
     def main(argv: list[str] | None = None) -> int:
         if not logging.getLogger().handlers:  # the libraries' progress lines (logging.info) on stderr
             logging.basicConfig(level=logging.INFO, format="%(message)s")
+            # Accelerate's own INFO lines ("Saving current state to ...", five per save) are not ours to show
+            logging.getLogger("accelerate").setLevel(logging.WARNING)
         try:
             return fn(argv) or 0
         except UserError as e:

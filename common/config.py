@@ -333,7 +333,9 @@ def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...
             names = [f"--{s}.{f.name}"]
             if counts[f.name] == 1:
                 names.insert(0, f"--{f.name}")
-            help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_ = (f.metadata.get("help", "") + f" (built-in: {shown if shown != '' else 'none'})").replace("%", "%%")
             if typing.get_type_hints(types_[s])[f.name] is bool or "flag_const" in f.metadata:  # `--resume` alone: true
                 group.add_argument(*names, dest=f"{s}.{f.name}", default=None, nargs="?",
                                    const=f.metadata.get("flag_const", "true"),
@@ -383,7 +385,8 @@ def obsolete_hint(unknown: list[str]) -> str:
 def parse(argv: list[str] | None, parser: argparse.ArgumentParser, sections: tuple[str, ...],
           default_config: str = "configs/shapes.yaml") -> tuple[Config, argparse.Namespace]:
     """Parse `--config` plus overrides; unknown flags are a ConfigError naming them."""
-    parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
+    parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s); its values "
+                        "replace the built-in ones shown below, and flags replace both")
     add_override_flags(parser, sections)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
