@@ -198,12 +198,14 @@ def train(cfg: C.Config) -> int:
             who = f"rank {accelerator.process_index}/{accelerator.num_processes}: " if accelerator.num_processes > 1 else ""
             log.info(f"{who}{job.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
                      "Continue with the same command and --resume true (or --resume auto)", main_process_only=False)
+            write_hparams(job)
             accelerator.end_training()
             return 128 + (job.stop.signum or signal.SIGTERM)
         if interrupted:
             save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
         elif p.validated_step != p.step:
             validate_and_save(job)
+    write_hparams(job)
     accelerator.end_training()
     log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {p.batches_total - seen_before} batches "
              "this run", main_process_only=False)
@@ -212,6 +214,21 @@ def train(cfg: C.Config) -> int:
     stop = " (stopped early)" if stopped_early(job) else ""
     log.info(f"{job.run}: {p.step} steps{stop}; best val {metric} {best} at step {p.best_step}")
     return 130 if interrupted else 0
+
+
+def write_hparams(job: Training) -> None:
+    """TensorBoard's HPARAMS view: the run's model and training settings with what they achieved
+    (the best validation value of `select_on`, at which step, and the steps done)."""
+    if not job.accelerator.is_main_process:
+        return
+    settings = {**{f"model.{k}": v for k, v in C.to_dict(job.cfg)["model"].items()},
+                **{f"train.{k}": v for k, v in C.to_dict(job.cfg)["train"].items()}}
+    settings = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}
+    p, metric = job.progress, "CIDEr-D" if job.cfg.train.select_on == "cider" else "NLL"
+    results = {"hparam/steps": p.step, "hparam/best_step": p.best_step}
+    if p.best is not None:
+        results[f"hparam/best_val_{metric}"] = abs(p.best)  # (NLL is kept negated: higher is better)
+    job.accelerator.get_tracker("tensorboard", unwrap=True).add_hparams(settings, results, run_name=".")
 
 
 def train_loop(job: Training) -> bool:
@@ -290,8 +307,7 @@ def setup(cfg: C.Config) -> Training:
     if accelerator.is_main_process:  # a killed run logged steps this one will log again
         drop_rows_after(run / "metrics.jsonl", progress.step)
     describe_batches(accelerator, run, tcfg, batches_per_epoch, steps_per_epoch, manifest["backend"])
-    accelerator.init_trackers("caption", config={k: v for k, v in C.to_dict(cfg)["train"].items()
-                                                 if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers("caption")  # the hyperparameters go in at the end, with the results (`write_hparams`)
     batches = build_batches(cfg, data, vocab, accelerator.unwrap_model(step).net, accelerator)
     return Training(cfg, run, accelerator, vocab, step, optimizer, scheduler, progress, batches_per_epoch, data, batches)
 

@@ -29,6 +29,7 @@ def test_train_writes_a_run(shapes, tiny_features, tmp_path, capsys):
     for events in run.glob("tb/**/events.out.tfevents*"):
         tags |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
     assert {"train/loss", "train/xent", "train/lr", "val/CIDEr-D", "val/BLEU-4"} <= tags, tags  # grouped, named
+    assert {"hparam/best_val_CIDEr-D", "hparam/steps"} <= tags, tags  # HPARAMS: the settings with their results
     # a second run into the same folder without --resume is refused
     assert train.main(run_args(shapes, tiny_features, run)) == 1
     assert "pass --resume" in capsys.readouterr().err
