@@ -73,7 +73,7 @@ CARD_METRICS = {"Bleu_1": "bleu", "Bleu_4": "bleu", "METEOR": "meteor", "ROUGE_L
 def training_data(cfg: C.Config, manifest: dict) -> tuple[str, str, bool]:
     """(what the run trained on, a dataset id for the card's YAML, whether it is the synthetic world)."""
     if manifest.get("input_shards"):
-        return f"the image-text shards {manifest['input_shards']}", "image-text shards", False
+        return f"the image-text shards `{manifest['input_shards']}`", str(manifest["input_shards"]), False
     split_file = manifest.get("input_json") or cfg.data.input_json or "its split file"
     try:
         name = read_json(Path(split_file), "split file").get("dataset", "coco")
@@ -85,8 +85,8 @@ def training_data(cfg: C.Config, manifest: dict) -> tuple[str, str, bool]:
     return f"the `train` split of {split_file} (Karpathy's split)", name, False
 
 
-def val_summary(run: Path) -> str:
-    """The best validation row of metrics.jsonl (greedy decoding during training), or ''."""
+def best_val(run: Path) -> dict | None:
+    """The validation row of metrics.jsonl with the best CIDEr-D (greedy decoding during training)."""
     path = run / "metrics.jsonl"
     rows = []
     if path.exists():
@@ -97,14 +97,19 @@ def val_summary(run: Path) -> str:
                 continue
             if isinstance(row, dict) and isinstance(row.get("val_CIDEr"), (int, float)):
                 rows.append(row)
-    if not rows:
+    return max(rows, key=lambda r: r["val_CIDEr"]) if rows else None
+
+
+def val_summary(run: Path) -> str:
+    """The best validation scores during training, as a sentence, or ''."""
+    best = best_val(run)
+    if best is None:
         return ""
-    best = max(rows, key=lambda r: r["val_CIDEr"])
     return (f"Validation during training (greedy, `val_images_use` images): best CIDEr-D {best['val_CIDEr']:.4f}, "
             f"BLEU-4 {best.get('val_Bleu_4', float('nan')):.4f} at step {best['step']}.\n")
 
 
-def card_yaml(name: str, dataset: str, metrics: dict | None) -> str:
+def card_yaml(name: str, dataset: str, metrics: dict | None, split: str = "test") -> str:
     """The card's YAML header: what the Hub indexes (task, dataset, metrics, model-index)."""
     head = ["---", "library_name: pytorch", "pipeline_tag: image-to-text",
             "tags: [image-captioning, show-attend-and-tell, attention]", "license: mit", f"datasets: [{dataset!r}]",
@@ -112,7 +117,7 @@ def card_yaml(name: str, dataset: str, metrics: dict | None) -> str:
     scored = {k: v for k, v in (metrics or {}).items() if k in CARD_METRICS and isinstance(v, (int, float))}
     if scored:
         head += ["model-index:", f"- name: {name!r}", "  results:", "  - task: {type: image-to-text, name: Image captioning}",
-                 f"    dataset: {{type: {dataset!r}, name: {dataset!r}, split: test}}", "    metrics:"]
+                 f"    dataset: {{type: {dataset!r}, name: {dataset!r}, split: {split}}}", "    metrics:"]
         head += [f"    - {{type: {CARD_METRICS[k]}, name: {k}, value: {v:.4f}}}" for k, v in scored.items()]
     return "\n".join(head + ["---"])
 
@@ -139,7 +144,10 @@ def model_card(run: Path, cfg: C.Config, encoder: dict, metrics: dict | None, vo
         table += f"\n**APPROXIMATE scores**: {skipped[APPROXIMATE]}\n"
     weights = encoder["weights"] if encoder["weights"] != "backbone.safetensors" else \
         f"backbone.safetensors (trained as: {encoder.get('trained_weights')})"
-    return f"""{card_yaml(name, dataset, metrics)}
+    val = best_val(run)
+    indexed, split = (metrics, "test") if metrics else \
+        ({"CIDEr": val["val_CIDEr"], "Bleu_4": val.get("val_Bleu_4")} if val else None, "validation")
+    return f"""{card_yaml(name, dataset, indexed, split)}
 
 # Show, Attend and Tell captioner: {name}
 

@@ -44,6 +44,11 @@ def test_exported_run_captions_like_the_run(trained_run, shapes, tmp_path, capsy
     assert "hf upload" in card and "caption.predict --run" in card
     # the Hub reads the YAML header: task, dataset, metrics and their values
     import yaml
+    from huggingface_hub import ModelCard
+    hub = ModelCard.load(moved / "README.md")
+    assert hub.data.pipeline_tag == "image-to-text" and hub.data.library_name == "pytorch"
+    assert {r.metric_name: r.metric_value for r in hub.data.eval_results}["CIDEr"] == round(metrics["CIDEr"], 4)
+    assert all(r.dataset_split == "test" for r in hub.data.eval_results)
     head = yaml.safe_load(card.split("---")[1])
     assert head["pipeline_tag"] == "image-to-text" and head["datasets"] == ["shapes (synthetic)"]
     assert head["model-index"][0]["name"] == "exported"  # the folder it was exported to

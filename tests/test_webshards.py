@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, same_record
 from shards import open_store
-from shards.format import StoreError, equal
+from shards.format import StoreError
 from shards.imagetext import parse_sample, write_image_text_shards
 from shards.karpathy import load_split
 from shards.remote import expand, tar_samples
@@ -108,7 +108,7 @@ def test_http_featurize_two_processes_equals_local(both):
         a, b = list(open_store(local / split)), list(open_store(http / split))
         assert len(a) == len(b) == n
         assert [r["key"] for r in a] == [r["key"] for r in b]
-        assert all(equal(x, y) for x, y in zip(a, b))  # bit-exact grids, same metadata
+        assert all(same_record(x, y) for x, y in zip(a, b))  # bit-exact grids, same metadata
     m = json.loads((http / "train" / "manifest.json").read_text())
     assert m["source_urls"][0].startswith("http://127.0.0.1:") and len(m["source_urls"]) == 6
     assert m["input_json"] == "" and m["failures"] == []
@@ -139,6 +139,14 @@ def test_train_from_http_feature_shards_equals_local(both, served, tmp_path):
     rb = json.loads((runs["http"] / "eval_val" / "results.json").read_text())
     assert ra == rb and len(ra) == 12
     assert (runs["local"] / "vocab.json").read_text() == (runs["http"] / "vocab.json").read_text()
+    # its model card says what it read (the input shards, not a split file) and scores validation (no test split)
+    from huggingface_hub import ModelCard
+    from caption.export import export
+    card = ModelCard.load(export(runs["local"], tmp_path / "exported") / "README.md")
+    assert card.data.pipeline_tag == "image-to-text" and card.data.datasets[0].endswith(".tar")
+    assert "input_shards" not in card.text and "image-text shards" in card.text and "dataset.json" not in card.text
+    result = card.data.eval_results[0]
+    assert result.dataset_split == "validation" and result.metric_name in ("CIDEr", "Bleu_4")
 
 
 @pytest.mark.slow
@@ -156,7 +164,7 @@ def test_resume_by_input_shard(served, tmp_path, copy_backbone, both):
     (out / "train" / "manifest.json").unlink()
     featurize(args)
     assert marker.exists() and (out / "train" / "shards" / "000000.json").stat().st_mtime_ns == kept
-    assert all(equal(x, y) for x, y in zip(open_store(out / "train"), open_store(local / "train")))
+    assert all(same_record(x, y) for x, y in zip(open_store(out / "train"), open_store(local / "train")))
 
 
 # ---- faults in transit --------------------------------------------------------------------------
