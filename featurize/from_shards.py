@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from common.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone
 from featurize.extract import _writer, run_loop, shard_size
-from featurize.inputs import InputShardImages, done_inputs, drop_unfinished, mark_done, rows_per_input, shard_label
+from featurize.inputs import (InputShardImages, done_inputs, drop_unfinished, img2dataset_counts, mark_done,
+                              rows_per_input, shard_label)
 from featurize.prepare import FeaturizeError, SingleProcess
 from shards import finalize, make_plan
 from shards.manifest import WriterLock
@@ -27,6 +28,24 @@ def input_urls(dcfg: DataConfig, split: str) -> list[str]:
     return expand(dcfg.input_shards)
 
 
+def reserved_rows(urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: int, state) -> int:
+    """R, the rows each input shard owns: the most samples one holds by img2dataset's stats files
+    (so no rows are reserved in vain), else `input_shard_samples`, in whole output shards of S."""
+    counts = img2dataset_counts(urls, dcfg.url_timeout)
+    if counts is not None:
+        R = rows_per_input(max(max(counts), 1), S)
+        if state.is_main_process:
+            log.info(f"{len(urls)} input shards hold {sum(counts)} samples (img2dataset's stats files): {R} rows "
+                     f"reserved per input shard")
+        return R
+    R = rows_per_input(fcfg.input_shard_samples, S)
+    if state.is_main_process:
+        log.warning(f"{len(urls)} input shards without img2dataset's NNNNN_stats.json beside them: {R} rows reserved "
+                    f"per input shard (--input_shard_samples {fcfg.input_shard_samples}); the rows a shard does not "
+                    "fill stay empty (set it to the most samples a shard holds)")
+    return R
+
+
 def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
                            state=None, progress: bool = True, timing: dict | None = None) -> dict | None:
     """Featurize the input shards `data.input_shards` into FEATURES/split; returns the manifest
@@ -38,7 +57,7 @@ def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, 
     urls = input_urls(dcfg, split)
     out = Path(dcfg.features) / split
     S = shard_size(fcfg, dcfg.format, backbone.channels)
-    R = rows_per_input(fcfg.input_shard_samples, S)
+    R = reserved_rows(urls, fcfg, dcfg, S, state)
     plan = make_plan(dcfg.format, len(urls) * R, S, fcfg.grid, backbone.channels,
                      {**info, "split": split, "input_json": "", "input_shards": dcfg.input_shards,
                       "source_urls": urls, "input_shard_rows": R},

@@ -2,9 +2,9 @@
 
     python -m featurize --split train --input_shards 'http://host/cc3m/{00000..00331}.tar' --format wds
 
-The counts are not known before the shards are read, so rows are reserved per input shard:
-input shard i owns rows [i*R, (i+1)*R), R = `input_shard_samples` rounded up to whole output
-shards, and its sample j is row i*R + j. Output shards never mix input shards, so the output
+Rows are reserved per input shard before any is read: input shard i owns rows [i*R, (i+1)*R),
+R = the most samples an input shard holds by img2dataset's `NNNNN_stats.json` beside it (else
+`input_shard_samples`), rounded up to whole output shards, and its sample j is row i*R + j. Output shards never mix input shards, so the output
 store's plan is fixed before anything is read, and the work unit is the input shard:
 
 - each process takes input shards i % processes == rank, and each of its DataLoader workers
@@ -20,7 +20,9 @@ store's plan is fixed before anything is read, and the work unit is the input sh
 from __future__ import annotations
 
 import io
+import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +34,7 @@ from featurize.images import ImageError, decode_rgb, to_tensor
 from shards.format import StoreError
 from shards.imagetext import InputSample, parse_sample
 from shards.manifest import shard_meta_path
-from shards.remote import tar_samples
+from shards.remote import read_bytes, tar_samples
 
 INPUTS = "inputs"  # features/<split>/inputs/NNNNNN.json: input shard i done
 
@@ -42,6 +44,25 @@ def shard_label(url: str) -> str:
     `00000.tar#<key>`, the same whether the shard was read from a folder, over HTTP or a pipe."""
     names = re.findall(r"[^/\s'\"]+\.tar\b", url)
     return names[-1] if names else url
+
+
+def img2dataset_counts(urls: list[str], timeout: float = 60.0) -> list[int] | None:
+    """How many samples each input shard holds by img2dataset's own count: the `successes` of the
+    `NNNNN_stats.json` it writes beside each `NNNNN.tar` (local or http(s)). None when a shard has
+    none (a `pipe:` URL, shards another tool wrote): then `input_shard_samples` rows are reserved."""
+    def count(url: str) -> int | None:
+        if url.startswith("pipe:") or not url.endswith(".tar"):
+            return None
+        try:
+            stats = json.loads(read_bytes(url[:-len(".tar")] + "_stats.json", timeout))
+        except (StoreError, ValueError, UnicodeDecodeError):
+            return None
+        n = stats.get("successes") if isinstance(stats, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts = list(pool.map(count, urls))
+    return None if not counts or any(n is None for n in counts) else counts
 
 
 def rows_per_input(samples: int, shard_size: int) -> int:

@@ -281,3 +281,27 @@ def test_two_nodes_one_process_each(shapes, tiny_features, tmp_path):
     counts = dict(re.findall(r"rank (\d)/2: (\d+) batches this run", text))
     assert set(counts) == {"0", "1"} and counts["0"] == counts["1"] and int(counts["0"]) > 0, text[-2000:]
 
+
+
+def test_img2dataset_stats_size_the_reserved_rows(shapes, tmp_path, caplog):
+    """img2dataset writes NNNNN_stats.json (`successes`) beside each NNNNN.tar: featurize reserves
+    that many rows per input shard, not --input_shard_samples (10,000 by default), so no empty
+    output shards are written; without the stats files it says what it reserves."""
+    import featurize.__main__ as fz
+    from featurize.from_shards import reserved_rows
+    from common.config import DataConfig, FeaturizeConfig
+    from types import SimpleNamespace
+    tars = make_input_shards(shapes, tmp_path / "in", "train", per_shard=40)  # 96 images: 40 + 40 + 16
+    main = SimpleNamespace(is_main_process=True)
+    with caplog.at_level("WARNING"):
+        assert reserved_rows([str(t) for t in tars], FeaturizeConfig(input_shard_samples=10_000), DataConfig(), 8,
+                             main) == 10_000
+    assert "without img2dataset's NNNNN_stats.json" in caplog.text and "10000 rows reserved" in caplog.text
+    for t, n in zip(tars, (40, 40, 16)):
+        (t.parent / f"{t.stem}_stats.json").write_text(json.dumps({"count": n, "successes": n, "failed_to_download": 0}))
+    out = tmp_path / "features"
+    assert fz.main([*TINY, "--input_shard_samples", "10000", "--shard_images", "8", "--features", str(out), "--split",
+                    "train", "--input_shards", str(tmp_path / "in" / "train" / "{00000..00002}.tar")]) == 0
+    m = json.loads((out / "train" / "manifest.json").read_text())
+    assert m["count"] == 96 and m["input_shard_rows"] == 40  # the largest shard's 40 samples, in whole output shards
+    assert len(list((out / "train").glob("*.tar"))) == 3 * 40 // 8  # 15 output shards, not 3 x 1,250
