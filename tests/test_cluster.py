@@ -223,16 +223,32 @@ def test_a_node_whose_launcher_is_killed_stops_its_worker_and_the_job(shapes, ti
             os.kill(pid, signal.SIGKILL)
 
 
+def restart_args(shapes, tiny_features, run) -> list[str]:
+    return command(shapes, tiny_features, run, "--max_epochs", "4", "--batch_size", "4", "--num_workers", "0",
+                   "--save_checkpoint_every", "4", "--resume", "auto")[2:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(shapes, tiny_features, tmp_path_factory):
+    """The restart test's run on 2 processes, not interrupted."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "caption" / "train.py"), *restart_args(shapes, tiny_features, run)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rendezvous", ["standalone", "master_port"])
-def test_torchrun_max_restarts_resumes_a_killed_worker_by_itself(rendezvous, shapes, tiny_features, tmp_path):
+def test_torchrun_max_restarts_resumes_a_killed_worker_by_itself(rendezvous, shapes, tiny_features, two_process_run,
+                                                                 tmp_path):
     """torchrun --max_restarts 1 with --resume auto: a worker killed mid-run (an OOM kill, a bad
     GPU) makes torchrun restart both; they continue from the last saved state and finish the run
-    with the steps a whole run has, each logged once. (The restarted workers rendezvous under keys
-    of their own attempt: `join_restarted_group`.)"""
+    with the steps and the weights of the run never killed, each step logged once. (The restarted
+    workers rendezvous under keys of their own attempt: `join_restarted_group`.)"""
     run = tmp_path / "run"
-    args = command(shapes, tiny_features, run, "--max_epochs", "4", "--batch_size", "4", "--num_workers", "0",
-                   "--save_checkpoint_every", "4", "--resume", "auto")[2:]
+    args = restart_args(shapes, tiny_features, run)
     log = tmp_path / "torchrun.log"
     where = ["--standalone"] if rendezvous == "standalone" else ["--master_port", free_port()]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", "2",
@@ -254,3 +270,4 @@ def test_torchrun_max_restarts_resumes_a_killed_worker_by_itself(rendezvous, sha
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == sorted(set(steps)) and steps[-1] == 4 * steps_per_epoch, steps
     assert "restart" in log.read_text().lower()
+    assert same_weights(run / "last.safetensors", two_process_run / "last.safetensors")  # as if never killed

@@ -17,28 +17,36 @@ DEMO = [sys.executable, "-m", "caption.demo", "--config", str(ROOT / "configs" /
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
-def test_demo_interrupted_in_training_resumes_to_the_same_metrics(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    a = tmp_path_factory.mktemp("demo") / "a"
     r = subprocess.run(DEMO + ["--out", str(a)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    want = json.loads((a / "run" / "eval_test" / "metrics.json").read_text())
+    return json.loads((a / "run" / "eval_test" / "metrics.json").read_text())
 
-    # Ctrl-C reaches the whole process group (as in a terminal) once training has logged its first steps
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_interrupted_in_training_resumes_to_the_same_metrics(sig, uninterrupted, tmp_path):
+    """Ctrl-C (SIGINT) in a terminal, or SIGTERM from a scheduler or `timeout`, during training:
+    the state is saved, and the same command again finishes with an uninterrupted run's metrics."""
+    b = tmp_path / "b"
+    want = uninterrupted
+    # the signal reaches the whole process group (as Ctrl-C in a terminal) once training has logged its first steps
     p = subprocess.Popen(DEMO + ["--out", str(b)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     metrics = b / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGINT)
+    os.killpg(p.pid, sig)
     out, _ = p.communicate(timeout=300)
     assert p.returncode != 0, out[-3000:]
     strict = {"parse_constant": lambda c: f"not JSON: {c}"}  # Python's json would take -Infinity
     progress = json.loads((b / "run" / "state" / "progress.json").read_text(), **strict)
     assert progress["best"] is None or isinstance(progress["best"], float), progress
     assert 0 < progress["step"] < 8 * 24, progress  # stopped mid-way, its state saved
-    assert "interrupted: saving `last`" in out
+    assert ("interrupted: saving `last`" if sig == signal.SIGINT else "stopped by SIGTERM") in out
 
     r = subprocess.run(DEMO + ["--out", str(b)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
