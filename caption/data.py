@@ -128,7 +128,7 @@ class StreamedCaptions(IterableDataset):
         n = 0
         for p in range(1_000_000):  # endless: the loader's epoch length cuts it
             pipe = stream(mine, grid=self.store.manifest["grid"], channels=self.store.manifest["channels"],
-                          require_checksum=self.store.require_checksum, shuffle=True, seed=self.seed + self.rank, epoch=self.epoch * 1000 + p, shuffle_buffer=self.shuffle_buffer)
+                          require_checksum=self.store.require_checksum, timeout=self.store.timeout, shuffle=True, seed=self.seed + self.rank, epoch=self.epoch * 1000 + p, shuffle_buffer=self.shuffle_buffer)
             got = 0
             for rec in pipe:
                 n += 1

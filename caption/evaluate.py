@@ -59,7 +59,7 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
         records = image_records(entries, images_root(cfg.data), int(m["image_size"]), backbone, device)
     else:
         root = features_dir(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(features or cfg.data.features))), split)
-        data = open_split(root, split, cfg.data.input_json, cfg.data.restval_in_train)
+        data = open_split(root, split, cfg.data.input_json, cfg.data.restval_in_train, cfg.data.url_timeout)
         if data.manifest["channels"] != cfg.model.feature_dim:
             raise StoreError(f"{root}: {data.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
         check_split(data, *run_features(run, cfg))

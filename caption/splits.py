@@ -93,10 +93,12 @@ def share(items: Iterable, rank: int = 0, world: int = 1, limit: int = -1) -> It
             yield item
 
 
-def open_split(root: Path | str, name: str, split_file: str = "", restval_in_train: bool = True) -> Split:
-    """The split `name` stored at `root`, its store opened (and its entries read from `split_file`
-    when given, unless the store was made from input shards)."""
-    split = Split(name, root, open_store(root))
+def open_split(root: Path | str, name: str, split_file: str = "", restval_in_train: bool = True,
+               url_timeout: float = 60.0) -> Split:
+    """The split `name` stored at `root`, its store opened (a store at a URL: `url_timeout` seconds
+    per connect and read, for its index and every stream of its shards), and its entries read from
+    `split_file` when given, unless the store was made from input shards."""
+    split = Split(name, root, open_store(root, timeout=url_timeout))
     if split_file and not split.from_records:
         split.attach(load_split(split_file, "all"), split_file, restval_in_train)
     return split

@@ -265,7 +265,7 @@ def setup(cfg: C.Config) -> Training:
     run.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(tcfg, run)
     cfg = resolve_batch(cfg, accelerator.num_processes)
-    train_split = open_split(features_dir(cfg, "train"), "train")
+    train_split = open_split(features_dir(cfg, "train"), "train", url_timeout=cfg.data.url_timeout)
     cfg = with_split_file(cfg, train_split.manifest, accelerator)
     cfg = resolve_resume(cfg, run)
     data = open_data(cfg, train_split)
@@ -314,7 +314,7 @@ def setup(cfg: C.Config) -> Training:
 
 def open_data(cfg: C.Config, train: Split) -> dict[str, Split]:
     """The train and val splits, each store opened once; a split file is parsed once for both."""
-    val = open_split(features_dir(cfg, "val"), "val")
+    val = open_split(features_dir(cfg, "val"), "val", url_timeout=cfg.data.url_timeout)
     if not train.from_records:
         entries = load_split(cfg.data.input_json, "all")
         for split in (train, val):

@@ -17,7 +17,7 @@ from typing import Iterable
 from shards.format import Record, RecordError, validate
 from shards import manifest as _manifest
 from shards.manifest import StoreError, WriterLock, done_shards, make_plan, merge_shards, shard_range, write_manifest
-from shards.remote import is_url, local_path
+from shards.remote import TIMEOUT, is_url, local_path
 from shards.remote_store import RemoteWdsReader, remote_manifest
 from shards.wds import WdsReader, WdsWriter
 from shards.zarr_store import ZarrReader, ZarrWriter, mark_filled_rows
@@ -45,17 +45,20 @@ def load_manifest(root: str | Path) -> dict:
     return remote_manifest(root) if isinstance(root, str) else _manifest.load_manifest(root)
 
 
-def open_store(root: str | Path):
+def open_store(root: str | Path, timeout: float = TIMEOUT):
     """The reader of a finished store, chosen by its manifest: a folder's (zarr or wds), or a wds
-    store's at an http(s) URL (`RemoteWdsReader`: the shards streamed)."""
+    store's at an http(s) URL (`RemoteWdsReader`: the shards streamed, `timeout` seconds per
+    connect and read, `data.url_timeout`)."""
     root = location(root)
     if isinstance(root, str):
-        return RemoteWdsReader(root)
+        return RemoteWdsReader(root, timeout=timeout)
     manifest = load_manifest(root)
     if manifest["backend"] == "zarr":
         return ZarrReader(root, manifest)
     if manifest["backend"] == "wds":
-        return WdsReader(root, manifest)
+        reader = WdsReader(root, manifest)
+        reader.timeout = timeout
+        return reader
     raise StoreError(f"{Path(root) / 'manifest.json'}: unknown backend {manifest['backend']!r}")
 
 

@@ -14,29 +14,29 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from shards.manifest import MANIFEST, StoreError, check_manifest
-from shards.remote import join, read_bytes
+from shards.remote import TIMEOUT, join, read_bytes
 from shards.wds import WdsReader
 
 
-def read_remote_json(url: str, what: str):
-    data = read_bytes(url)
+def read_remote_json(url: str, what: str, timeout: float = TIMEOUT):
+    data = read_bytes(url, timeout)
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{url}: malformed {what} ({e})") from None
 
 
-def remote_manifest(root: str) -> dict:
+def remote_manifest(root: str, timeout: float = TIMEOUT) -> dict:
     url = join(root, MANIFEST)
-    return check_manifest(read_remote_json(url, "manifest"), url)
+    return check_manifest(read_remote_json(url, "manifest", timeout), url)
 
 
 class RemoteWdsReader(WdsReader):
     """WdsReader over a store at an http(s) or file: URL: same records, same checks, shards streamed."""
 
-    def __init__(self, root: str, manifest: dict | None = None):
-        self.root = root.rstrip("/")
-        self.manifest = manifest or remote_manifest(self.root)
+    def __init__(self, root: str, manifest: dict | None = None, timeout: float = TIMEOUT):
+        self.root, self.timeout = root.rstrip("/"), timeout  # seconds per connect and read (`data.url_timeout`)
+        self.manifest = manifest or remote_manifest(self.root, timeout)
         if self.manifest["backend"] != "wds":
             raise StoreError(f"{self.root}: a {self.manifest['backend']} store is read from a folder; stream a wds "
                              "store (--format wds) from a URL")
@@ -44,7 +44,8 @@ class RemoteWdsReader(WdsReader):
         if not isinstance(shards, list) or any(not isinstance(s, dict) or s.get("index") != k for k, s in enumerate(shards)):
             raise StoreError(f"{join(self.root, MANIFEST)}: the shard list is not shards 0..{len(shards) - 1} in order")
         with ThreadPoolExecutor(max_workers=16) as pool:
-            metas = list(pool.map(lambda k: read_remote_json(join(self.root, "shards", f"{k:06d}.json"), "shard metadata"),
+            metas = list(pool.map(lambda k: read_remote_json(join(self.root, "shards", f"{k:06d}.json"), "shard metadata",
+                                                             timeout),
                                   range(len(shards))))
         self.records, self.shard_of, self.paths, keys = [], [], [], set()
         for k, (s, meta) in enumerate(zip(shards, metas)):

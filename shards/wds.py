@@ -165,10 +165,10 @@ def _local_path(url: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def tar_to_samples(src: Iterable[dict]) -> Iterator[dict]:
+def tar_to_samples(src: Iterable[dict], timeout: float = remote.TIMEOUT) -> Iterator[dict]:
     """Stage 5 of `stream`: shards to samples grouped by key. Local files are memory-mapped, the
     next one read in by a background thread while this one's samples go out; `pipe:` and other
-    URLs go through webdataset's own tar reader."""
+    URLs go through webdataset's own tar reader (http(s): `timeout` seconds per connect and read)."""
     shards = [(s, _local_path(s["url"])) for s in src]
     local = [i for i, (_, path) in enumerate(shards) if path is not None]
     following = dict(zip(local, local[1:]))  # each local shard's next local shard
@@ -176,7 +176,7 @@ def tar_to_samples(src: Iterable[dict]) -> Iterator[dict]:
         mapped = {i: ahead.submit(map_shard, shards[i][1]) for i in local[:1]}
         for i, (sample, path) in enumerate(shards):
             if path is None:  # http(s), pipe: streamed, every fault named (shards.remote)
-                yield from remote.tar_samples(sample["url"])
+                yield from remote.tar_samples(sample["url"], timeout)
                 continue
             if i in following:
                 mapped[following[i]] = ahead.submit(map_shard, shards[following[i]][1])
@@ -226,7 +226,7 @@ def _reraise(exn: Exception) -> bool:
 
 def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None = None, shuffle: bool = False,
            seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, split_nodes: bool = False,
-           require_checksum: bool = False) -> wds.DataPipeline:
+           require_checksum: bool = False, timeout: float = remote.TIMEOUT) -> wds.DataPipeline:
     """The streaming reader: local paths, http(s) or `pipe:` URLs (e.g. `pipe:aws s3 cp s3://b/shard-000000.tar -`).
 
     Stages, in order:
@@ -245,7 +245,7 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
     if split_nodes:
         stages.append(wds.split_by_node)
     stages.append(wds.split_by_worker)
-    stages.append(tar_to_samples)
+    stages.append(functools.partial(tar_to_samples, timeout=timeout))
     if shuffle and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None, seed=seed + epoch))
     stages.append(wds.map(lambda s: decode_sample(s, grid, channels, require_checksum), handler=_reraise))
@@ -260,6 +260,7 @@ class WdsReader(IndexedStore):
         # Stores written with per-record checksums say so in every record's .json: from then on
         # a record without one is refused. (Older stores hold none: their grids are read unchecked.)
         self.require_checksum = bool(self.manifest.get("record_checksum"))
+        self.timeout = remote.TIMEOUT  # seconds per connect and read of a shard over HTTP (`data.url_timeout`)
 
     def urls(self) -> list[str]:
         return [str(p) for p in self.paths]
@@ -275,7 +276,7 @@ class WdsReader(IndexedStore):
             n += s["count"]
             skip += 1
         for rec in stream(self.urls()[skip:], grid=self.manifest["grid"], channels=self.manifest["channels"],
-                          require_checksum=self.require_checksum):
+                          require_checksum=self.require_checksum, timeout=self.timeout):
             if n >= span.stop:
                 return
             want = self.records[n]["key"] if n < len(self.records) else None

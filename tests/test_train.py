@@ -41,7 +41,7 @@ def test_each_store_is_opened_once_per_run(shapes, tiny_features, tmp_path, monk
     from caption import splits
     opened = []
     real = splits.open_store
-    monkeypatch.setattr(splits, "open_store", lambda root: opened.append(Path(root).name) or real(root))
+    monkeypatch.setattr(splits, "open_store", lambda root, **kw: opened.append(Path(root).name) or real(root, **kw))
     run = tmp_path / "run"
     assert train.main(run_args(shapes, tiny_features, run, "--max_epochs", "2", "--select_on", "nll")) == 0
     assert sorted(opened) == ["train", "val"]

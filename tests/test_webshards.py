@@ -305,3 +305,29 @@ def test_img2dataset_stats_size_the_reserved_rows(shapes, tmp_path, caplog):
     m = json.loads((out / "train" / "manifest.json").read_text())
     assert m["count"] == 96 and m["input_shard_rows"] == 40  # the largest shard's 40 samples, in whole output shards
     assert len(list((out / "train").glob("*.tar"))) == 3 * 40 // 8  # 15 output shards, not 3 x 1,250
+
+
+def test_url_timeout_reaches_the_index_and_every_stream(served, tiny_features, shapes, monkeypatch):
+    """`data.url_timeout` is the seconds per connect and read of everything a run fetches from a
+    store at a URL: the manifest and shard JSONs, the evaluation reads and training's streams."""
+    import shards.remote as remote
+    import shards.remote_store as remote_store
+    from caption.data import train_batches
+    from caption.splits import open_split
+    from caption.vocab import build_from_split_file
+    from shards.__main__ import convert
+    root, base = served
+    convert(tiny_features / "val", root / "wds_t" / "val", "wds", shard_size=4)
+    seen = []
+    read_bytes, tar_samples = remote_store.read_bytes, remote.tar_samples
+    monkeypatch.setattr(remote_store, "read_bytes", lambda url, timeout: seen.append(("json", timeout)) or
+                        read_bytes(url, timeout))
+    monkeypatch.setattr(remote, "tar_samples", lambda url, timeout: seen.append(("tar", timeout)) or
+                        tar_samples(url, timeout))
+    split = open_split(f"{base}/wds_t/val", "val", url_timeout=7.5)
+    assert len(list(split.records())) == 12
+    vocab = build_from_split_file(shapes / "dataset.json", 0)
+    batch = next(iter(train_batches(split.store, vocab, batch_size=4, seq_per_img=5, max_length=16, seed=0, epoch=0)[1]))
+    assert batch["features"].shape[0] == 4
+    kinds = {k for k, _ in seen}
+    assert kinds == {"json", "tar"} and {t for _, t in seen} == {7.5}, seen
