@@ -9,6 +9,7 @@ Each stage resumes or is skipped when its output is complete, so a second run is
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -77,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t = stage("4/6 train the attention decoder")  # a finished run resumes to its end at once
     extra = ["--max_epochs", str(a.max_epochs)] if a.max_epochs else []
-    if train.main(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"]) != 0:
-        return 1
+    status = train.main(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"])
+    if status != 0:
+        if status >= 128:  # Ctrl-C or a stop signal: the state is saved
+            print(f"\nstopped during training; run the same command again (`make demo`) to continue from step "
+                  f"{json.loads((run / 'state' / 'progress.json').read_text())['step']}", flush=True)
+        return status if status >= 128 else 1
     times["train"] = time.perf_counter() - t
 
     t = stage("5/6 evaluate on the test split (beam 3): captions, what the words name, where they look")

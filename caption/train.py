@@ -203,6 +203,8 @@ def train(cfg: C.Config) -> int:
             return 128 + (job.stop.signum or signal.SIGTERM)
         if interrupted:
             save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
+            log.info(f"{job.run}: interrupted at step {p.step}; `last` and the resume state are saved. Continue with "
+                     "the same command and --resume true (or --resume auto)")
         elif p.validated_step != p.step:
             validate_and_save(job)
     write_hparams(job)
