@@ -46,6 +46,18 @@ def pretrain_encoder(out: Path, data: Path, a: argparse.Namespace) -> Path:
     return weights
 
 
+def train_stage(args: list[str], run: Path) -> int:
+    """Train (resuming where a stopped demo left off); a stop says how to continue and keeps its
+    status (130 Ctrl-C, 143 SIGTERM); any other failure is 1."""
+    status = train.main(args)
+    if status >= 128:  # the state is saved
+        step = json.loads((run / "state" / "progress.json").read_text())["step"]
+        print(f"\nstopped during training; run the same command again (`make demo`) to continue from step {step}",
+              flush=True)
+        return status
+    return 1 if status else 0
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m caption.demo", description=__doc__.split("\n\n")[0])
@@ -78,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = stage("4/6 train the attention decoder")  # a finished run resumes to its end at once
     extra = ["--max_epochs", str(a.max_epochs)] if a.max_epochs else []
-    status = train.main(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"])
+    status = train_stage(common + ["--checkpoint_path", str(run)] + extra + ["--resume", "auto"], run)
     if status != 0:
-        if status >= 128:  # Ctrl-C or a stop signal: the state is saved
-            print(f"\nstopped during training; run the same command again (`make demo`) to continue from step "
-                  f"{json.loads((run / 'state' / 'progress.json').read_text())['step']}", flush=True)
-        return status if status >= 128 else 1
+        return status
     times["train"] = time.perf_counter() - t
 
     t = stage("5/6 evaluate on the test split (beam 3): captions, what the words name, where they look")
