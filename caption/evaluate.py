@@ -19,7 +19,7 @@ from caption.decode import decode_records
 from caption.encoder import backbone_for_run, image_records
 from caption.grounding import WORLD_KEYS, summary, world_scores
 from caption.metrics import ALL, format_table, score
-from caption.references import references_for
+from caption.references import raw_references
 from caption.run import features_dir, load_decoder, run_features
 from caption.splits import check_split, open_split
 from common.cli import command
@@ -53,17 +53,17 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     if from_images:
         backbone, m = backbone_for_run(run, cfg)
         backbone = backbone.to(device)
-        entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)
-        entries = entries[:limit] if limit >= 0 else entries
-        n, grid = len(entries), int(m["grid"])
-        records = image_records(entries, images_root(cfg.data), int(m["image_size"]), backbone, device)
+        entries = load_split(cfg.data.input_json, split, cfg.data.restval_in_train)  # parsed once: images, references
+        use = entries[:limit] if limit >= 0 else entries
+        n, grid = len(use), int(m["grid"])
+        records = image_records(use, images_root(cfg.data), int(m["image_size"]), backbone, device)
     else:
         root = features_dir(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=str(features or cfg.data.features))), split)
         data = open_split(root, split, cfg.data.input_json, cfg.data.restval_in_train, cfg.data.url_timeout)
         if data.manifest["channels"] != cfg.model.feature_dim:
             raise StoreError(f"{root}: {data.manifest['channels']}-channel features, the run's decoder expects {cfg.model.feature_dim}")
         check_split(data, *run_features(run, cfg))
-        store, ids = data.store, data.image_ids()
+        store, ids, entries = data.store, data.image_ids(), data.entries  # entries: None for input-shard stores
         n, grid = (len(store) if limit < 0 else min(limit, len(store))), int(data.manifest["grid"])
         if limit < 0 and len(store) < len(ids):  # scored anyway (COCO has a broken image), but said
             failed = len(data.manifest.get("failures", []))
@@ -77,11 +77,11 @@ def evaluate(run: str | Path, split: str = "test", beam_size: int = 3, features:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     ids = [r["image_id"] for r in results]
-    refs = data.references(ids) if data is not None else \
-        references_for(cfg.data.input_json, split, ids, cfg.data.restval_in_train)
+    refs = data.references(ids) if data is not None else raw_references(entries, ids)
     metrics, skipped = score(refs, {r["image_id"]: r["caption"] for r in results}, scorers or ALL)
     if with_grounding:
-        metrics.update(world_scores(res, split_entries(cfg, split), grid))
+        by_id = {e.image_id: e for e in entries} if entries is not None else split_entries(cfg, split)
+        metrics.update(world_scores(res, by_id, grid))
     atomic_write_json(out / "metrics.json", metrics)
     if skipped:
         atomic_write_json(out / "skipped.json", skipped)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from caption.references import raw_references
 from shards import open_store
 from shards.format import Record
 from shards.karpathy import ImageEntry, expand_split, load_split
@@ -34,7 +35,7 @@ class Split:
     name: str
     root: Path | str
     store: object  # shards' ZarrReader, WdsReader or RemoteWdsReader
-    entries: list[ImageEntry] | None = None  # the split file's; None: made from input shards, or not attached yet
+    entries: list[ImageEntry] | None = None  # the split file's (`attach`); None for a store made from input shards
     split_file: str = ""
     _refs: dict | None = field(default=None, repr=False)
 
@@ -54,20 +55,26 @@ class Split:
             self.entries, self.split_file = [e for e in entries if e.split in names], str(split_file)
         return self
 
-    def image_ids(self) -> set[int]:
-        """The split's images: the split file's, or the store's own records."""
+    def file_entries(self) -> list[ImageEntry]:
+        """The split file's entries of this split (a store made from a split file, `attach`ed)."""
         if self.entries is None:
+            raise StoreError(f"{self.root}: made from a split file, which was not read (give --input_json)")
+        return self.entries
+
+    def image_ids(self) -> set[int]:
+        """The split's images: the store's own records (input shards), or the split file's."""
+        if self.from_records:
             return {r["image_id"] for r in self.store.records}
-        return {e.image_id for e in self.entries}
+        return {e.image_id for e in self.file_entries()}
 
     def references(self, image_ids: Iterable[int] | None = None) -> dict[int, list[str]]:
-        """Raw reference sentences by image id (what coco-caption tokenizes): the split file's, or
-        the records' token lists joined by spaces (read back as the same tokens)."""
+        """Raw reference sentences by image id (what coco-caption tokenizes): the records' token
+        lists joined by spaces (read back as the same tokens), or the split file's sentences."""
         if self._refs is None:
-            if self.entries is None:
+            if self.from_records:
                 self._refs = {r["image_id"]: [" ".join(c) for c in r["captions"]] for r in self.store.records}
             else:
-                self._refs = {e.image_id: e.raw for e in self.entries}
+                self._refs = raw_references(self.file_entries())
         return self._refs if image_ids is None else {i: self._refs[i] for i in image_ids}
 
     def token_references(self) -> list[list[list[str]]]:
@@ -81,7 +88,7 @@ class Split:
     def entries_in_store(self) -> list[ImageEntry]:
         """The split file's entries whose image the store holds (no failures, --limit), in file order."""
         keys = {r["key"] for r in self.store.records}
-        return [e for e in self.entries or [] if e.key in keys]
+        return [e for e in self.file_entries() if e.key in keys]
 
 
 def share(items: Iterable, rank: int = 0, world: int = 1, limit: int = -1) -> Iterator:

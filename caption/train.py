@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     return train(cfg)
 
 
+SAVED = ("at step {step}; `last` and the resume state are saved. Continue with the same command and --resume true "
+         "(or --resume auto)")
+
+
 def train(cfg: C.Config) -> int:
     """Train until max_epochs (or max_steps); 130 when interrupted (the state saved first)."""
     job = setup(cfg)
@@ -196,15 +200,13 @@ def train(cfg: C.Config) -> int:
             save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
             name = signal.Signals(job.stop.signum).name if job.stop.signum else "a stop signal on another process"
             who = f"rank {accelerator.process_index}/{accelerator.num_processes}: " if accelerator.num_processes > 1 else ""
-            log.info(f"{who}{job.run}: stopped by {name} at step {p.step}; `last` and the resume state are saved. "
-                     "Continue with the same command and --resume true (or --resume auto)", main_process_only=False)
+            log.info(f"{who}{job.run}: stopped by {name} {SAVED.format(step=p.step)}", main_process_only=False)
             write_hparams(job)
             accelerator.end_training()
             return 128 + (job.stop.signum or signal.SIGTERM)
         if interrupted:
             save_state(accelerator, job.run, dataclasses.asdict(p), job.net)
-            log.info(f"{job.run}: interrupted at step {p.step}; `last` and the resume state are saved. Continue with "
-                     "the same command and --resume true (or --resume auto)")
+            log.info(f"{job.run}: interrupted {SAVED.format(step=p.step)}")
         elif p.validated_step != p.step:
             validate_and_save(job)
     write_hparams(job)
@@ -223,9 +225,9 @@ def write_hparams(job: Training) -> None:
     (the best validation value of `select_on`, at which step, and the steps done)."""
     if not job.accelerator.is_main_process:
         return
-    settings = {**{f"model.{k}": v for k, v in C.to_dict(job.cfg)["model"].items()},
-                **{f"train.{k}": v for k, v in C.to_dict(job.cfg)["train"].items()}}
-    settings = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}
+    sections = C.to_dict(job.cfg)
+    settings = {f"{s}.{k}": v for s in ("model", "train") for k, v in sections[s].items()
+                if isinstance(v, (int, float, str, bool))}
     p, metric = job.progress, "CIDEr-D" if job.cfg.train.select_on == "cider" else "NLL"
     results = {"hparam/steps": p.step, "hparam/best_step": p.best_step}
     if p.best is not None:
@@ -268,7 +270,7 @@ def setup(cfg: C.Config) -> Training:
     accelerator = build_accelerator(tcfg, run)
     cfg = resolve_batch(cfg, accelerator.num_processes)
     train_split = open_split(features_dir(cfg, "train"), "train", url_timeout=cfg.data.url_timeout)
-    cfg = with_split_file(cfg, train_split.manifest, accelerator)
+    cfg = with_split_file(cfg, train_split.manifest)
     cfg = resolve_resume(cfg, run)
     data = open_data(cfg, train_split)
     check_data(cfg, run, data, cfg.train.resume == "true", accelerator.is_main_process)  # now, not at the first validation
@@ -462,7 +464,7 @@ def build_accelerator(tcfg: C.TrainConfig, run: Path) -> Accelerator:
                        **kwargs)
 
 
-def with_split_file(cfg: C.Config, manifest: dict, accelerator: Accelerator) -> C.Config:
+def with_split_file(cfg: C.Config, manifest: dict) -> C.Config:
     """The config with the split file the train features were made from, when the configured one
     does not exist: the manifest records it (and the image root), so training needs only --features."""
     if from_records(manifest):

@@ -56,9 +56,7 @@ def open_store(root: str | Path, timeout: float = TIMEOUT):
     if manifest["backend"] == "zarr":
         return ZarrReader(root, manifest)
     if manifest["backend"] == "wds":
-        reader = WdsReader(root, manifest)
-        reader.timeout = timeout
-        return reader
+        return WdsReader(root, manifest, timeout)
     raise StoreError(f"{Path(root) / 'manifest.json'}: unknown backend {manifest['backend']!r}")
 
 

@@ -255,12 +255,12 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
 class WdsReader(IndexedStore):
     """Records of a finished wds store, in order (no random access: use zarr for that)."""
 
-    def __init__(self, root: str | Path, manifest: dict | None = None):
+    def __init__(self, root: str | Path, manifest: dict | None = None, timeout: float = remote.TIMEOUT):
         super().__init__(root, manifest)  # manifest, records, shards' tars: checked
         # Stores written with per-record checksums say so in every record's .json: from then on
         # a record without one is refused. (Older stores hold none: their grids are read unchecked.)
         self.require_checksum = bool(self.manifest.get("record_checksum"))
-        self.timeout = remote.TIMEOUT  # seconds per connect and read of a shard over HTTP (`data.url_timeout`)
+        self.timeout = timeout  # seconds per connect and read of a shard over HTTP (`data.url_timeout`)
 
     def urls(self) -> list[str]:
         return [str(p) for p in self.paths]
