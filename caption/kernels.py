@@ -23,25 +23,26 @@ def tanh_scores(keys: torch.Tensor, q: torch.Tensor, score: nn.Linear) -> torch.
     float32. Without autograd on a CPU, a few images at a time (`chunked`)."""
     A = keys.shape[-1]
     w2, b = 2 * score.weight.view(A), score.bias - score.weight.sum()
-    k2, q2 = 2 * keys, 2 * q  # (B, L, A), (B, G, 1, A): doubling is exact
-    if keys.device.type == "cpu" and not (torch.is_grad_enabled() and (keys.requires_grad or q2.requires_grad)):
-        return chunked(k2, q2, w2) + b
-    s = torch.add(k2[:, None], q2).sigmoid_()  # (B, G, L, A)
+    if keys.device.type == "cpu" and not (torch.is_grad_enabled() and (keys.requires_grad or q.requires_grad)):
+        return chunked(keys, q, w2) + b
+    s = torch.add(2 * keys[:, None], 2 * q).sigmoid_()  # (B, G, L, A); doubling is exact
     return torch.matmul(s, w2) + b  # (B, G, L)
 
 
-def chunked(k2: torch.Tensor, q2: torch.Tensor, w2: torch.Tensor, chunk_bytes: int = 4 << 20) -> torch.Tensor:
+def chunked(keys: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, chunk_bytes: int = 4 << 20) -> torch.Tensor:
     """(2w)^T sigmoid(2k + 2q), (B, G, L), a few images at a time through one reused ~4 MB buffer:
     without autograd nothing needs the whole (B, G, L, A) tensor, and on a CPU a cache-sized
-    buffer saves allocating (and page-faulting) it at every step. (A GPU takes the whole tensor
-    at once: its allocator caches, and small chunks would cost a kernel launch each.)"""
-    B, L, A = k2.shape
-    G = q2.shape[1]
-    n = max(1, chunk_bytes // (G * L * A * k2.element_size()))  # images per chunk
-    out = k2.new_empty(B, G, L)
-    buf = k2.new_empty(min(n, B), G, L, A)
+    buffer saves allocating (and page-faulting) it at every step; the doubling, 2 (k + q) (exact,
+    the same bits as 2k + 2q), happens in that buffer too, not on a copy of the keys at every
+    step. (A GPU takes the whole tensor at once: its allocator caches, and small chunks would
+    cost a kernel launch each.)"""
+    B, L, A = keys.shape
+    G = q.shape[1]
+    n = max(1, chunk_bytes // (G * L * A * keys.element_size()))  # images per chunk
+    out = keys.new_empty(B, G, L)
+    buf = keys.new_empty(min(n, B), G, L, A)
     for i in range(0, B, n):
         m = min(n, B - i)
-        s = torch.add(k2[i:i + m, None], q2[i:i + m], out=buf[:m]).sigmoid_()  # (m, G, L, A)
+        s = torch.add(keys[i:i + m, None], q[i:i + m], out=buf[:m]).mul_(2).sigmoid_()  # (m, G, L, A)
         torch.matmul(s, w2, out=out[i:i + m])  # (m, G, L)
     return out

@@ -64,11 +64,12 @@ def test_attention_is_the_papers_tanh_mlp():
     (g_got,) = torch.autograd.grad(got[:, :5].sum(), h)
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        keys, q2 = att.keys(features), 2 * att.query(h).view(B, S, 1, -1)
-        k2, w2 = 2 * keys, 2 * att.score.weight.view(-1)
-        whole = kernels.chunked(k2, q2, w2)
+        keys, q = att.keys(features), att.query(h).view(B, S, 1, -1)
+        w2 = 2 * att.score.weight.view(-1)
+        whole = kernels.chunked(keys, q, w2)
+        assert torch.equal(whole, torch.matmul(torch.sigmoid(2 * keys[:, None] + 2 * q), w2))  # 2(k + q): 2k + 2q's bits
         for chunk_bytes in (1, S * L * 12 * 4 * 2):  # one image per chunk; two images, a short last chunk
-            torch.testing.assert_close(kernels.chunked(k2, q2, w2, chunk_bytes), whole)
+            torch.testing.assert_close(kernels.chunked(keys, q, w2, chunk_bytes), whole)
         torch.testing.assert_close(att(keys, h), want, rtol=1e-5, atol=1e-6)
         # Half precision keeps the tanh form.
         torch.testing.assert_close(att.half()(keys.half(), h.half()).float(), want, rtol=0, atol=2e-3)
