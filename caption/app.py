@@ -3,9 +3,10 @@
     python -m caption.app --run demo/run                 # http://127.0.0.1:7860
     python -m caption.app --run exported/coco --host 0.0.0.0 --port 8080
 
-Upload a photo (or pick an example: the shapes world's test images for the demo's run), set the
-beam size and maximum length, and press Caption: the caption, a word strip (choose a word to see
-its 14x14 attention upsampled over the photo) and every word's map. The run is loaded once
+Upload a photo or pick an example (the shapes world's test images for the demo's run): it is
+captioned at once and shown beside the caption, a word strip (choose a word to see its 14x14
+attention upsampled over the photo) and every word's map; "Caption again" re-captions it with a
+new beam size or maximum length. The run is loaded once
 (caption/service.py) and requests queue; a bad upload is a message on the page.
 """
 
@@ -37,11 +38,14 @@ def build(service: CaptionService, examples: list[str]):
     """The Gradio Blocks page over `service` (gradio imported here: it is an optional extra)."""
     import gradio as gr
 
+    nothing = ("", "", gr.update(choices=[], value=None), None, [], None, [])
+
     def run_caption(path, beam_size, max_length):
+        if not path:  # the file was cleared: an empty page, not an error
+            return nothing
         out = service.caption(path, beam_size, max_length)
         if out.error:
-            return ("", f"**Could not caption this file:** {out.error}", gr.update(choices=[], value=None),
-                    None, [], None, [])
+            return ("", f"**Could not caption this file:** {out.error}", *nothing[2:])
         strip = [f"{i + 1}. {w}" for i, w in enumerate(out.words)]
         first = out.overlays[0] if out.overlays else out.image
         return (out.caption, "", gr.update(choices=strip, value=strip[0] if strip else None), first,
@@ -53,26 +57,33 @@ def build(service: CaptionService, examples: list[str]):
         return overlays[int(choice.split(".", 1)[0]) - 1]
 
     with gr.Blocks(title="Show, Attend and Tell") as page:
-        gr.Markdown("# Show, Attend and Tell\nUpload a photo; each word of the caption shows where the model looked.")
+        gr.Markdown("# Show, Attend and Tell\nUpload a photo (or pick an example); each word of the caption "
+                    "shows where the model looked.")
         gr.Markdown(service.about, elem_id="about")
         overlays = gr.State([])
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="photo", file_types=["image"], type="filepath", elem_id="upload")
+                upload = gr.File(label="image file: upload one, or pick an example below", file_types=["image"],
+                                 type="filepath", elem_id="upload")
+                photo = gr.Image(label="the image the model captioned", type="numpy", interactive=False,
+                                 elem_id="photo")
                 beam = gr.Slider(1, 10, value=3, step=1, label="beam size")
                 length = gr.Slider(5, 30, value=20, step=1, label="max length")
-                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                button = gr.Button("Caption again", variant="primary", elem_id="caption-button")
                 if examples:
-                    gr.Examples(examples, inputs=upload, label="shapes world test images")
+                    gr.Examples(examples, inputs=upload, label="examples: the shapes world's test images",
+                                elem_id="examples")
             with gr.Column():
-                photo = gr.Image(label="photo", type="numpy", interactive=False, elem_id="photo")
                 caption = gr.Textbox(label="caption", interactive=False, elem_id="caption")
                 message = gr.Markdown(elem_id="message")
                 words = gr.Radio([], label="words: choose one to see where it looked", elem_id="words")
-                attention = gr.Image(label="attention of the chosen word", type="numpy", interactive=False,
-                                     elem_id="attention")
-        grid = gr.Gallery(label="every word", columns=6, elem_id="grid")
-        button.click(run_caption, [upload, beam, length], [caption, message, words, attention, grid, photo, overlays])
+                attention = gr.Image(label="where the chosen word looked (the rest dimmed)", type="numpy",
+                                     interactive=False, elem_id="attention")
+        grid = gr.Gallery(label="where every word looked", columns=6, elem_id="grid")
+        outputs = [caption, message, words, attention, grid, photo, overlays]
+        # an upload or a picked example is captioned at once; the button re-captions with new settings
+        upload.change(run_caption, [upload, beam, length], outputs)
+        button.click(run_caption, [upload, beam, length], outputs)
         words.change(show_word, [words, overlays], attention)
     return page
 

@@ -84,9 +84,8 @@ def upload_and_caption(driver, path: Path) -> None:
         assert clear, labels
         clear[0].click()
         WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]")))
-    driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
-    time.sleep(1.0)  # the upload reaches the server before the click
-    driver.find_element(By.CSS_SELECTOR, "#caption-button").click()
+        WebDriverWait(driver, 30).until(lambda d: caption_text(d) == "")  # a cleared file empties the page
+    driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))  # captioned at once
 
 
 def caption_text(driver) -> str:
@@ -98,10 +97,18 @@ def test_the_page_captions_and_shows_attention(page, browser, shapes, tmp_path):
     wait = WebDriverWait(browser, 90)
     browser.get(page)
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]")))
+    # picking an example captions it, no button pressed, and the photo is shown beside its caption
+    picks = browser.find_elements(By.CSS_SELECTOR, "#examples button, #examples tbody tr")
+    assert picks, browser.find_element(By.CSS_SELECTOR, "#examples").get_attribute("innerHTML")[:2000]
+    picks[0].click()
+    wait.until(lambda d: caption_text(d).strip() != "")
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#photo img")))
+    # an upload is captioned at once as well
     image = sorted((shapes / "images").glob("*.jpg"))[0]
     upload_and_caption(browser, image)
     wait.until(lambda d: caption_text(d).strip() != "")
     first = caption_text(browser)
+    assert browser.find_element(By.CSS_SELECTOR, "#photo img").get_attribute("src")
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#attention img")))
     src = browser.find_element(By.CSS_SELECTOR, "#attention img").get_attribute("src")
     assert src and (src.startswith("data:image") or "/file=" in src or "gradio_api" in src)
