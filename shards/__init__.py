@@ -20,7 +20,7 @@ from shards.manifest import StoreError, WriterLock, done_shards, make_plan, merg
 from shards.remote import TIMEOUT, is_url, local_path
 from shards.remote_store import RemoteWdsReader, remote_manifest
 from shards.wds import WdsReader, WdsWriter
-from shards.zarr_store import ZarrReader, ZarrWriter, mark_filled_rows
+from shards.zarr_store import ZarrReader, ZarrWriter, write_row_index
 
 
 def create_writer(root: str | Path, plan: dict):
@@ -62,10 +62,11 @@ def open_store(root: str | Path, timeout: float = TIMEOUT):
 
 def finalize(root: str | Path, split: str = "") -> dict:
     """manifest.json once every shard is done (shards.manifest.merge_shards says what it holds);
-    a zarr store first marks its filled rows in the array's own attributes."""
-    manifest, rows = merge_shards(Path(root), split)
-    if manifest["backend"] == "zarr":  # where zarr-python alone sees which rows hold an image
-        mark_filled_rows(Path(root), rows)
+    a zarr store first becomes a zarr group that zarr-python alone can read (the grids, each
+    row's key, image id, file name and captions, the filled rows)."""
+    manifest, records = merge_shards(Path(root), split)
+    if manifest["backend"] == "zarr":
+        write_row_index(Path(root), records, manifest["num_rows"])
     return write_manifest(Path(root), manifest)
 
 

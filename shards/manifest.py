@@ -214,8 +214,8 @@ class IndexedStore:
         return len(self.records)
 
 
-def merge_shards(root: Path, split: str = "") -> tuple[dict, list[int]]:
-    """(manifest, filled rows): every shard's JSON and every writer's failures merged (all shards
+def merge_shards(root: Path, split: str = "") -> tuple[dict, list[dict]]:
+    """(manifest, records: each filled row's {"row", "key", ...}): every shard's JSON and every writer's failures merged (all shards
     must be done, and at least one image must have been read: a store of failures only is an
     error, with the first failure named, not an empty store). `shards.finalize` writes it."""
     root = Path(root)
@@ -223,13 +223,13 @@ def merge_shards(root: Path, split: str = "") -> tuple[dict, list[int]]:
     missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
     if missing:
         raise StoreError(f"{root}: {len(missing)} of {plan['num_shards']} shards unfinished (first: {missing[0]}); rerun the writer")
-    shards, failures, count, keys, checksums, rows = [], [], 0, set(), set(), []
+    shards, failures, count, keys, checksums, records = [], [], 0, set(), set(), []
     for k in range(plan["num_shards"]):
         m = read_json(shard_meta_path(root, k), "shard metadata")
         checksums.add(m.get("record_checksum", ""))
         recs = check_shard_meta(root, k, m, None, plan["num_records"], plan["shard_size"], keys)
         shards.append({"index": k, "file": m["file"], "count": len(recs), "bytes": m["bytes"], "sha256": m["sha256"]})
-        rows += [r["row"] for r in recs]
+        records += recs
         count += len(recs)
         failures += m.get("failures", [])
     if count == 0:
@@ -249,7 +249,7 @@ def merge_shards(root: Path, split: str = "") -> tuple[dict, list[int]]:
     }
     if checksums == {"crc32c"}:  # every shard's records carry their grid's CRC-32C (wds; zarr checks per chunk)
         manifest["record_checksum"] = "crc32c"
-    return manifest, rows
+    return manifest, records
 
 
 def write_manifest(root: Path, manifest: dict) -> dict:

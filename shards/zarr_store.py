@@ -220,19 +220,45 @@ class ZarrWriter:
 
 
 FILLED_ROWS = "filled_rows"  # features.zarr attribute: [[start, stop), ...] rows that hold an image
+ROW_ARRAYS = ("key", "image_id", "filename", "captions")  # beside features.zarr in the split's group
+INDEX_CHUNK = 1 << 16  # rows per chunk of the row arrays
 
 
-def mark_filled_rows(root: str | Path, rows: list[int]) -> None:
-    """Record in the array's own attributes which rows hold an image (the others, images that
-    failed to decode, hold zeros), so a reader with zarr-python alone can skip them:
+def write_row_index(root: str | Path, records: list[dict], num_rows: int) -> None:
+    """Make the split folder a zarr group that zarr-python reads without this project:
 
-        z = zarr.open_array("features/train/features.zarr")
-        rows = [r for a, b in z.attrs["filled_rows"] for r in range(a, b)]
-    """
-    array = zarr.open_array(Path(root) / ARRAY, mode="r+")
-    array.attrs.update({FILLED_ROWS: row_runs(sorted(rows)),
+        g = zarr.open_group("features/train", mode="r")                 # zarr >= 3
+        grids = g["features.zarr"]                                      # (N, g, g, C) float16
+        keys, ids, captions = g["key"][:], g["image_id"][:], g["captions"][:]  # (N,) str, int64, str
+        rows = [r for a, b in grids.attrs["filled_rows"] for r in range(a, b)]
+        grids[rows[0]], keys[rows[0]], json.loads(captions[rows[0]])    # one image's grid, key, captions
+
+    Rows that hold no image (it failed to decode) have key "", image_id -1 and zero grids. The
+    shard JSONs stay the project's own index (checked on every open); these arrays are written
+    from them when the store is finished. `records` are the filled rows' {"row", "key",
+    "image_id", "filename", "captions"}."""
+    import json
+    root = Path(root)
+    array = zarr.open_array(root / ARRAY, mode="r+")
+    rows = sorted(r["row"] for r in records)
+    array.attrs.update({FILLED_ROWS: row_runs(rows),
                         "filled_rows_about": "[start, stop) row ranges holding an image; other rows are zeros "
                                              "(images that failed to decode, listed in ../manifest.json)"})
+    columns = {"key": np.full(num_rows, "", dtype=object), "image_id": np.full(num_rows, -1, dtype=np.int64),
+               "filename": np.full(num_rows, "", dtype=object), "captions": np.full(num_rows, "", dtype=object)}
+    for r in records:
+        i = r["row"]
+        columns["key"][i], columns["image_id"][i], columns["filename"][i] = r["key"], r["image_id"], r["filename"]
+        columns["captions"][i] = json.dumps(r["captions"], ensure_ascii=False)
+    group = zarr.open_group(root, mode="a", attributes={
+        "about": "features.zarr: (N, g, g, C) float16 grids, one image per row; key, image_id, filename, "
+                 "captions (a JSON list per row): that row's image; rows without an image: key '', image_id -1",
+        "rows": num_rows, "images": len(records)})
+    for name in ROW_ARRAYS:
+        col = columns[name]
+        arr = group.create_array(name, shape=(num_rows,), dtype=str if col.dtype == object else col.dtype,
+                                 chunks=(min(INDEX_CHUNK, max(num_rows, 1)),), overwrite=True)
+        arr[:] = col
 
 
 class ZarrReader(IndexedStore):

@@ -52,22 +52,3 @@ def test_predict_a_folder_and_bad_files(trained_run, tmp_path, capsys):
     (tmp_path / "bad.jpg").write_text("no")
     assert predict_main(["--run", str(trained_run), str(tmp_path / "bad.jpg")]) == 1
     assert "bad.jpg" in capsys.readouterr().err
-
-
-def test_the_readmes_python_snippet_runs(trained_run, shapes, tmp_path, monkeypatch, capsys):
-    """README's "From Python" block, run as written against a trained run and a shapes image."""
-    import re
-
-    import caption.evaluate
-    from tests.conftest import ROOT
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"From Python:\n\n```python\n(.*?)```", readme, re.S).group(1)
-    image = next((shapes / "images").glob("*.jpg"))
-    code = (code.replace('"demo/run"', repr(str(trained_run))).replace('"photo.jpg"', repr(str(image)))
-                .replace('"figures/"', repr(str(tmp_path / "figures"))))
-    monkeypatch.setattr(caption.evaluate, "ALL", ("Bleu", "CIDEr"))  # the snippet's defaults, without Java's METEOR
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    caption_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert caption_line.split()[-1].endswith("_attention.png") and (tmp_path / "figures").is_dir()
-    assert scope["metrics"]["CIDEr"] >= 0 and (trained_run / "eval_test" / "metrics.json").exists()

@@ -107,8 +107,10 @@ def test_counts_rows_and_keys_are_cross_checked(tmp_path, backend):
     assert len(open_store(root)) == 8
 
 
-def test_zarr_python_alone_finds_exactly_the_filled_rows(tmp_path):
-    """A featurized store with a failed image: its attributes list the rows that hold an image."""
+def test_zarr_python_alone_reads_the_split_as_a_group(tmp_path):
+    """A featurized store with a failed image, read with zarr-python alone as the README says: the
+    split folder is a group holding the grids, each row's key, image id, file name and captions,
+    and the rows that hold an image."""
     import zarr
     from PIL import Image
     d = tmp_path / "w"
@@ -123,13 +125,20 @@ def test_zarr_python_alone_finds_exactly_the_filled_rows(tmp_path):
                "sentences": [{"tokens": ["a", "shape"], "raw": "A shape."}]} for i, n in enumerate(names)]
     (d / "dataset.json").write_text(json.dumps({"images": images}))
     assert fz.main(tiny_args(d, tmp_path / "f", "--split", "train", "--calibration_images", "4", "--shard_images", "2")) == 0
-    z = zarr.open_array(tmp_path / "f" / "train" / "features.zarr", mode="r")
+    g = zarr.open_group(tmp_path / "f" / "train", mode="r")
+    z = g["features.zarr"]
     rows = [r for a, b in z.attrs["filled_rows"] for r in range(a, b)]
     assert rows == [0, 1, 3, 4]
     x = z[:]
     assert not x[2].any() and all(x[r].any() for r in rows)
-    ours = {r["key"]: r["features"] for r in open_store(tmp_path / "f" / "train").iter_records()}
-    assert [ours[k].tobytes() for k in sorted(ours)] == [x[r].tobytes() for r in rows]  # keys sort by cocoid here
+    keys, ids, files, captions = (g[name][:] for name in ("key", "image_id", "filename", "captions"))
+    assert keys[2] == "" and ids[2] == -1 and list(ids[rows]) == [1, 2, 4, 5]
+    assert [files[r] for r in rows] == ["im/a.png", "im/b.png", "im/c.png", "im/d.png"]
+    ours = {r["key"]: r for r in open_store(tmp_path / "f" / "train").iter_records()}
+    for r in rows:  # the same grid, key, id and captions as the project's own reader gives
+        rec = ours[keys[r]]
+        assert rec["features"].tobytes() == x[r].tobytes() and rec["image_id"] == ids[r]
+        assert json.loads(captions[r]) == rec["captions"]
 
 
 # ---- paths outside the folder ----------------------------------------------------------------
