@@ -1,7 +1,6 @@
 """The README's code, run as written (paths swapped for the test's files): every Python block,
 and every `python -m caption.*` / `python -m shards` command it gives that needs no COCO."""
 
-import json
 import re
 import shlex
 import textwrap
