@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from caption.model import PER_IMAGE, Decoder, State, expand_state, select_images, select_state
+from caption.noise import SC_SAMPLE, RowNoise, categorical
 from caption.vocab import Vocab
 from shards.format import Record
 
@@ -40,8 +41,10 @@ def _rows(state: State) -> int:
     return next(v.shape[0] for k, v in state.items() if torch.is_tensor(v) and k not in PER_IMAGE)
 
 
-def _ancestral(step: StepFn, state: State, bos: int, eos: int, max_length: int, pick, suppress: Sequence[int]) -> Decoded:
-    """Left-to-right decoding, one word per row per step, `pick(scores) -> tokens` choosing it."""
+def _ancestral(step: StepFn, state: State, bos: int, eos: int, max_length: int, pick, suppress: Sequence[int],
+               noise: RowNoise | None = None) -> Decoded:
+    """Left-to-right decoding, one word per row per step, `pick(scores, noise_t) -> tokens` choosing
+    it; with `noise` (training), step t's draws of each row go to the step and to `pick`."""
     R = _rows(state)
     device = next(v.device for v in state.values() if torch.is_tensor(v))
     tokens = torch.full((R,), bos, dtype=torch.long, device=device)
@@ -49,12 +52,13 @@ def _ancestral(step: StepFn, state: State, bos: int, eos: int, max_length: int, 
     lengths = torch.full((R,), max_length, dtype=torch.long, device=device)
     out, lps, alphas = [], [], []
     for t in range(max_length):
-        logp, state = step(tokens, state)  # (R, V)
+        noise_t = None if noise is None else noise.at(t)
+        logp, state = step(tokens, state) if noise is None else step(tokens, state, noise_t)  # (R, V)
         scores = logp
         if suppress:
             scores = scores.clone()
             scores[:, list(suppress)] = NEG_INF
-        tokens = torch.where(done, torch.full_like(tokens, eos), pick(scores))  # (R,)
+        tokens = torch.where(done, torch.full_like(tokens, eos), pick(scores, noise_t))  # (R,)
         lp = logp.gather(1, tokens[:, None]).squeeze(1)  # (R,): log p under the model itself
         lps.append(lp.masked_fill(done, 0.0))
         newly = ~done & (tokens == eos)
@@ -73,19 +77,24 @@ def _ancestral(step: StepFn, state: State, bos: int, eos: int, max_length: int, 
 def greedy(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20,
            suppress: Sequence[int] = ()) -> Decoded:
     """The argmax word at every step, until every row has emitted <eos> or max_length words."""
-    return _ancestral(step, state, bos, eos, max_length, lambda scores: scores.argmax(dim=-1), suppress)
+    return _ancestral(step, state, bos, eos, max_length, lambda scores, _: scores.argmax(dim=-1), suppress)
 
 
 def sample(step: StepFn, state: State, bos: int, eos: int, max_length: int = 20, temperature: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None, suppress: Sequence[int] = ()) -> Decoded:
-    """Ancestral sampling (temperature, optional top-k). `logprobs` keeps the graph (for REINFORCE)."""
-    def pick(scores: torch.Tensor) -> torch.Tensor:
+           top_k: int = 0, generator: torch.Generator | None = None, suppress: Sequence[int] = (),
+           noise: RowNoise | None = None) -> Decoded:
+    """Ancestral sampling (temperature, optional top-k). `logprobs` keeps the graph (for REINFORCE).
+    With `noise` (self-critical training), each row's words come from its own numbers (the same
+    on any number of processes, caption/noise.py) and `step` gets them (its dropout masks)."""
+    def pick(scores: torch.Tensor, noise_t: RowNoise | None) -> torch.Tensor:
         scores = scores.detach().float() / temperature
         if top_k > 0:
             kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (R, 1)
             scores = scores.masked_fill(scores < kth, NEG_INF)
+        if noise_t is not None:
+            return categorical(scores.softmax(dim=-1), noise_t, SC_SAMPLE)
         return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
-    return _ancestral(step, state, bos, eos, max_length, pick, suppress)
+    return _ancestral(step, state, bos, eos, max_length, pick, suppress, noise)
 
 
 # long: batched beam search is one loop (rank, finish, continue, shrink) over state that every step shares

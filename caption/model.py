@@ -158,11 +158,12 @@ class Decoder(nn.Module):
         c = torch.sigmoid(f) * c.float() + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
-    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One word: tokens (R,) of y_{t-1} -> log p(y_t) (R, V) and the next state (with its alpha)."""
+    def step(self, tokens: torch.Tensor, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, State]:
+        """One word: tokens (R,) of y_{t-1} -> log p(y_t) (R, V) and the next state (with its alpha);
+        `noise`: this step's draws of each row (dropout in training, caption/noise.py)."""
         emb = self.embed(tokens)  # (R, E)
-        z, _, state = self._advance(emb, state)
-        logits = self.output(emb, state["h"], z)  # (R, V)
+        z, _, state = self._advance(emb, state, noise)
+        logits = self.output(emb, state["h"], z, noise)  # (R, V)
         return logits.float().log_softmax(dim=-1), state
 
     # ---- teacher forcing -------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Training randomness keyed by the caption, not by the process: one trajectory on 1 or W processes.
 
-Dropout masks, sampled attention locations (hard attention), semi-sampling coins and scheduled
-sampling draw from `RowNoise`: every process generates the whole global batch's numbers from a
+Dropout masks, sampled attention locations (hard attention), semi-sampling coins, scheduled
+sampling and self-critical training's sampled captions draw from `RowNoise`: every process generates the whole global batch's numbers from a
 generator seeded by (seed, batch, step t, what the draw is for) and keeps its own rows. A caption therefore gets the same
 numbers whichever process holds it, and processes never share masks (a per-process RNG seeded
 alike would give every rank the same masks; seeded apart, a 2-process run would not be the
@@ -30,7 +30,7 @@ def _key(*parts: int) -> int:
 
 # What a draw is for: with the step t (`at`), the key of its generator, so a caption's numbers do not
 # depend on how long the other captions of its batch are, nor on how many draws came before.
-DROP_H, DROP_OUT, HARD_LOCATION, COIN, SS_USE, SS_SAMPLE = range(1, 7)
+DROP_H, DROP_OUT, HARD_LOCATION, COIN, SS_USE, SS_SAMPLE, SC_SAMPLE = range(1, 8)
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class RowNoise:
     rows: torch.Tensor  # (N,) this process's rows' positions in the global batch
     total: int  # rows in the global batch
     prefix: tuple = field(default=())  # (t,) for a step's draws
+    per_image: int = 1  # rows per image (captions, or self-critical's samples)
 
     @classmethod
     def for_batch(cls, seed: int, batch: int, images: int, seq_per_img: int, rank: int = 0, world: int = 1,
@@ -47,7 +48,14 @@ class RowNoise:
         """The rows of `images` local images x `seq_per_img` captions, rank `rank` of `world`."""
         positions = rank + torch.arange(images, device=device) * world  # (B,) block positions of our images
         rows = (positions[:, None] * seq_per_img + torch.arange(seq_per_img, device=device)).flatten()  # (B*S,)
-        return cls(seed, batch, rows, images * world * seq_per_img)
+        return cls(seed, batch, rows, images * world * seq_per_img, per_image=seq_per_img)
+
+    def per_image_rows(self, n: int) -> "RowNoise":
+        """The same images with n rows each (self-critical's n sampled captions per image): row
+        j*n + s for sample s of the image at global position j."""
+        positions = self.rows[::self.per_image] // self.per_image  # (B,) the images' global positions
+        rows = (positions[:, None] * n + torch.arange(n, device=self.rows.device)).flatten()  # (B*n,)
+        return replace(self, rows=rows, total=self.total // self.per_image * n, per_image=n)
 
     def at(self, t: int) -> "RowNoise":
         """The draws of caption step t."""

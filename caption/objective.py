@@ -130,10 +130,10 @@ class SelfCritical(nn.Module):
         self.cider, self.vocab, self.sample_n, self.baseline, self.max_length = cider, vocab, sample_n, baseline, max_length
         self.labels, self.eos = labels, eos  # how references and captions are read by the reward
 
-    def forward(self, net, inputs, tokens, targets, refs=None, keys=None, logged: bool = True, **_):
+    def forward(self, net, inputs, tokens, targets, refs=None, keys=None, logged: bool = True, noise=None, **_):
         features = net.encode(inputs)
         refs = [reward_references(r, self.vocab, self.max_length, self.labels, self.eos) for r in refs]
         loss, stats = scst_loss(net.decoder, features, refs, keys, self.vocab, self.cider, self.sample_n,
-                                self.baseline, self.max_length, log_greedy=logged, eos=self.eos)
+                                self.baseline, self.max_length, log_greedy=logged, eos=self.eos, noise=noise)
         n = features.shape[0] * self.sample_n
         return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}

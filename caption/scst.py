@@ -20,6 +20,7 @@ import torch
 
 from caption.decode import greedy, sample
 from caption.model import expand_state
+from caption.noise import RowNoise
 from caption.vocab import Vocab
 from common.config import ConfigError
 
@@ -108,12 +109,14 @@ def reward_references(captions: Sequence[Tokens], vocab: Vocab, max_length: int,
 
 def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], image_keys: list, vocab: Vocab,
               cider: CiderD, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
-              generator: torch.Generator | None = None, log_greedy: bool = True, eos: bool = False
-              ) -> tuple[torch.Tensor, dict]:
+              generator: torch.Generator | None = None, log_greedy: bool = True, eos: bool = False,
+              noise: RowNoise | None = None) -> tuple[torch.Tensor, dict]:
     """Policy-gradient loss of `sample_n` sampled captions per image; returns (loss, stats).
 
     `references` are as the reward sees them (`reward_references`); `eos` appends "<eos>" to the
-    sampled and greedy captions that ended. The loss is -sum(reward * log p(sampled words)) / number of sampled captions. The greedy
+    sampled and greedy captions that ended. With `noise` (training: the batch's RowNoise), sample
+    s of image j draws its words and dropout masks from global row j * sample_n + s, so a run on
+    W processes samples the captions one process would. The loss is -sum(reward * log p(sampled words)) / number of sampled captions. The greedy
     captions' CIDEr-D (stats["greedy_cider"]) is the greedy baseline; with the mean baseline it
     is only measured, and only when `log_greedy` (a step that is logged).
     """
@@ -121,7 +124,8 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
     if baseline == "mean" and sample_n < 2:
         raise ConfigError("--sc_baseline mean (the mean of the other samples) needs --sc_sample_n 2 or more")
     state = expand_state(decoder.init_state(features), sample_n)  # (B*n rows), grid once per image
-    out = sample(decoder.step, state, vocab.bos_id, vocab.eos_id, max_length, generator=generator)
+    rows = None if noise is None else noise.per_image_rows(sample_n)  # (B*n) rows, image-major as `state`
+    out = sample(decoder.step, state, vocab.bos_id, vocab.eos_id, max_length, generator=generator, noise=rows)
     sampled = words_of(out.tokens, out.lengths, vocab, eos)
     rewards = torch.tensor([cider.score(sampled[r], references[r // sample_n], image_keys[r // sample_n])
                             for r in range(B * sample_n)], device=features.device).view(B, sample_n)
