@@ -26,7 +26,7 @@ import torch
 from bench import add_decoder_dims, decoder_dims, device_name, pick_device, sync
 from caption.data import train_batches
 from caption.model import Decoder, DecoderConfig, sequence_loss
-from caption.resident import ResidentFeatures, rank_slice, resident_batches
+from caption.resident import ResidentFeatures, resident_batches
 from caption.vocab import Vocab
 from shards import open_store, write_records
 
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, (backend, codec) in stores.items():
             if name in paths or (name == "zarr-none" and ({"ram", "device"} & set(paths))):
                 make_store(Path(tmp) / name, backend, codec, n, a.channels, words)
-        held = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), rank_slice(n, 0, 1), "ram", torch.device("cpu"), progress=False)
+        held = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), "ram", torch.device("cpu"), progress=False)
         ready = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
                  for b in resident_batches(held, vocab, **kw)]
         resident = {}
         for name in paths:
             if name not in stores:
                 t = time.perf_counter()
-                resident[name] = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), rank_slice(n, 0, 1), name, device, progress=False)
+                resident[name] = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), name, device, progress=False)
                 loads[name] = f"load {time.perf_counter() - t:.2f} s for {n} images ({resident[name].nbytes / 1e6:.0f} MB)"
         for _ in range(a.rounds):  # interleaved: a machine's slow minute spreads over every path
             rates.setdefault("model", []).append(timed_steps(ready, step, device))  # the model step alone

@@ -4,16 +4,23 @@ or the GPU; every epoch after the first then costs only compute.
     train.features_in_memory: off | ram | device | auto     (configs: the `train` section)
     train.memory_budget_gb:   what it may take (0: 80% of the RAM available, 90% of the GPU's free memory)
 
-Under DDP each process holds one contiguous slice of the split (`rank_slice`, n // world images)
-and draws its batches from it, shuffled each epoch; with one process that is exactly the
-streaming path's order (`caption.data.EpochBatches`), so the batches are the same bit for bit.
-The budget is checked before anything is loaded: an explicit `ram`/`device` that does not fit
-is an error saying so, `auto` falls back (device, then RAM, then streaming) and says what it chose.
+Every process holds the whole split and takes its batches with the streaming path's sampler
+(`caption.data.EpochBatches`: one (seed, epoch) permutation dealt to the processes), so the
+batches are the streamed ones bit for bit and N processes follow one process's trajectory. In
+RAM the processes of one machine share one copy: the machine's first process loads it into a
+file in shared memory (/dev/shm), the others map it, and the file's name is removed once every
+process has it mapped (nothing is left behind). On the GPU each process holds its own copy. The
+budget is checked before anything is loaded, and every process acts on the same choice: an
+explicit `ram`/`device` that does not fit (on any process) is an error saying so, `auto` falls
+back (device, then RAM, then streaming) and says what it chose.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,16 +31,14 @@ from caption.vocab import Vocab
 from common.errors import UserError
 
 MODES = ("off", "ram", "device", "auto")
+WHERE = ("off", "ram", "device")  # where features can be, in the order processes agree on (the least wins)
 
 
 class MemoryBudgetError(UserError):
     """The features asked to be resident do not fit the stated memory budget."""
 
 
-def rank_slice(n: int, rank: int, world: int) -> range:
-    """The rows one process holds: a contiguous n // world of them (the tail waits, as in streaming)."""
-    per = n // world
-    return range(rank * per, (rank + 1) * per)
+SHM = Path("/dev/shm")
 
 
 def available_bytes(where: str, device: torch.device) -> int:
@@ -48,55 +53,101 @@ def available_bytes(where: str, device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def budget(where: str, device: torch.device, budget_gb: float) -> int:
-    """Bytes `where` may hold: the stated budget, or 80% of available RAM / 90% of free GPU memory."""
-    if budget_gb > 0:
-        return int(budget_gb * 1e9)
-    return int(available_bytes(where, device) * (0.9 if where == "device" else 0.8))
+def shm_free() -> int:
+    """Bytes free in /dev/shm (0 where there is none); containers often give it 64 MB."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
-def choose(mode: str, need: int, device: torch.device, budget_gb: float = 0.0) -> tuple[str, str]:
-    """(where: off|ram|device, why) for `need` bytes; an explicit mode that cannot hold them is an error."""
+def budget(where: str, device: torch.device, budget_gb: float, shared: bool = False) -> int:
+    """Bytes `where` may hold: the stated budget, or 80% of available RAM / 90% of free GPU memory;
+    for RAM `shared` among a machine's processes, at most what /dev/shm has free."""
+    have = int(budget_gb * 1e9) if budget_gb > 0 else int(available_bytes(where, device) * (0.9 if where == "device" else 0.8))
+    return min(have, shm_free()) if where == "ram" and shared else have
+
+
+def choose(mode: str, need: int, device: torch.device, budget_gb: float = 0.0, shared: bool = False) -> tuple[str, str]:
+    """(where: off|ram|device, why) for `need` bytes; an explicit mode that cannot hold them is an
+    error. `shared`: RAM is one copy in /dev/shm for the machine's processes."""
     gb = need / 1e9
     if mode == "off":
         return "off", "features_in_memory off: streaming from the store"
     if mode == "device" and device.type != "cuda":
         raise MemoryBudgetError("--features_in_memory device: no GPU here; use ram, auto or off")
     if mode in ("ram", "device"):
-        have = budget(mode, device, budget_gb)
+        have = budget(mode, device, budget_gb, shared)
         if need > have:
-            raise MemoryBudgetError(f"--features_in_memory {mode}: this process's slice of the train features needs "
-                                    f"{gb:.2f} GB, the budget is {have / 1e9:.2f} GB (--memory_budget_gb; 0: what is "
-                                    "free now); stream them (off), or give a larger budget")
+            shm = (f"; /dev/shm, where this machine's processes share them, has {shm_free() / 1e9:.2f} GB free "
+                   "(a container: --shm-size)") if mode == "ram" and shared else ""
+            raise MemoryBudgetError(f"--features_in_memory {mode}: the train features need {gb:.2f} GB, the budget is "
+                                    f"{have / 1e9:.2f} GB (--memory_budget_gb; 0: what is free now){shm}; stream them "
+                                    "(off), or give a larger budget")
         return mode, f"{gb:.2f} GB of features in {mode} (budget {have / 1e9:.2f} GB)"
     tried = []
     for where in (("device", "ram") if device.type == "cuda" else ("ram",)):
-        have = budget(where, device, budget_gb)
+        have = budget(where, device, budget_gb, shared)
         if need <= have:
             return where, f"auto: {gb:.2f} GB of features in {where} (budget {have / 1e9:.2f} GB)"
         tried.append(f"{where} {have / 1e9:.2f} GB")
     return "off", f"auto: {gb:.2f} GB of features do not fit ({', '.join(tried)}): streaming from the store"
 
 
-class ResidentFeatures:
-    """Rows `rows` of a feature store as one (n, L, D) float16 tensor in RAM (pinned when a GPU
-    will read it) or on `device`, with each record's captions and id; `batch` gathers by index."""
+def shared_path(run: Path) -> Path:
+    """The /dev/shm file a machine's processes share for this run (the same name on each of them)."""
+    digest = hashlib.sha256(str(Path(run).resolve()).encode()).hexdigest()[:16]
+    return SHM / f"image-caption-attention-{digest}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.f16"
 
-    def __init__(self, store, rows: range, where: str, device: torch.device, progress: bool = True):
-        """`store`: an opened feature store (caption/splits.py)."""
+
+class ResidentFeatures:
+    """A feature store's records as one (n, L, D) float16 tensor in RAM (pinned when a GPU will read
+    it), in a shared-memory file one machine's processes map, or on `device`; with each record's
+    captions and id. `batch` gathers by index."""
+
+    def __init__(self, store, where: str, device: torch.device, progress: bool = True,
+                 shared: tuple[Path, bool, Callable[[], None]] | None = None):
+        """`store`: an opened feature store (caption/splits.py). `shared` (RAM on several processes
+        of a machine): (file, whether this process loads it, a barrier every process calls)."""
         g, c = store.manifest["grid"], store.manifest["channels"]
-        self.rows, self.where = rows, where
-        self.records = [{k: r[k] for k in ("key", "image_id", "captions")} for r in store.records[rows.start:rows.stop]]
-        on_gpu = where == "device"
-        host = torch.empty((len(rows), g * g, c), dtype=torch.float16,  # (n, L, D)
-                           pin_memory=where == "ram" and device.type == "cuda")
-        bar = tqdm(total=len(rows), desc=f"features into {where}", unit="img", disable=not progress)
-        for i, rec in enumerate(store.iter_records(span=rows)):
-            host[i] = torch.from_numpy(rec["features"].reshape(g * g, c))  # (g, g, D) -> (L, D)
+        n = len(store.records)
+        self.where = where
+        self.records = [{k: r[k] for k in ("key", "image_id", "captions")} for r in store.records]
+        shape = (n, g * g, c)  # (n, L, D)
+        if shared is None:
+            host = torch.empty(shape, dtype=torch.float16, pin_memory=where == "ram" and device.type == "cuda")
+            self._fill(store, host, progress)
+        else:
+            path, first, barrier = shared
+            if first:  # the machine's first process loads the file; the others wait, then map it
+                data = np.memmap(path, dtype=np.float16, mode="w+", shape=shape)
+                try:
+                    self._fill(store, torch.from_numpy(data), progress)
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+            barrier()
+            if not first:
+                data = np.memmap(path, dtype=np.float16, mode="r+", shape=shape)
+            barrier()
+            if first:
+                path.unlink(missing_ok=True)  # mapped everywhere: the memory lives until the last process ends
+            host = torch.from_numpy(data)
+        self.features = host.to(device) if where == "device" else host
+        self.device = self.features.device
+
+    @staticmethod
+    def _fill(store, host: torch.Tensor, progress: bool) -> None:
+        n, L, D = host.shape
+        bar = tqdm(total=n, desc="features into memory", unit="img", disable=not progress)
+        for i, rec in enumerate(store.iter_records()):
+            host[i] = torch.from_numpy(rec["features"].reshape(L, D))  # (g, g, D) -> (L, D)
             bar.update(1)
         bar.close()
-        self.features = host.to(device) if on_gpu else host
-        self.device = self.features.device
+
+    def __len__(self) -> int:
+        return len(self.records)
 
     @property
     def nbytes(self) -> int:
@@ -107,18 +158,18 @@ class ResidentFeatures:
         captions per (seed, epoch, image), the grids gathered from memory."""
         items = []
         for i in indices:
-            r = self.records[i - self.rows.start]
+            r = self.records[i]
             rng = np.random.default_rng([seed, epoch, i])  # as CaptionedFeatures: fixed per (seed, epoch, image)
             caps = [vocab.encode(c, max_length) for c in pick_captions(r["captions"], seq_per_img, rng)]
             items.append({"captions": caps, "image_id": int(r["image_id"]), "refs": r["captions"], "key": r["key"],
                           "index": i})
-        local = torch.tensor([i - self.rows.start for i in indices], device=self.device)
-        return {"features": self.features.index_select(0, local), **collate_captions(items, vocab)}  # (B, L, D)
+        rows = torch.tensor(indices, device=self.device)
+        return {"features": self.features.index_select(0, rows), **collate_captions(items, vocab)}  # (B, L, D)
 
 
 def resident_batches(resident: ResidentFeatures, vocab: Vocab, *, batch_size: int, seq_per_img: int, max_length: int,
-                     seed: int, epoch: int, start: int = 0):
-    """This epoch's batches from batch `start` on, from the process's resident slice."""
-    sampler = EpochBatches(len(resident.rows), batch_size, 0, 1, seed, epoch, start=start)
-    for local in sampler:
-        yield resident.batch([resident.rows.start + i for i in local], vocab, seq_per_img, max_length, seed, epoch)
+                     seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
+    """This process's batches of the epoch from batch `start` on: the streaming path's sampler
+    (one permutation dealt to the processes), the grids from memory."""
+    for indices in EpochBatches(len(resident), batch_size, rank, world, seed, epoch, start=start):
+        yield resident.batch(indices, vocab, seq_per_img, max_length, seed, epoch)

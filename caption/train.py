@@ -48,7 +48,7 @@ from caption.metrics import score
 from caption.model import Decoder, sequence_loss
 from caption.noise import RowNoise
 from caption.objective import CrossEntropy, HardAttention, SelfCritical, TrainStep
-from caption.resident import ResidentFeatures, choose, rank_slice, resident_batches
+from caption.resident import WHERE, MemoryBudgetError, ResidentFeatures, choose, resident_batches, shared_path
 from caption.run import (check_compatible, features_dir, load_progress, load_weights, record_features, resume_dir,
                          run_features, save_state, save_weights)
 from caption.scst import CiderD, reward_references
@@ -364,7 +364,8 @@ def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Capt
     train = data["train"]
     resident = load_resident(cfg, train, accelerator)
     if resident is not None:
-        return lambda epoch, start: resident_batches(resident, vocab, epoch=epoch, start=start, **common)
+        return lambda epoch, start: resident_batches(resident, vocab, epoch=epoch, start=start, rank=rank, world=world,
+                                                     **common)
     if net.encoder.reads_images:
         entries = train.entries_in_store()  # the images the cached run trained on (no failures, --limit)
         size = int(train.manifest["image_size"])
@@ -375,26 +376,40 @@ def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Capt
 
 
 def load_resident(cfg: C.Config, train: Split, accelerator: Accelerator) -> ResidentFeatures | None:
-    """This process's slice of the train features in RAM or on the GPU (`train.features_in_memory`),
-    when asked and within the budget; None: batches stream from the store."""
+    """The train features in RAM or on the GPU (`train.features_in_memory`), when asked and within the
+    budget, every process holding them all (RAM: one copy per machine, in shared memory); None:
+    batches stream from the store. Every process acts on the same choice."""
     tcfg, manifest = cfg.train, train.manifest
     if tcfg.features_in_memory == "off" or (tcfg.finetune and tcfg.features_in_memory == "auto"):
         return None
     if tcfg.finetune:
         raise TrainError("--features_in_memory: fine-tuning reads images, not cached features; use off")
-    rows = rank_slice(manifest["count"], accelerator.process_index, accelerator.num_processes)
-    need = len(rows) * manifest["grid"] ** 2 * manifest["channels"] * 2
-    where, why = choose(tcfg.features_in_memory, need, accelerator.device, tcfg.memory_budget_gb)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if accelerator.num_processes > 1 else 1
+    need = manifest["count"] * manifest["grid"] ** 2 * manifest["channels"] * 2
+    try:
+        where, why = choose(tcfg.features_in_memory, need, accelerator.device, tcfg.memory_budget_gb, shared=local > 1)
+        code = WHERE.index(where)
+    except MemoryBudgetError as e:
+        where, why, code = "off", str(e), -1
+    agreed = int(accelerator.reduce(torch.tensor(float(code), device=accelerator.device), "min").item())  # what all can do
+    if agreed == -1:
+        raise MemoryBudgetError(why if code == -1 else f"--features_in_memory {tcfg.features_in_memory}: the train "
+                                "features do not fit the budget on another process (its log says why)")
+    if agreed < code:
+        why = f"{why}; another process can hold only {WHERE[agreed]}: {WHERE[agreed]} on every process"
+        where = WHERE[agreed]
     if where == "off":
         log.info(why)
         return None
-    resident = ResidentFeatures(train.store, rows, where, accelerator.device, progress=accelerator.is_main_process)
-    if accelerator.num_processes > 1:
-        log.info(f"features_in_memory on {accelerator.num_processes} processes: each holds and shuffles its own 1/N of "
-                 "the train images, so global batches differ from a 1-process run's (the streamed path, "
-                 "features_in_memory off, follows one trajectory on any number of processes)")
-    log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {why}; holding images "
-             f"{rows.start}..{rows.stop - 1}, {resident.nbytes} bytes", main_process_only=False)
+    shared = None
+    if where == "ram" and local > 1:  # one copy for this machine's processes
+        shared = (shared_path(Path(tcfg.checkpoint_path)), accelerator.local_process_index == 0,
+                  accelerator.wait_for_everyone)
+    resident = ResidentFeatures(train.store, where, accelerator.device, progress=accelerator.is_main_process,
+                                shared=shared)
+    log.info(f"{why}; every process holds all {len(resident)} train images ({resident.nbytes} bytes"
+             f"{', one copy shared by this machine' + chr(39) + 's ' + str(local) + ' processes' if shared else ''}) "
+             "and takes the streaming path's batches")
     return resident
 
 

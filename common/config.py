@@ -177,10 +177,12 @@ class TrainConfig:
     shuffle_buffer: int = _f(1000, "wds: sample shuffle buffer", ge=0)
     features_in_memory: str = _f("off", "the train features held in memory for the run: off (streamed from the store "
                                         "each epoch), ram (pinned host memory), device (the GPU), or auto (device, else "
-                                        "ram, else off, by the budget); under DDP each process holds its own slice",
+                                        "ram, else off, by the budget); every process holds the whole split (RAM: one "
+                                        "copy per machine in /dev/shm) and takes the streamed batches",
                                  choices=("off", "ram", "device", "auto"))
-    memory_budget_gb: float = _f(0.0, "what features_in_memory may take per process, in GB (0: 80% of the RAM "
-                                      "available, 90% of the GPU's free memory)", ge=0)
+    memory_budget_gb: float = _f(0.0, "what features_in_memory may take, in GB: of RAM per machine, of memory "
+                                      "per GPU (0: 80% of the RAM available, at most /dev/shm's free space with "
+                                      "several processes; 90% of the GPU's free memory)", ge=0)
     dist_timeout: float = _f(600.0, "seconds a collective waits for the other processes (nodes) before the run "
                                     "stops with an error instead of waiting for a lost node", gt=0, le=604_800)
     save_checkpoint_every: int = _f(500, "validate and checkpoint every this many steps (0: end of each epoch)", ge=0)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from caption import train
+from caption.resident import shared_path
 from caption.model import Decoder, DecoderConfig, Forced
 from caption.objective import HardAttention
 from caption.scst import CiderD, reward_references, words_of
@@ -77,6 +78,8 @@ RECIPES = {  # the shipped recipes' semantics at tiny sizes
     "scheduled sampling (from epoch 1: steps 13-14)": [
         "--dropout", "0.5", "--scheduled_sampling_start", "0", "--scheduled_sampling_increase_prob", "0.25",
         "--scheduled_sampling_increase_every", "1", "--max_steps", "14"],
+    "coco_fast.yaml: features held in memory (one shared copy), dropout": [
+        "--dropout", "0.5", "--features_in_memory", "ram"],
     "coco_scst.yaml: self-critical, 5 samples, mean baseline, <eos>, dropout": [
         "--dropout", "0.5", "--self_critical_after", "0", "--sc_sample_n", "5", "--sc_baseline", "mean",
         "--sc_references", "labels", "--sc_eos", "true"],
@@ -116,6 +119,7 @@ def test_two_processes_follow_the_one_process_trajectory(recipe, shapes, tiny_fe
         init = load_file(str(one / "best.safetensors"))
         assert all(torch.equal(init[k], w1[k]) for k in w1)
     assert json.loads((two / "state" / "progress.json").read_text())["step"] == steps
+    assert not shared_path(two).exists()  # features held in memory: nothing left in /dev/shm
 
 
 def tiny_decoder(**kw) -> Decoder:

@@ -1,6 +1,6 @@
 """Train features held in memory (`train.features_in_memory`): the same batches as streaming,
-bit for bit; the same trained weights; resume mid-epoch; each process holds only its slice; a
-budget too small is a message, not a crash."""
+bit for bit; the same trained weights; resume mid-epoch; a machine's processes share one copy
+(tests/test_recipe.py runs 2 processes on it); a budget too small is a message, not a crash."""
 
 import re
 
@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from caption import train
 from caption.data import train_batches
-from caption.resident import MemoryBudgetError, ResidentFeatures, choose, rank_slice, resident_batches
+from caption.resident import MemoryBudgetError, ResidentFeatures, choose, resident_batches, shared_path
 from caption.vocab import build_from_split_file
 from shards import open_store
 from tests.conftest import ROOT, tiny_args
@@ -34,7 +34,7 @@ def test_resident_batches_are_the_streamed_batches(shapes, tiny_features, tmp_pa
         root = tmp_path / "train"
     vocab = build_from_split_file(shapes / "dataset.json", 2)
     n = open_store(root).manifest["count"]
-    resident = ResidentFeatures(open_store(root), rank_slice(n, 0, 1), "ram", CPU, progress=False)
+    resident = ResidentFeatures(open_store(root), "ram", CPU, progress=False)
     assert resident.nbytes == n * 196 * 256 * 2  # (n, L=196, D=256) float16
     kw = dict(batch_size=8, seq_per_img=3, max_length=6, seed=7)
     for epoch, start in ((0, 0), (1, 0), (2, 5)):  # two shuffles, and a resumed epoch from batch 5
@@ -47,7 +47,7 @@ def test_resident_batches_are_the_streamed_batches(shapes, tiny_features, tmp_pa
 
 def test_the_budget_is_checked_before_loading(tmp_path):
     gb = 1e9
-    with pytest.raises(MemoryBudgetError, match=r"--features_in_memory ram: .* needs 2\.00 GB, the budget is 1\.00 GB"):
+    with pytest.raises(MemoryBudgetError, match=r"--features_in_memory ram: the train features need 2\.00 GB, the budget is 1\.00 GB"):
         choose("ram", int(2 * gb), CPU, budget_gb=1.0)
     with pytest.raises(MemoryBudgetError, match="no GPU"):
         choose("device", 10, CPU)
@@ -56,7 +56,34 @@ def test_the_budget_is_checked_before_loading(tmp_path):
     assert where == "off" and "do not fit" in why and "streaming" in why
     assert choose("auto", 10, CPU, budget_gb=1.0)[0] == "ram"
     assert choose("off", 10, CPU)[0] == "off"
-    assert rank_slice(97, 1, 2) == range(48, 96) and rank_slice(97, 0, 2) == range(0, 48)
+    with pytest.raises(MemoryBudgetError, match="/dev/shm"):  # a machine's processes share /dev/shm
+        choose("ram", 10**15, CPU, budget_gb=1e7, shared=True)
+
+
+def test_one_shared_copy_per_machine(tiny_features, tmp_path):
+    """A machine's first process fills the shared file while the second waits at the barrier, then
+    maps it (two threads stand in for the processes): the same grids as the store's, one copy (the
+    second's tensor is a view of the same memory), and no file left in /dev/shm."""
+    import threading
+    store = open_store(tiny_features / "train")
+    path = shared_path(tmp_path / "run")
+    assert path.parent.as_posix() == "/dev/shm" and path.name.startswith("image-caption-attention-")
+    barrier, held = threading.Barrier(2, timeout=60), {}
+
+    def process(first: bool) -> None:
+        held[first] = ResidentFeatures(open_store(tiny_features / "train"), "ram", CPU, progress=False,
+                                       shared=(path, first, barrier.wait))
+
+    threads = [threading.Thread(target=process, args=(first,)) for first in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not path.exists()
+    a, b = held[True].features, held[False].features
+    assert torch.equal(a, b) and torch.equal(a[5], torch.from_numpy(store[5]["features"].reshape(196, 256)))
+    a[0, 0, 0] += 1  # one memory: what one process's mapping holds, the other's does
+    assert torch.equal(a[0, 0], b[0, 0])
 
 
 @pytest.mark.slow
@@ -66,7 +93,7 @@ def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, 
     args = lambda run, *extra: tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), *common, *extra)  # noqa: E731
     assert train.main(args(a, "--max_steps", "40")) == 0
     assert train.main(args(b, "--max_steps", "40", "--features_in_memory", "ram")) == 0
-    assert "holding images 0..95, 9633792 bytes" in capsys.readouterr().out  # 96 x 196 x 256 x 2
+    assert "holds all 96 train images (9633792 bytes)" in capsys.readouterr().out  # 96 x 196 x 256 x 2
     assert train.main(args(c, "--max_steps", "15", "--features_in_memory", "auto")) == 0  # stops mid-epoch (24 per epoch)
     assert train.main(args(c, "--max_steps", "40", "--features_in_memory", "auto", "--resume", "true")) == 0
     wa, wb, wc = (load_file(str(r / "last.safetensors")) for r in (a, b, c))
@@ -79,18 +106,22 @@ def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, 
     assert not (tmp_path / "small" / "state").exists()
 
 
-def test_two_processes_each_hold_their_slice(shapes, tiny_features, tmp_path, run_torchrun):
-    # (torchrun: `accelerate launch --cpu` starts one process)
+def test_two_processes_share_one_copy(shapes, tiny_features, tmp_path, run_torchrun):
+    """2 processes on one machine (torchrun: `accelerate launch --cpu` starts one): one copy of the
+    96 images in shared memory, the streamed path's 12 batches each, nothing left in /dev/shm.
+    (That they follow one process's trajectory: tests/test_recipe.py.)"""
+    run = tmp_path / "run"
     r = run_torchrun(ROOT / "caption" / "train.py",
-                     *tiny_args(shapes, tiny_features, "--checkpoint_path", str(tmp_path / "run"), "--max_epochs", "1",
+                     *tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), "--max_epochs", "1",
                                 "--num_workers", "0", "--features_in_memory", "ram"))
     out = r.out
     assert r.returncode == 0, out[-3000:]
     assert "2 process(es)" in out
-    held = sorted(re.findall(r"rank (\d)/2: .*holding images (\d+)\.\.(\d+), (\d+) bytes", out))
-    assert held == [("0", "0", "47", str(48 * 196 * 256 * 2)), ("1", "48", "95", str(48 * 196 * 256 * 2))], out[-2000:]
+    assert re.findall(r"every process holds all (\d+) train images \((\d+) bytes, one copy shared by this "
+                      r"machine's (\d) processes\)", out) == [("96", str(96 * 196 * 256 * 2), "2")], out[-2000:]
     counts = sorted(re.findall(r"rank \d/2: \d+ batches this run", out))
-    assert counts == ["rank 0/2: 12 batches this run", "rank 1/2: 12 batches this run"]  # 48 images / 4 per batch
+    assert counts == ["rank 0/2: 12 batches this run", "rank 1/2: 12 batches this run"]  # 96 images / (4 x 2)
+    assert not shared_path(run).exists()
 
 
 def test_the_end_to_end_benchmark_runs(capsys, monkeypatch, tmp_path):
