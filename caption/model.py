@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from caption import kernels
-from caption.noise import COIN, DROP_H, DROP_OUT, HARD_LOCATION, SS_SAMPLE, SS_USE, RowNoise, categorical, dropout
+from caption.noise import COIN, DROP_H, DROP_INIT, DROP_OUT, HARD_LOCATION, SS_SAMPLE, SS_USE, RowNoise, categorical, dropout
 from common.config import DecoderConfig
 
 
@@ -64,7 +64,8 @@ class Decoder(nn.Module):
             raise ValueError(f"attention must be soft or hard, not {cfg.attention!r}")
         self.cfg = cfg
         D, E, Hd = cfg.feature_dim, cfg.embed_dim, cfg.hidden_dim
-        self.embed = nn.Embedding(cfg.vocab_size, E)  # E y_{t-1}
+        # E y_{t-1}; y_0 is <bos> (id 1): learned, or with first_input zero the zero vector capgen feeds
+        self.embed = nn.Embedding(cfg.vocab_size, E, padding_idx=BOS_ID if cfg.first_input == "zero" else None)
         # h0, c0 = f_init,h(mean a), f_init,c(mean a): two MLPs (Sec. 3.1.2, last paragraph).
         if cfg.init == "authors":  # capgen.py, n_layers_init=2: a shared ReLU layer, then tanh(W .) each
             self.init_shared = nn.Sequential(nn.Linear(D, D), nn.ReLU())
@@ -82,18 +83,24 @@ class Decoder(nn.Module):
         self.L_z = nn.Linear(D, E)
         self.L_o = nn.Linear(E, cfg.vocab_size)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.weight_init == "authors":
+            authors_init(self)
 
     # ---- decoding interface: init_state once per image, then step -------------------
-    def init_state(self, features: torch.Tensor) -> State:
+    def init_state(self, features: torch.Tensor, noise: RowNoise | None = None) -> State:
         """Per-image state (one row per image: R = B); the attention keys W_a a_i are projected once here.
 
         Args:
             features: (B, L, D) annotation vectors, or (B, h, w, D) grids.
+            noise: the batch's draws (training): `init: authors` drops out its shared layer with each
+                image's own numbers.
         """
         if features.dim() == 4:
             features = features.flatten(1, 2)  # (B, h, w, D) -> (B, L, D)
         features = features.to(self.L_z.weight.dtype)
         mean = self.init_shared(features.mean(dim=1))  # (B, D)
+        if self.cfg.init == "authors":  # capgen.py:628-631: dropout after the ReLU layer when training
+            mean = dropout(mean, self.cfg.dropout, None if noise is None else noise.per_image_rows(1), self.training, DROP_INIT)
         return {
             "features": features,
             "keys": self.attention.keys(features),  # (B, L, A)
@@ -183,7 +190,7 @@ class Decoder(nn.Module):
             Forced: logits (N, T, V), alphas (N, T, L), and in hard-attention training the sampled
             locations' log p(s_t | a) (N, T) and which captions sampled (N,).
         """
-        state = expand_state(self.init_state(features), seq_per_img)  # grid and keys stay once per image
+        state = expand_state(self.init_state(features, noise), seq_per_img)  # grid and keys stay once per image
         N, T = tokens.shape
         if self.cfg.attention == "hard" and self.training:
             # Semi-sampling (Sec. 4.1): locations are sampled with probability semi_sampling_p (else the
@@ -232,6 +239,38 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch before 2.4: one flag per device kind
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+BOS_ID = 1  # caption/vocab.py: <pad> 0, <bos> 1, <eos> 2, <unk> 3
+
+
+@torch.no_grad()
+def authors_init(model: nn.Module) -> None:
+    """capgen.py's initial weights (norm_weight, ortho_weight: capgen.py:109-131, 174, 193-202, 523):
+    a square matrix orthogonal, any other N(0, 0.01^2); the LSTM's recurrent matrix one orthogonal
+    block per gate; biases zero. Embedding rows as norm_weight (n_words x dim_word: Gaussian); a
+    zero y_0 row stays zero."""
+    def norm_weight(w: torch.Tensor) -> None:
+        if w.shape[0] == w.shape[1]:
+            nn.init.orthogonal_(w)
+        else:
+            nn.init.normal_(w, std=0.01)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            norm_weight(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.01)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LSTMCell):
+            H = m.hidden_size
+            for k in range(4):  # gates i, f, g, o: capgen's W (nin x dim each) and U (ortho_weight(dim) each)
+                norm_weight(m.weight_ih[k * H:(k + 1) * H])
+                nn.init.orthogonal_(m.weight_hh[k * H:(k + 1) * H])
+            nn.init.zeros_(m.bias_ih)
+            nn.init.zeros_(m.bias_hh)
 
 
 def expand_state(state: State, n: int) -> State:

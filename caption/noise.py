@@ -30,7 +30,7 @@ def _key(*parts: int) -> int:
 
 # What a draw is for: with the step t (`at`), the key of its generator, so a caption's numbers do not
 # depend on how long the other captions of its batch are, nor on how many draws came before.
-DROP_H, DROP_OUT, HARD_LOCATION, COIN, SS_USE, SS_SAMPLE, SC_SAMPLE = range(1, 8)
+DROP_H, DROP_OUT, HARD_LOCATION, COIN, SS_USE, SS_SAMPLE, SC_SAMPLE, DROP_INIT = range(1, 9)
 
 
 @dataclass(frozen=True)

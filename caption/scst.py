@@ -123,7 +123,7 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
     B = features.shape[0]
     if baseline == "mean" and sample_n < 2:
         raise ConfigError("--sc_baseline mean (the mean of the other samples) needs --sc_sample_n 2 or more")
-    state = expand_state(decoder.init_state(features), sample_n)  # (B*n rows), grid once per image
+    state = expand_state(decoder.init_state(features, noise), sample_n)  # (B*n rows), grid once per image
     rows = None if noise is None else noise.per_image_rows(sample_n)  # (B*n) rows, image-major as `state`
     out = sample(decoder.step, state, vocab.bos_id, vocab.eos_id, max_length, generator=generator, noise=rows)
     sampled = words_of(out.tokens, out.lengths, vocab, eos)

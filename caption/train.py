@@ -132,6 +132,7 @@ class Progress:
     bad_validations: int = 0  # validations in a row without a better value (early stopping)
     batches_total: int = 0  # batches done by each process over every session of the run
     validated_step: int | None = None  # the step of the last validation
+    history: list = field(default_factory=list)  # every validation's select_on value, higher is better
 
     @classmethod
     def from_json(cls, d, where: str = "progress.json") -> "Progress":
@@ -141,7 +142,14 @@ class Progress:
             raise TrainError(f"{where}: not a training progress record (a JSON {type(d).__name__}, not an object)")
         optional = {"best": (int, float), "validated_step": (int,)}  # may be null
         values = {}
+        history = d.get("history", [])  # absent in states saved before it was kept
+        if not (isinstance(history, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in history)):
+            raise TrainError(f"{where}: 'history' is not a list of finite numbers")
         for f in dataclasses.fields(cls):
+            if f.name == "history":
+                values[f.name] = [float(v) for v in history]
+                continue
             if f.name not in d:
                 raise TrainError(f"{where}: not a training progress record (no {f.name!r}); restore the state "
                                  "folder or start another run")
@@ -693,14 +701,13 @@ def validate_and_save(job: Training) -> None:
         log.info(f"step {p.step}: val CIDEr-D {scores['CIDEr']:.3f} BLEU-4 {scores['Bleu_4']:.3f}"
                  + (f" NLL {nll:.4f}" if nll is not None else ""))
         value = scores["CIDEr"] if tcfg.select_on == "cider" else -nll  # higher is better
-        if p.best is None or value > p.best:
-            p.best, p.best_step, p.bad_validations = value, p.step, 0
+        judge(p, value, tcfg)
+        if p.best_step == p.step:
             save_weights(job.net, job.run / "best.safetensors")
-        else:
-            p.bad_validations += 1
     # the main process decided; every process takes its values (None: nothing validated yet)
-    best, bad = broadcast_main(acc, [-math.inf if p.best is None else p.best, float(p.bad_validations)])
-    p.best, p.bad_validations = (None if best == -math.inf else best), int(bad)
+    best, bad, best_step = broadcast_main(acc, [-math.inf if p.best is None else p.best, float(p.bad_validations),
+                                                float(p.best_step)])
+    p.best, p.bad_validations, p.best_step = (None if best == -math.inf else best), int(bad), int(best_step)
     p.validated_step = p.step
     save_state(acc, job.run, dataclasses.asdict(p), job.net)
     job.saved_at = time.monotonic()
@@ -712,10 +719,32 @@ def save_due(job: Training) -> bool:
     return bool(minutes) and time.monotonic() - job.saved_at >= 60 * minutes
 
 
+def judge(p: Progress, value: float, tcfg: C.TrainConfig) -> None:
+    """Record a validation's `select_on` value (higher is better): a new best, or one more bad
+    validation by `early_stop_rule`. consecutive: better than the best, else bad. authors (capgen.py
+    1340-1353, its errors negated): at least the best so far is a new best and resets the count; from
+    epoch patience + 1 on, with more than patience values, a value no better than the best before the
+    last patience ones counts as bad."""
+    history = [*p.history, value]
+    if tcfg.early_stop_rule == "authors":
+        patience = tcfg.early_stop_patience
+        if value >= max(history):
+            p.best, p.best_step, p.bad_validations = value, p.step, 0
+        if patience and p.epoch > patience and len(history) > patience and value <= max(history[:-patience]):
+            p.bad_validations += 1
+    elif p.best is None or value > p.best:
+        p.best, p.best_step, p.bad_validations = value, p.step, 0
+    else:
+        p.bad_validations += 1
+    p.history = history
+
+
 def stopped_early(job: Training) -> bool:
-    """`early_stop_patience` validations in a row without a better value (the same on every process)."""
-    patience = job.cfg.train.early_stop_patience
-    return bool(patience) and job.progress.bad_validations >= patience
+    """Early stopping by `early_stop_rule` (the same on every process): `early_stop_patience`
+    validations in a row without a better value, or capgen's count exceeding the patience."""
+    tcfg = job.cfg.train
+    bad, patience = job.progress.bad_validations, tcfg.early_stop_patience
+    return bool(patience) and (bad > patience if tcfg.early_stop_rule == "authors" else bad >= patience)
 
 
 @torch.no_grad()

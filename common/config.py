@@ -117,8 +117,15 @@ class DecoderConfig:
     attn_dim: int = _f(512, "attention MLP size", ge=1)
     attn_layers: int = _f(1, "layers on the annotation side of f_att: 1 (W_a a_i + b) or 2 (tanh(W' (W_a a_i + b) + b'), "
                              "the authors' COCO n_layers_att=2, capgen.py:356-362); computed once per image", ge=1, le=2)
-    init: str = _f("mlp", "h0, c0 from mean(a): mlp (one tanh MLP each) or authors (n_layers_init=2: a shared ReLU layer, "
-                          "then tanh(W .) for h0 and for c0)", choices=("mlp", "authors"))
+    init: str = _f("mlp", "h0, c0 from mean(a): mlp (one tanh MLP each) or authors (n_layers_init=2: a shared ReLU layer "
+                          "with dropout when training, then tanh(W .) for h0 and for c0; capgen.py:626-634)",
+                   choices=("mlp", "authors"))
+    first_input: str = _f("bos", "y_0, the first step's word input: bos (a learned <bos> embedding, as the seed and "
+                                 "self-critical.pytorch) or zero (a zero vector, capgen.py:612-614's emb_shifted)",
+                          choices=("bos", "zero"))
+    weight_init: str = _f("pytorch", "initial weights: pytorch (each layer's default) or authors (capgen.py:109-131: "
+                                     "0.01-scale Gaussians, orthogonal square matrices and LSTM recurrent blocks, "
+                                     "zero biases)", choices=("pytorch", "authors"))
     fp32_recurrence: bool = _f(True, "under autocast keep h, c, alpha, beta and the softmax in float32 (the big "
                                      "matrix products still run in bf16/fp16); false: the autocast dtype throughout")
     dropout: float = _f(0.5, "dropout before the deep output layer", ge=0, lt=1)
@@ -194,6 +201,11 @@ class TrainConfig:
                                  "val captions, lower is better: the authors' choice)", choices=("cider", "nll"))
     early_stop_patience: int = _f(0, "stop after this many validations in a row without a better select_on value "
                                      "(0: never; the authors: 10)", ge=0)
+    early_stop_rule: str = _f("consecutive", "consecutive (patience validations in a row without a better value) or "
+                                             "authors (capgen.py:1340-1353: from epoch patience + 1 on, a validation "
+                                             "no better than the best before the last patience ones counts, a new "
+                                             "best (ties included) resets the count, stop when it exceeds patience)",
+                              choices=("consecutive", "authors"))
     val_images_use: int = _f(5000, "validation images scored (-1: all)", ge=-1, not_zero=True)
     log_every: int = _f(25, "steps between logged losses", ge=1)
     self_critical_after: int = _f(-1, "epoch to switch to self-critical training (-1: never)", ge=-1)

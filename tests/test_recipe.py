@@ -78,6 +78,9 @@ RECIPES = {  # the shipped recipes' semantics at tiny sizes
     "scheduled sampling (from epoch 1: steps 13-14)": [
         "--dropout", "0.5", "--scheduled_sampling_start", "0", "--scheduled_sampling_increase_prob", "0.25",
         "--scheduled_sampling_increase_every", "1", "--max_steps", "14"],
+    "coco_authors.yaml: authors' init (its dropout), zero y_0, 2-layer attention, capgen's weights": [
+        "--dropout", "0.5", "--init", "authors", "--first_input", "zero", "--weight_init", "authors",
+        "--attn_layers", "2", "--alpha_c", "0.33"],
     "coco_fast.yaml: features held in memory (one shared copy), dropout": [
         "--dropout", "0.5", "--features_in_memory", "ram"],
     "coco_scst.yaml: self-critical, 5 samples, mean baseline, <eos>, dropout": [
@@ -294,3 +297,81 @@ def test_authors_objective_equals_capgens_at_its_weight():
                                                                                    tokens, targets)
     assert ntok.item() == N * T
     torch.testing.assert_close(ours / N, J, rtol=1e-5, atol=1e-5)
+
+
+def capgen_early_stopping(errors: list[float], epochs: list[int], patience: int) -> tuple[list[int], int | None]:
+    """capgen.py:1337-1353 transcribed: (the validations that saved _bestll, the one that stopped)."""
+    history, bad_counter, best = [], 0, []
+    for i, (valid_err, eidx) in enumerate(zip(errors, epochs)):
+        history.append(valid_err)
+        if i == 0 or valid_err <= min(history):  # uidx == 0 never validates after an update; the first is the best
+            best.append(i)
+            bad_counter = 0
+        if eidx > patience and len(history) > patience and valid_err >= min(history[:-patience]):
+            bad_counter += 1
+            if bad_counter > patience:
+                return best, i
+    return best, None
+
+
+def test_authors_early_stopping_is_capgens():
+    """early_stop_rule authors (caption/train.py judge, stopped_early) replays capgen's bad_counter on
+    random validation curves: the same validations save best, and the same one stops the run."""
+    from types import SimpleNamespace
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        patience = int(torch.randint(1, 4, (1,), generator=rng))
+        n = int(torch.randint(3, 40, (1,), generator=rng))
+        per_epoch = int(torch.randint(1, 3, (1,), generator=rng))
+        errors = (3 - torch.linspace(0, 1, n) + 0.3 * torch.rand(n, generator=rng)).round(decimals=1).tolist()  # ties too
+        epochs = [i // per_epoch for i in range(n)]
+        want_best, want_stop = capgen_early_stopping(errors, epochs, patience)
+        tcfg = C.TrainConfig(early_stop_patience=patience, early_stop_rule="authors", select_on="nll")
+        p, best, stop = train.Progress(), [], None
+        for i, (err, epoch) in enumerate(zip(errors, epochs)):
+            p.step, p.epoch = i + 1, epoch
+            train.judge(p, -err, tcfg)  # ours: higher is better
+            if p.best_step == i + 1:
+                best.append(i)
+            if train.stopped_early(SimpleNamespace(cfg=SimpleNamespace(train=tcfg), progress=p)):
+                stop = i
+                break
+        assert (best, stop) == (want_best, want_stop), (trial, errors, epochs, patience)
+
+
+def test_the_authors_first_input_and_weights():
+    """first_input zero: y_0's embedding is a zero vector that stays zero while training; weight_init
+    authors: square matrices orthogonal, others N(0, 0.01^2), the LSTM's recurrent blocks orthogonal,
+    biases zero; init authors drops out its shared layer in training, per image, not in eval."""
+    from caption.noise import RowNoise
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=40, feature_dim=32, embed_dim=24, hidden_dim=32, attn_dim=32, dropout=0.5,
+                        init="authors", first_input="zero", weight_init="authors", attn_layers=2)
+    model = Decoder(cfg)
+    assert not model.embed.weight[1].any()  # <bos>
+    feats, tokens = torch.randn(2, 9, 32), torch.randint(3, 40, (6, 5))
+    tokens[:, 0] = 1
+    out = model(feats, tokens, seq_per_img=3)
+    torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), torch.randint(3, 40, (30,))).backward()
+    assert model.embed.weight.grad[1].abs().sum() == 0 and model.embed.weight.grad[5:].abs().sum() > 0
+    eye = torch.eye(32)
+    for w in (model.init_shared[0].weight, model.attention.key[1].weight):  # square: orthogonal
+        assert torch.allclose(w @ w.T, eye, atol=1e-5)
+    for k in range(4):
+        u = model.lstm.weight_hh[k * 32:(k + 1) * 32]
+        assert torch.allclose(u @ u.T, eye, atol=1e-5)
+    for w in (model.L_o.weight, model.lstm.weight_ih, model.embed.weight[2:], model.attention.score.weight):
+        assert 0.007 < w.std().item() < 0.013
+    for m in model.modules():
+        for name in ("bias", "bias_ih", "bias_hh"):
+            b = getattr(m, name, None)
+            if isinstance(b, torch.Tensor):
+                assert not b.any(), m
+    # init dropout: in training each image's mask from its own numbers (one image, two processes' views)
+    one = RowNoise.for_batch(7, 3, 2, 3)
+    h_one = model.init_state(feats, one)["h"]
+    h_rank1 = model.init_state(feats[1:], RowNoise.for_batch(7, 3, 1, 3, rank=1, world=2))["h"]
+    assert torch.allclose(h_one[1], h_rank1[0], atol=1e-6)
+    model.eval()
+    assert not torch.allclose(model.init_state(feats)["h"], h_one)  # eval: no dropout
+    assert torch.equal(model.init_state(feats)["h"], model.init_state(feats)["h"])
