@@ -7,7 +7,8 @@ The objectives, each a class with only its own settings, chosen in caption/train
                  baseline of the caption log-likelihood and an entropy bonus (Sec. 4.1, Eq. 12);
   SelfCritical   policy gradient with a CIDEr-D reward (caption/scst.py), from `self_critical_after`.
 Each returns (summed loss, normalizer, stats): the loop divides by the normalizer summed over
-processes, so every token (or sampled caption) weighs the same however a batch is split.
+processes, so every token (or caption, `loss_per`) weighs the same however a batch is split.
+stats["tokens"] is the batch's word count (the logged cross entropy is per token either way).
 """
 
 from __future__ import annotations
@@ -56,16 +57,17 @@ class TrainStep(nn.Module):
 class CrossEntropy(nn.Module):
     """Teacher-forced cross entropy + alpha_c * the doubly stochastic regularizer (Eq. 14)."""
 
-    def __init__(self, pad_id: int, alpha_c: float = 1.0, seq_per_img: int = 5):
+    def __init__(self, pad_id: int, alpha_c: float = 1.0, seq_per_img: int = 5, per: str = "token"):
         super().__init__()
-        self.pad_id, self.alpha_c, self.seq_per_img = pad_id, alpha_c, seq_per_img
+        self.pad_id, self.alpha_c, self.seq_per_img, self.per = pad_id, alpha_c, seq_per_img, per
 
     def forward(self, net, inputs, tokens, targets, ss_prob: float = 0.0, noise=None, **_):
         out = net(inputs, tokens, seq_per_img=self.seq_per_img, ss_prob=ss_prob, noise=noise)
         total, xent, ntok = sequence_loss(out.logits, targets, out.alphas, self.pad_id, self.alpha_c)
-        stats = {"xent": xent.detach(), "attention_reg": (total - xent).detach()}  # summed; per token when logged
+        stats = {"xent": xent.detach(), "attention_reg": (total - xent).detach(), "tokens": ntok.detach()}  # summed
         extra = self.extra(out, targets, stats)
-        return (total if extra is None else total + extra), ntok, stats
+        norm = ntok if self.per == "token" else torch.tensor(targets.shape[0], device=targets.device)
+        return (total if extra is None else total + extra), norm, stats
 
     def extra(self, out: Forced, targets: torch.Tensor, stats: dict) -> torch.Tensor | None:
         """Terms a subclass adds to the loss (None: none)."""
@@ -77,8 +79,8 @@ class HardAttention(CrossEntropy):
     sampled (or, semi-sampling, the expected) contexts plus `terms`."""
 
     def __init__(self, pad_id: int, alpha_c: float = 1.0, seq_per_img: int = 5, entropy_weight: float = 0.002,
-                 baseline_decay: float = 0.9, world: int = 1):
-        super().__init__(pad_id, alpha_c, seq_per_img)
+                 baseline_decay: float = 0.9, world: int = 1, per: str = "token"):
+        super().__init__(pad_id, alpha_c, seq_per_img, per)
         self.entropy_weight, self.baseline_decay = entropy_weight, baseline_decay
         self.world = world  # processes: the terms weigh the global batch's captions
         self.register_buffer("baseline", torch.zeros(()))  # moving average of the per-step NLL
@@ -99,7 +101,8 @@ class HardAttention(CrossEntropy):
         processes' captions), the REINFORCE sum over the captions that sampled, the entropy over
         all. The loop divides our summed loss by the global batch's tokens, where capgen.py
         averages over captions: these terms are returned x the global batch's captions, so that
-        their weight against the cross entropy is the authors' on any number of processes.
+        their weight against the cross entropy is the authors' on any number of processes (and
+        with `loss_per caption` the loss is capgen's J itself).
         Padding steps are left out.
         """
         N = targets.shape[0]
@@ -125,15 +128,15 @@ class SelfCritical(nn.Module):
     document frequencies), with the greedy caption or the other samples' mean as baseline."""
 
     def __init__(self, cider: CiderD, vocab: Vocab, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
-                 labels: bool = True, eos: bool = True):
+                 labels: bool = True, eos: bool = True, per: str = "token"):
         super().__init__()
+        self.per = per  # token: self-critical.pytorch's RewardCriterion (mean over the sampled words and <eos>)
         self.cider, self.vocab, self.sample_n, self.baseline, self.max_length = cider, vocab, sample_n, baseline, max_length
         self.labels, self.eos = labels, eos  # how references and captions are read by the reward
 
     def forward(self, net, inputs, tokens, targets, refs=None, keys=None, logged: bool = True, noise=None, **_):
         features = net.encode(inputs)
         refs = [reward_references(r, self.vocab, self.max_length, self.labels, self.eos) for r in refs]
-        loss, stats = scst_loss(net.decoder, features, refs, keys, self.vocab, self.cider, self.sample_n,
-                                self.baseline, self.max_length, log_greedy=logged, eos=self.eos, noise=noise)
-        n = features.shape[0] * self.sample_n
-        return loss * n, torch.tensor(n, device=features.device), {k: torch.tensor(v) for k, v in stats.items()}
+        total, counts, stats = scst_loss(net.decoder, features, refs, keys, self.vocab, self.cider, self.sample_n,
+                                         self.baseline, self.max_length, log_greedy=logged, eos=self.eos, noise=noise)
+        return total, counts[self.per], {k: torch.tensor(v) for k, v in stats.items()}

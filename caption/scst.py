@@ -110,13 +110,14 @@ def reward_references(captions: Sequence[Tokens], vocab: Vocab, max_length: int,
 def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], image_keys: list, vocab: Vocab,
               cider: CiderD, sample_n: int = 5, baseline: str = "mean", max_length: int = 16,
               generator: torch.Generator | None = None, log_greedy: bool = True, eos: bool = False,
-              noise: RowNoise | None = None) -> tuple[torch.Tensor, dict]:
-    """Policy-gradient loss of `sample_n` sampled captions per image; returns (loss, stats).
+              noise: RowNoise | None = None) -> tuple[torch.Tensor, dict, dict]:
+    """Policy-gradient loss of `sample_n` sampled captions per image, summed (`policy_loss`); returns
+    (summed loss, its normalizers {"caption": sampled captions, "token": their words and <eos>}, stats).
 
     `references` are as the reward sees them (`reward_references`); `eos` appends "<eos>" to the
     sampled and greedy captions that ended. With `noise` (training: the batch's RowNoise), sample
     s of image j draws its words and dropout masks from global row j * sample_n + s, so a run on
-    W processes samples the captions one process would. The loss is -sum(reward * log p(sampled words)) / number of sampled captions. The greedy
+    W processes samples the captions one process would. The greedy
     captions' CIDEr-D (stats["greedy_cider"]) is the greedy baseline; with the mean baseline it
     is only measured, and only when `log_greedy` (a step that is logged).
     """
@@ -146,12 +147,19 @@ def scst_loss(decoder, features: torch.Tensor, references: list[list[Tokens]], i
     else:
         raise ValueError(f"unknown SCST baseline {baseline!r}: greedy or mean")
     advantage = (rewards - base).reshape(-1)  # (B*n,)
-    # log p of each sampled caption: its words and its <eos> (masked after the end)
-    T = out.logprobs.shape[1]
-    mask = torch.arange(T, device=features.device)[None, :] <= out.lengths[:, None]  # (B*n, T)
-    logp = (out.logprobs * mask).sum(1)
-    loss = -(advantage.detach() * logp).sum() / (B * sample_n)
+    total, tokens = policy_loss(out.logprobs, out.lengths, advantage)
     stats = {"reward": rewards.mean().item(), "advantage": advantage.abs().mean().item()}
     if greedy_reward is not None:
         stats["greedy_cider"] = greedy_reward.mean().item()
-    return loss, stats
+    return total, {"caption": torch.tensor(B * sample_n, device=features.device), "token": tokens}, stats
+
+
+def policy_loss(logprobs: torch.Tensor, lengths: torch.Tensor, advantage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-sum of advantage x log p over each sampled caption's words and its <eos>, how many such
+    steps): logprobs (N, T) of the sampled words, lengths (N,) words before <eos> (T: none),
+    advantage (N,). Divided by the steps it is self-critical.pytorch's RewardCriterion (mean over
+    the unmasked steps, losses.py:30-35); by N, the mean per sampled caption."""
+    T = logprobs.shape[1]
+    mask = torch.arange(T, device=logprobs.device)[None, :] <= lengths[:, None]  # (N, T): words and <eos>
+    logp = (logprobs * mask).sum(1)
+    return -(advantage.detach() * logp).sum(), mask.sum()

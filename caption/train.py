@@ -340,13 +340,14 @@ def build_objectives(cfg: C.Config, vocab: Vocab, data: dict[str, Split], world:
     tcfg = cfg.train
     if cfg.model.attention == "hard":
         first = HardAttention(vocab.pad_id, tcfg.alpha_c, tcfg.seq_per_img, tcfg.entropy_weight, tcfg.baseline_decay,
-                              world)
+                              world, tcfg.loss_per)
     else:
-        first = CrossEntropy(vocab.pad_id, tcfg.alpha_c, tcfg.seq_per_img)
+        first = CrossEntropy(vocab.pad_id, tcfg.alpha_c, tcfg.seq_per_img, tcfg.loss_per)
     objectives = {"xent": first}
     if tcfg.self_critical_after >= 0:
         objectives["scst"] = SelfCritical(build_cider(cfg, vocab, data["train"]), vocab, tcfg.sc_sample_n,
-                                          tcfg.sc_baseline, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
+                                          tcfg.sc_baseline, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos,
+                                          tcfg.loss_per)
     return objectives
 
 
@@ -618,7 +619,10 @@ def train_one_epoch(job: Training, batches) -> bool:
                                  "lower --learning_rate, check the features with `python -m shards verify`")
             acc.backward(loss)
             if acc.sync_gradients and tcfg.grad_clip > 0:
-                acc.clip_grad_norm_(step.parameters(), tcfg.grad_clip)
+                if tcfg.grad_clip_mode == "value":  # each value, as the seed's and sc's clip_gradient
+                    acc.clip_grad_value_(step.parameters(), tcfg.grad_clip)
+                else:
+                    acc.clip_grad_norm_(step.parameters(), tcfg.grad_clip)
             job.optimizer.step()
             job.scheduler.step()
             job.optimizer.zero_grad(set_to_none=True)
@@ -650,7 +654,7 @@ def train_one_epoch(job: Training, batches) -> bool:
     return True
 
 
-PER_TOKEN = ("xent", "attention_reg")  # stats summed over the batch: logged per token (the loss's normalizer)
+PER_TOKEN = ("xent", "attention_reg")  # stats summed over the batch: logged per token (stats["tokens"])
 
 
 def agree(job: Training, norm: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -676,9 +680,10 @@ def step_row(job: Training, total: torch.Tensor, stats: dict, global_norm: torch
     summed = acc.reduce(total.detach().float().reshape(1), "sum")[0]
     row = {"step": job.progress.step, "epoch": job.progress.epoch, "loss": (summed / global_norm).item(),
            "lr": job.scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
-    for k, v in stats.items():
-        v = acc.reduce(v.detach().float().reshape(1).to(acc.device), "sum")[0]
-        row[k] = (v / global_norm if k in PER_TOKEN else v / world).item()
+    summed = {k: acc.reduce(v.detach().float().reshape(1).to(acc.device), "sum")[0] for k, v in stats.items()}
+    tokens = summed.pop("tokens", None)
+    for k, v in summed.items():
+        row[k] = (v / tokens if k in PER_TOKEN else v / world).item()
     return row
 
 

@@ -165,7 +165,15 @@ class TrainConfig:
     optim_beta: float = _f(0.999, "Adam beta2", ge=0, lt=1)
     optim_epsilon: float = _f(1e-8, "Adam epsilon", gt=0)
     weight_decay: float = _f(0.0, "Adam weight decay", ge=0)
-    grad_clip: float = _f(2.0, "clip the gradient's global norm to this (0: off)", ge=0)
+    grad_clip: float = _f(2.0, "clip the gradient to this (0: off): its global norm, or each value (grad_clip_mode)", ge=0)
+    grad_clip_mode: str = _f("norm", "norm (the global norm, keeps the step's direction) or value (each gradient value "
+                                     "clamped to +-grad_clip, as the seed and self-critical.pytorch: 0.1)",
+                             choices=("norm", "value"))
+    loss_per: str = _f("token", "the loss's normalizer over the global batch: token (every word weighs the same) or "
+                                "caption (summed over each caption's words, averaged over captions: the seed's "
+                                "LanguageModelCriterion, capgen's cost); self-critical: per token is "
+                                "self-critical.pytorch's. Only the loss's scale changes (with Adam: through clipping)",
+                       choices=("token", "caption"))
     alpha_c: float = _f(1.0, "lambda of the doubly stochastic attention regularizer (paper Eq. 14)", ge=0)
     entropy_weight: float = _f(0.002, "hard attention: lambda_e, the authors' alpha_entropy_c, on sum alpha log alpha",
                                ge=0)

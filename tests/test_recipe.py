@@ -70,7 +70,8 @@ def test_global_batch_must_divide_and_lr_scaling(shapes, tiny_features, tmp_path
 
 RECIPES = {  # the shipped recipes' semantics at tiny sizes
     "soft, no dropout": ["--dropout", "0"],
-    "coco.yaml: dropout 0.5": ["--dropout", "0.5"],
+    "coco.yaml: dropout 0.5, the seed's loss per caption and value clipping": [
+        "--dropout", "0.5", "--loss_per", "caption", "--grad_clip_mode", "value", "--grad_clip", "0.1"],
     "coco_hard.yaml: hard attention, a coin per batch, entropy, dropout": [
         "--dropout", "0.5", "--attention", "hard", "--semi_sampling", "batch", "--semi_sampling_p", "0.5",
         "--entropy_weight", "0.002", "--baseline_decay", "0.9"],
@@ -80,12 +81,13 @@ RECIPES = {  # the shipped recipes' semantics at tiny sizes
         "--scheduled_sampling_increase_every", "1", "--max_steps", "14"],
     "coco_authors.yaml: authors' init (its dropout), zero y_0, 2-layer attention, capgen's weights": [
         "--dropout", "0.5", "--init", "authors", "--first_input", "zero", "--weight_init", "authors",
-        "--attn_layers", "2", "--alpha_c", "0.33"],
+        "--attn_layers", "2", "--alpha_c", "0.33", "--loss_per", "caption", "--grad_clip", "0"],
     "coco_fast.yaml: features held in memory (one shared copy), dropout": [
         "--dropout", "0.5", "--features_in_memory", "ram"],
     "coco_scst.yaml: self-critical, 5 samples, mean baseline, <eos>, dropout": [
         "--dropout", "0.5", "--self_critical_after", "0", "--sc_sample_n", "5", "--sc_baseline", "mean",
-        "--sc_references", "labels", "--sc_eos", "true"],
+        "--sc_references", "labels", "--sc_eos", "true", "--loss_per", "token", "--grad_clip_mode", "value",
+        "--grad_clip", "0.1"],
     "self-critical with the greedy baseline": [
         "--dropout", "0.5", "--self_critical_after", "0", "--sc_sample_n", "3", "--sc_baseline", "greedy"],
 }
@@ -277,8 +279,8 @@ def test_early_stopping_on_validation_nll(shapes, tiny_features, tmp_path, capsy
 def test_authors_objective_equals_capgens_at_its_weight():
     """An oracle: capgen.py's deterministic cost (1164, 1177) on a batch of same-length captions
     (homogeneous_data.py), J = mean_n sum_t NLL_tn + alpha_c * mean_l sum_n (1 - sum_t alpha_tnl)^2,
-    written in its (T, N, L) layout, equals our summed loss / N with our alpha_c = capgen's x N / L:
-    the same objective up to a constant factor, which Adam does not see (coco_authors.yaml: 0.33)."""
+    written in its (T, N, L) layout, equals our loss with `loss_per caption` (coco_authors.yaml) and
+    our alpha_c = capgen's x N / L (0.33 at capgen's 64 captions: the term is ours per caption)."""
     from caption.encoder import CachedGrids, Captioner
     from caption.objective import CrossEntropy
     torch.manual_seed(0)
@@ -293,10 +295,69 @@ def test_authors_objective_equals_capgens_at_its_weight():
     alphas = out.alphas.transpose(0, 1)  # capgen's layout (T, N, L)
     capgen_alpha_c = 1.0
     J = (-logp.T).sum(0).mean() + capgen_alpha_c * ((1.0 - alphas.sum(0)) ** 2).sum(0).mean()
-    ours, ntok, _ = CrossEntropy(0, alpha_c=capgen_alpha_c * N / L, seq_per_img=1)(Captioner(CachedGrids(), dec), feats,
-                                                                                   tokens, targets)
-    assert ntok.item() == N * T
-    torch.testing.assert_close(ours / N, J, rtol=1e-5, atol=1e-5)
+    ours, norm, stats = CrossEntropy(0, alpha_c=capgen_alpha_c * N / L, seq_per_img=1, per="caption")(
+        Captioner(CachedGrids(), dec), feats, tokens, targets)
+    assert norm.item() == N and stats["tokens"].item() == N * T
+    torch.testing.assert_close(ours / norm, J, rtol=1e-5, atol=1e-5)
+
+
+def test_the_seeds_loss_is_ours_per_caption():
+    """An oracle: the seed's LanguageModelCriterion (utils/utils.py:6-21) transcribed, on captions of
+    mixed length (pad 0 after <eos>), equals our loss with `loss_per caption` (configs/coco.yaml) and
+    alpha_c 0 (the seed has no such term); with `loss_per token` it is the same sum / the words."""
+    from caption.encoder import CachedGrids, Captioner
+    from caption.objective import CrossEntropy
+    torch.manual_seed(1)
+    dec = tiny_decoder().eval()
+    N, T = 7, 6
+    feats = torch.randn(N, 196, 6)
+    targets = torch.randint(4, 12, (N, T))
+    lengths = torch.tensor([1, 2, 5, 5, 3, 4, 2])  # words before <eos>
+    for n, k in enumerate(lengths.tolist()):
+        targets[n, k], targets[n, k + 1:] = 2, 0
+    tokens = torch.cat([torch.full((N, 1), 1), targets[:, :-1]], 1)
+    preds = dec(feats, tokens).logits  # (N, T, V) scores, as the seed's decoder returns them
+    masks = (targets != 0).float()
+
+    def seed_criterion(preds, labels, masks):  # utils/utils.py:11-21
+        xe_loss = torch.nn.CrossEntropyLoss(reduction="none")
+        total_loss = 0.0
+        for t in range(preds.size(1)):
+            total_loss += torch.sum(xe_loss(preds[:, t], labels[:, t]) * masks[:, t])
+        return total_loss / preds.size(0)
+
+    net = Captioner(CachedGrids(), dec)
+    total, norm, _ = CrossEntropy(0, alpha_c=0.0, seq_per_img=1, per="caption")(net, feats, tokens, targets)
+    torch.testing.assert_close(total / norm, seed_criterion(preds, targets, masks), rtol=1e-5, atol=1e-5)
+    total, norm, _ = CrossEntropy(0, alpha_c=0.0, seq_per_img=1, per="token")(net, feats, tokens, targets)
+    torch.testing.assert_close(total / norm, seed_criterion(preds, targets, masks) * N / masks.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_self_critical_loss_is_self_critical_pytorchs():
+    """An oracle: sc's RewardCriterion (captioning/modules/losses.py:18-35) transcribed, its word 0
+    both the end token and padding, on sampled captions of mixed length (some never ending), equals
+    our policy loss divided by its token count (`loss_per token`, configs/coco_scst.yaml)."""
+    from caption.scst import policy_loss
+    torch.manual_seed(2)
+    N, T, V = 8, 6, 10
+    logp_all = torch.randn(N, T, V).log_softmax(-1)  # (N, T, V): sc's `input`
+    seq = torch.randint(1, V, (N, T))  # sc's sampled words, 0 = end
+    lengths = torch.tensor([0, 1, 3, 6, 2, 6, 5, 4])  # 6 = T: no end within T
+    for n, k in enumerate(lengths.tolist()):
+        seq[n, k:] = 0
+    advantage = torch.randn(N)
+    reward = advantage[:, None].expand(N, T)  # sc broadcasts each sample's reward over its steps
+
+    def reward_criterion(input, seq, reward):  # losses.py:22-35, reduction "mean"
+        input = input.gather(2, seq.unsqueeze(2)).squeeze(2).reshape(-1)
+        reward = reward.reshape(-1)
+        mask = (seq > 0).to(input)
+        mask = torch.cat([mask.new(mask.size(0), 1).fill_(1), mask[:, :-1]], 1).reshape(-1)
+        return torch.sum(-input * reward * mask) / torch.sum(mask)
+
+    ours_logp = logp_all.gather(2, seq[..., None])[..., 0]  # our sampled words' log p; sc's word 0 = our <eos>
+    total, tokens = policy_loss(ours_logp, lengths, advantage)
+    torch.testing.assert_close(total / tokens, reward_criterion(logp_all, seq, reward), rtol=1e-6, atol=1e-6)
 
 
 def capgen_early_stopping(errors: list[float], epochs: list[int], patience: int) -> tuple[list[int], int | None]:
