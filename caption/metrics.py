@@ -150,11 +150,15 @@ def score(references: dict, results: dict, scorers=ALL) -> tuple[dict[str, float
     return metrics, skipped
 
 
+SHOWN = {"CIDEr": "CIDEr-D"}  # metrics.json keeps coco-caption's keys
+
+
 def format_table(metrics: dict[str, float], skipped: dict[str, str] | None = None) -> str:
     approximate = APPROXIMATE in (skipped or {})
     lines = [f"{'metric':<10} {'score':>8}" + ("  (APPROXIMATE: no Java, see below)" if approximate else ""),
              f"{'-' * 10} {'-' * 8}"]
-    lines += [f"{k:<10} {v:>8.4f}" for k, v in metrics.items()]
+    # pycocoevalcap's "CIDEr" is CIDEr-D (its n-gram clipping and length penalty): named so wherever it is shown
+    lines += [f"{SHOWN.get(k, k):<10} {v:>8.4f}" for k, v in metrics.items()]
     for k, why in (skipped or {}).items():
         lines.append(f"{k:<10} {'skipped':>8}  ({why})")
     return "\n".join(lines)

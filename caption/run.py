@@ -14,18 +14,17 @@ fine-tuning load.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from caption.model import Decoder
 from caption.vocab import Vocab
 from common import config as C
 from common.errors import UserError
-from common.files import atomic_write_json, read_json, temp_path
+from common.files import atomic_write_json, read_json, save_tensors
 from shards import load_manifest, location
 from shards.manifest import identity
 from shards.remote import join
@@ -76,9 +75,7 @@ def save_weights(net: torch.nn.Module, path: Path) -> None:  # net: caption.enco
     learned beside them (a fine-tuned backbone: best -> backbone.safetensors, last -> backbone_last)."""
     net.encoder.save_beside(path)
     net = net.decoder
-    tmp = temp_path(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, path, metadata={"format": "pt"})
 
 
 def run_features(run: str | Path, cfg: C.Config) -> tuple[dict, str]:

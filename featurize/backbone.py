@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.fx.experimental.optimization import fuse as fuse_conv_bn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common.errors import UserError
-from common.files import sha256_file, temp_path
+from common.files import save_tensors, sha256_file
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -203,6 +203,4 @@ class Backbone(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """safetensors of the trunk (stem.*, stages.*), atomically."""
-        tmp = temp_path(path)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path)

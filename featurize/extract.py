@@ -64,6 +64,19 @@ def timing_summary(t: dict) -> str:
             f"which were busy {100 * t['writing'] / (t['writer_threads'] * total):.0f}%{ahead}")
 
 
+def bottleneck(t: dict) -> str:
+    """What limited featurize_split's rate, from its `timing`, in a few words (the full account:
+    `timing_summary`, printed by bench/featurize.py)."""
+    total = max(t["total"], 1e-9)
+    if t["wait_images"] / total > 0.3:
+        return (f"reading and decoding images was the limit ({100 * t['wait_images'] / total:.0f}% of the time "
+                "waiting for them: more --num_workers, or --decode device on a GPU)")
+    if t["wait_writers"] / total > 0.3:
+        return (f"writing the store was the limit ({100 * t['wait_writers'] / total:.0f}% of the time waiting for "
+                "it: --codec none, or more --writer_threads)")
+    return "the model was the limit"
+
+
 def featurize_split(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
                     state=None, progress: bool = True, timing: dict | None = None) -> dict | None:
     """Featurize one split into FEATURES/split; returns the manifest (main process).
@@ -161,7 +174,8 @@ def run_loop(fcfg: FeaturizeConfig, split: str, backbone: Backbone, state, write
     clock = {"total": time.perf_counter() - start, "wait_images": wait_images, "wait_writers": shards.waiting,
              "writing": shards.writing, "writer_threads": writers, "preparing": ahead.busy if ahead is not None else None}
     if progress and bar.n:
-        log.info(f"featurize {split}: {bar.n} images in {clock['total']:.1f} s; {timing_summary(clock)}")
+        log.info(f"featurize {split}: {bar.n} images in {clock['total']:.1f} s "
+                 f"({bar.n / max(clock['total'], 1e-9):.0f} img/s); {bottleneck(clock)}")
     return clock
 
 

@@ -68,3 +68,18 @@ def test_every_shipped_config_loads(tmp_path):
                 assert got == (float(value) if isinstance(got, float) else value), f"{name}: {section}.{key}"
         C.save(cfg, tmp_path / "config.yaml")
         assert C.load(tmp_path / "config.yaml") == cfg, name
+
+
+def test_weights_files_follow_the_umask(tmp_path):
+    """safetensors creates its files 0600; ours are replaced atomically and get what open() would give."""
+    import os
+    import stat
+    import torch
+    from common.files import save_tensors
+    old = os.umask(0o022)
+    try:
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary left
