@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     times = {}
 
     t = stage("1/6 generate the shapes world")
-    if not (data / "dataset.json").exists():
+    there = (data / "dataset.json").exists()
+    if not there:
         synthetic.generate(data, a.num_images, a.seed)
-    print(f"{data / 'dataset.json'}: {a.num_images} images")
+    print(f"{data / 'dataset.json'}: {a.num_images} images" + (" (already generated)" if there else ""))
     times["generate"] = time.perf_counter() - t
 
     t = stage("2/6 pretrain the encoder on the train images' shape and color labels")

@@ -219,8 +219,11 @@ def train(cfg: C.Config) -> int:
             validate_and_save(job)
     write_hparams(job)
     accelerator.end_training()
-    log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {p.batches_total - seen_before} batches "
-             "this run", main_process_only=False)
+    if p.batches_total == seen_before:  # a rerun of a finished run
+        log.info(f"{job.run}: already trained to its end (step {p.step}): nothing to do")
+    else:
+        log.info(f"rank {accelerator.process_index}/{accelerator.num_processes}: {p.batches_total - seen_before} batches "
+                 "this run", main_process_only=False)
     best = "none" if p.best is None else f"{abs(p.best):.3f}"  # (nll is kept negated: higher is better)
     metric = "CIDEr-D" if tcfg.select_on == "cider" else "NLL"
     stop = " (stopped early)" if stopped_early(job) else ""

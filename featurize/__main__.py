@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 
 from accelerate import PartialState
 
@@ -48,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         splits = [cfg.data.shards_split]  # input shards are one split
     featurize = featurize_input_shards if cfg.data.input_shards else featurize_split
     for split in splits:
+        done = (Path(cfg.data.features) / split / "manifest.json").is_file()  # a finished store: checked, not redone
         m = featurize(cfg.data, cfg.featurize, split, backbone, info, state)
         if m is not None:
             print(f"{cfg.data.features}/{split}: {m['count']} records, grid {m['grid']}x{m['grid']}x{m['channels']}, "
-                  f"{m['bytes_per_image'] / 1e3:.1f} kB per image, {len(m['failures'])} failed images")
+                  f"{m['bytes_per_image'] / 1e3:.1f} kB per image, {len(m['failures'])} failed images"
+                  + (" (already featurized)" if done else ""))
             for f in m["failures"][:5]:
                 print(f"  failed: {f['filename']}: {f['reason']}")
     return 0

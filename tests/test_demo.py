@@ -18,11 +18,30 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
+def finished(tmp_path_factory):
     a = tmp_path_factory.mktemp("demo") / "a"
     r = subprocess.run(DEMO + ["--out", str(a)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    return json.loads((a / "run" / "eval_test" / "metrics.json").read_text())
+    return a
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished) -> dict:
+    return json.loads((finished / "run" / "eval_test" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_finished_demo_run_again_says_what_it_reuses(finished, uninterrupted):
+    """Every stage of a finished demo, run again, says it is done instead of redoing it (or printing
+    nothing), and the results are the same."""
+    r = subprocess.run(DEMO + ["--out", str(finished)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = r.stdout + r.stderr
+    for said in ("images (already generated)", ": reused (trained on", "(already featurized)",
+                 "already trained to its end"):
+        assert said in out, (said, out[-3000:])
+    assert out.count("(already featurized)") == 3 and "batches this run" not in out
+    assert json.loads((finished / "run" / "eval_test" / "metrics.json").read_text()) == uninterrupted
 
 
 @pytest.mark.slow
