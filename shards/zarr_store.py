@@ -1,7 +1,9 @@
 """Zarr v3 backend: one (N, g, g, C) float16 array, one image per chunk, many chunks per shard file.
 
     features/<split>/features.zarr   chunks (1, g, g, C), shards (S, g, g, C), zstd + crc32c per chunk
-    features/<split>/shards/*.json   rows, keys, ids, filenames, captions of each finished shard
+    features/<split>/shards/*.json   rows, keys, ids, filenames, captions of each finished shard,
+                                     and each record's checksum (`chunk_crc32c`: the CRC-32C its
+                                     chunk carries; `crc32c` of the grid where zarr encodes)
 
 Each writer writes whole shards (two writers in one shard file lose data: zarr's sharding
 codec does read-modify-write), so many processes can fill one array. Random access by
@@ -75,10 +77,11 @@ def _crc(data: bytes | memoryview) -> bytes:
     return struct.pack("<I", crc32c.crc32c(data))
 
 
-def shard_parts(block: np.ndarray, shard_size: int, codec: str) -> list:
+def shard_parts(block: np.ndarray, shard_size: int, codec: str, crcs: list | None = None) -> list:
     """A shard file's bytes for `block` (n <= shard_size images, (n, g, g, C) float16), as the
     list of pieces to write one after the other: with no codec the chunks are views of `block`
-    itself, so a shard is written without copying its grids."""
+    itself, so a shard is written without copying its grids. `crcs` receives each chunk's CRC-32C
+    (an int), which the shard's JSON lists so that a chunk is bound to its record."""
     comp = _codec(codec)
     parts, offset = [], 0
     index = np.full((shard_size, 2), _ABSENT, dtype="<u8")  # (S, 2): offset, nbytes of each chunk
@@ -86,6 +89,8 @@ def shard_parts(block: np.ndarray, shard_size: int, codec: str) -> list:
         x = np.ascontiguousarray(x, dtype="<f2")  # blosc shuffles by the item size: 2
         enc = comp.encode(x) if comp else memoryview(x).cast("B")
         crc = _crc(enc)
+        if crcs is not None:
+            crcs.append(struct.unpack("<I", crc)[0])
         index[i] = (offset, len(enc) + 4)
         offset += len(enc) + 4
         parts += [enc, crc]
@@ -100,11 +105,17 @@ def _index(data: bytes | memoryview, shard_size: int, where: str) -> np.ndarray:
     return np.frombuffer(tail[:-4], dtype="<u8").reshape(shard_size, 2)
 
 
-def _chunk_into(enc: memoryview, codec: str, out: np.ndarray, where: str) -> None:
-    """Decode one encoded chunk (a view into the shard's bytes) into `out` ((g, g, C) float16, contiguous)."""
+def _chunk_into(enc: memoryview, codec: str, out: np.ndarray, where: str, expect: int | None = None) -> None:
+    """Decode one encoded chunk (a view into the shard's bytes) into `out` ((g, g, C) float16,
+    contiguous). `expect`: the CRC-32C the shard's JSON lists for the record read here (None: a
+    store written before it was listed): a chunk that carries another is another record's."""
     payload = enc[:-4]
     if len(enc) < 4 or _crc(payload) != bytes(enc[-4:]):
         raise StoreError(f"{where}: corrupted data (chunk fails its crc32c)")
+    if expect is not None and struct.unpack("<I", bytes(enc[-4:]))[0] != expect:
+        raise StoreError(f"{where}: holds another record's grid (its chunk's crc32c is not the one the shard's JSON "
+                         "lists: a shard file swapped, or copied from another store); verify the store "
+                         "(python -m shards verify) and featurize it again")
     comp = _codec(codec)
     try:
         if comp is None:
@@ -117,9 +128,12 @@ def _chunk_into(enc: memoryview, codec: str, out: np.ndarray, where: str) -> Non
         raise StoreError(f"{where}: undecodable chunk ({type(e).__name__}: {e})") from None
 
 
-def _shard_decoder(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str):
+def _shard_decoder(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str, shape: tuple, where: str,
+                   expect: dict | None = None):
     """A new (n, g, g, C) float16 array and `one(i)`, which decodes chunk i into it and says
-    whether its values are all finite. Absent chunks read as zeros (the fill value)."""
+    whether its values are all finite. Absent chunks read as zeros (the fill value). `expect`:
+    chunk -> the CRC-32C its record lists."""
+    expect = expect or {}
     index = _index(data, shard_size, where)
     view = memoryview(data)
     out = np.empty((n, *shape), dtype=np.float16)
@@ -129,16 +143,16 @@ def _shard_decoder(data: bytes | mmap.mmap, n: int, shard_size: int, codec: str,
         if off == _ABSENT:
             out[i] = 0
             return True
-        _chunk_into(view[off:off + nb], codec, out[i], f"{where}: chunk {i}")
+        _chunk_into(view[off:off + nb], codec, out[i], f"{where}: chunk {i}", expect.get(i))
         return fmt.finite(out[i])
 
     return out, one
 
 
 def submit_shard(pool: ThreadPoolExecutor, data: bytes | mmap.mmap, n: int, shard_size: int, codec: str,
-                 shape: tuple, where: str) -> tuple[np.ndarray, list[Future]]:
+                 shape: tuple, where: str, expect: dict | None = None) -> tuple[np.ndarray, list[Future]]:
     """Start decoding a shard file's bytes in `pool`: the array, and per chunk a future of its finiteness."""
-    out, one = _shard_decoder(data, n, shard_size, codec, shape, where)
+    out, one = _shard_decoder(data, n, shard_size, codec, shape, where, expect)
     return out, [pool.submit(one, i) for i in range(n)]
 
 
@@ -208,10 +222,13 @@ class ZarrWriter:
 
     def _write(self, k: int, block: np.ndarray, metas: list[dict], failures) -> None:
         f = self.shard_file(k)
+        rows = shard_range(self.plan, k)
         if self.plan["codec"] in DIRECT_CODECS:
-            size, digest = atomic_write_parts(f, shard_parts(block, self.plan["shard_size"], self.plan["codec"]))
+            crcs: list[int] = []
+            size, digest = atomic_write_parts(f, shard_parts(block, self.plan["shard_size"], self.plan["codec"], crcs))
+            metas = [{**m, "chunk_crc32c": crcs[m["row"] - rows.start]} for m in metas]  # each chunk bound to its record
         else:
-            rows = shard_range(self.plan, k)
+            metas = [{**m, "crc32c": fmt.checksum(block[m["row"] - rows.start])} for m in metas]
             self.array[rows.start:rows.stop] = block  # one shard file, written whole by zarr
             size, digest = (f.stat().st_size, sha256_file(f)) if f.exists() else (0, "")
         atomic_write_json(shard_meta_path(self.root, k), {
@@ -286,6 +303,9 @@ class ZarrReader(IndexedStore):
             raise StoreError(f"{self.root / ARRAY}: {where}: corrupted data ({type(e).__name__}: {e})") from None
 
     def _record(self, meta: dict, features: np.ndarray, finite: bool | None = None) -> fmt.Record:
+        if not self.direct and "crc32c" in meta and fmt.checksum(features) != meta["crc32c"]:
+            raise StoreError(f"{self.root / ARRAY}: record {meta['key']} holds another record's grid (its crc32c is not "
+                             "the one the shard's JSON lists: a shard file swapped, or copied from another store)")
         rec = {k: meta[k] for k in ("key", "image_id", "filename", "captions")}
         rec["features"] = features
         return fmt.validate(rec, self.manifest["grid"], self.manifest["channels"], where=str(self.root / ARRAY),
@@ -307,7 +327,7 @@ class ZarrReader(IndexedStore):
                 out = np.zeros(self.shape, dtype=np.float16)
                 if off != _ABSENT:  # an absent chunk is zarr's fill value (zarr skips all-zero chunks)
                     f.seek(off)
-                    _chunk_into(memoryview(f.read(nb)), self.manifest["codec"], out, where)
+                    _chunk_into(memoryview(f.read(nb)), self.manifest["codec"], out, where, meta.get("chunk_crc32c"))
         except OSError as e:
             raise StoreError(f"{where}: cannot read ({e.strerror or e})") from None
         return self._record(meta, out)
@@ -355,7 +375,8 @@ class ZarrReader(IndexedStore):
                 data = load(path)
             except OSError as e:
                 raise StoreError(f"{path}: cannot read ({e.strerror or e})") from None
-            return (first, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape, str(path)))
+            expect = {m["row"] - first: m["chunk_crc32c"] for m in metas if "chunk_crc32c" in m}
+            return (first, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape, str(path), expect))
 
         # Two shards in flight: the next one decodes in the pool while this one's records go out.
         with ThreadPoolExecutor(threads) as pool:
