@@ -21,6 +21,7 @@ import torch.nn as nn
 from caption.model import Decoder, Forced
 from caption.run import ENCODER, encoder_of
 from caption.splits import share
+from common.errors import UserError
 from common.tensors import to_fp16
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.images import ImageError, image_file, load_rgb, to_tensor
@@ -41,10 +42,23 @@ def backbone_from_manifest(manifest: dict, features_root: str | Path, override: 
 
 def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
     """The encoder that made the run's training features (an exported run's encoder.json), or the
-    run's fine-tuned one."""
+    run's fine-tuned one. An exported folder is someone else's: every weights file it names must
+    be inside it (no absolute path, no `..`, no symlink out)."""
     m = encoder_of(run, cfg)
-    root = Path(run) if (Path(run) / ENCODER).exists() else Path(cfg.data.features)
-    return backbone_from_manifest(m, root, override=Path(run) / "backbone.safetensors"), m
+    run = Path(run)
+    tuned = run / "backbone.safetensors"
+    if (run / ENCODER).exists():
+        where = f"{run / ENCODER}"
+        if tuned.exists() or tuned.is_symlink():
+            inside(run, tuned.name, f"{run}: backbone.safetensors")
+        weights = m.get("weights")
+        if not isinstance(weights, str) or not weights:
+            raise UserError(f"{where}: 'weights' is {weights!r}, not a weights name")
+        if not weights.startswith("imagenet") and weights != "none":
+            inside(run, weights, f"{where}: weights")
+            m = {**m, "weights": str(run / weights)}
+        return backbone_from_manifest(m, run, override=tuned), m
+    return backbone_from_manifest(m, Path(cfg.data.features), override=tuned), m
 
 
 def load_image(root: str | Path, filename: str, image_size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from caption.model import Decoder
 from caption.vocab import Vocab
 from common import config as C
 from common.errors import UserError
-from common.files import atomic_write_json, read_json, save_tensors
+from common.files import atomic_write_json, read_json, regular_file, save_tensors
 from shards import load_manifest, location
 from shards.manifest import identity
 from shards.remote import join
@@ -51,11 +51,29 @@ def check_compatible(run: Path, cfg: C.Config, vocab: Vocab, weights: dict) -> N
 
 
 def load_weights(run: str | Path, which: str = "best") -> dict[str, torch.Tensor]:
-    """RUN/{which}.safetensors (no pickle), or a RunError saying what to do."""
+    """RUN/{which}.safetensors (no pickle), every tensor finite, or a RunError saying what is wrong:
+    missing (train first), not a regular file (a FIFO would block), not safetensors, NaN or inf."""
     path = Path(run) / f"{which}.safetensors"
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise RunError(f"{path}: no such checkpoint (train first, or pick --checkpoint best|last)")
-    return load_file(str(path))
+    regular_file(path, "weights file", RunError)
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds; one line for the user
+        raise RunError(f"{path}: not a safetensors weights file ({type(e).__name__}: {e})") from None
+    for name, w in weights.items():
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            raise RunError(f"{path}: tensor {name} holds NaN or inf: the weights are broken (a diverged run?)")
+    return weights
+
+
+def load_into(model: torch.nn.Module, weights: dict, where: str | Path) -> None:
+    """load_state_dict, with a mismatch (another model size, attention or init) as one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise RunError(f"{where}: these weights do not fit the model its config.yaml describes ({lines[1] if len(lines) > 1 else lines[0]})") from None
 
 
 def load_decoder(run: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[Decoder, Vocab, C.Config]:
@@ -66,7 +84,7 @@ def load_decoder(run: str | Path, which: str = "best", device: str | torch.devic
     weights = load_weights(run, which)
     check_compatible(run, cfg, vocab, weights)
     model = Decoder(cfg.model)
-    model.load_state_dict(weights)
+    load_into(model, weights, run / f"{which}.safetensors")
     return model.to(device).eval(), vocab, cfg
 
 

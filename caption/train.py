@@ -49,8 +49,8 @@ from caption.model import Decoder, sequence_loss
 from caption.noise import RowNoise
 from caption.objective import CrossEntropy, HardAttention, SelfCritical, TrainStep
 from caption.resident import WHERE, MemoryBudgetError, ResidentFeatures, choose, resident_batches, shared_path
-from caption.run import (check_compatible, features_dir, load_progress, load_weights, record_features, resume_dir,
-                         run_features, save_state, save_weights)
+from caption.run import (check_compatible, features_dir, load_into, load_progress, load_weights, record_features,
+                         resume_dir, run_features, save_state, save_weights)
 from caption.scst import CiderD, reward_references
 from caption.splits import Split, check_split, from_records, open_split
 from caption.vocab import Vocab, build_from_split_file
@@ -526,6 +526,8 @@ def check_data(cfg: C.Config, run: Path, data: dict[str, Split], resume: bool, i
 def build_vocab(cfg: C.Config, run: Path, data: dict[str, Split], accelerator: Accelerator) -> Vocab:
     """The run's vocabulary: vocab.json when it exists (resume, init_from), else from train captions."""
     path = run / "vocab.json"
+    if cfg.train.init_from and not (Path(cfg.train.init_from) / "vocab.json").is_file():
+        raise TrainError(f"--init_from {cfg.train.init_from}: no such run folder (no vocab.json there)")
     if cfg.train.init_from and not path.exists() and accelerator.is_main_process:
         shutil.copy(Path(cfg.train.init_from) / "vocab.json", path)
     if not path.exists() and accelerator.is_main_process:
@@ -576,7 +578,7 @@ def build_net(decoder: Decoder, cfg: C.Config, vocab: Vocab, manifest: dict) -> 
     if tcfg.init_from and tcfg.resume != "true":
         weights = load_weights(tcfg.init_from, "best")
         check_compatible(Path(tcfg.init_from), cfg, vocab, weights)
-        decoder.load_state_dict(weights)
+        load_into(decoder, weights, Path(tcfg.init_from) / "best.safetensors")
     if not tcfg.finetune:
         return Captioner(CachedGrids(), decoder)
     encoder = FineTuned(backbone_from_manifest(manifest, cfg.data.features), list(tcfg.finetune_layers), tcfg.freeze_bn,

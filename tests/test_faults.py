@@ -392,3 +392,54 @@ def test_predict_captions_the_good_images_beside_the_bad(trained_run, tmp_path, 
     (tmp_path / "empty").mkdir()
     assert predict_main(["--run", str(trained_run), str(tmp_path / "empty")]) == 1
     one_line_error(capsys.readouterr().err, "a folder without images")
+
+
+# ---- weights files that are not what they claim (probe D5, D9, D13, D24) ---------------------
+def exported(trained_run, tmp_path) -> Path:
+    from caption.export import export
+    return export(trained_run, tmp_path / "exported")
+
+
+def test_an_exports_weights_stay_inside_it(trained_run, shapes, tmp_path, capsys):
+    """encoder.json naming a weights file outside the folder (absolute, `..`, relative to the
+    current folder) or backbone.safetensors a symlink out: one line, nothing outside is loaded."""
+    image = str(sorted((shapes / "images").glob("*.jpg"))[0])
+    out = exported(trained_run, tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(out / "backbone.safetensors", outside)
+    enc = json.loads((out / "encoder.json").read_text())
+    for bad in (str(outside), "../outside.safetensors"):
+        (out / "encoder.json").write_text(json.dumps({**enc, "weights": bad}))
+        (out / "backbone.safetensors").rename(out / "kept.safetensors")
+        assert predict_main(["--run", str(out), image]) == 1
+        one_line_error(capsys.readouterr().err, "weights", "not inside")
+        (out / "kept.safetensors").rename(out / "backbone.safetensors")
+    (out / "encoder.json").write_text(json.dumps(enc))
+    (out / "backbone.safetensors").unlink()
+    (out / "backbone.safetensors").symlink_to(outside)
+    assert predict_main(["--run", str(out), image]) == 1
+    one_line_error(capsys.readouterr().err, "backbone.safetensors", "outside")
+
+
+def test_broken_decoder_weights_are_one_line(trained_run, shapes, tiny_features, tmp_path, capsys):
+    """best.safetensors that is a FIFO (would block), not safetensors, holds NaN, or has the shapes
+    of another model: one line naming it, at once; `--init_from` a missing run: one line."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    image = str(sorted((shapes / "images").glob("*.jpg"))[0])
+    out = exported(trained_run, tmp_path)
+    best = out / "best.safetensors"
+    good = load_file(str(best))
+    cases = {"not a regular file": lambda: os.mkfifo(best),
+             "not a safetensors weights file": lambda: best.write_text("not weights"),
+             "L_o.bias holds NaN or inf": lambda: save_file(
+                 {**good, "L_o.bias": torch.full_like(good["L_o.bias"], float("nan"))}, str(best)),
+             "do not fit": lambda: save_file({**good, "L_h.weight": torch.zeros(3, 3)}, str(best))}
+    for needle, make in cases.items():
+        best.unlink()
+        make()
+        assert predict_main(["--run", str(out), image]) == 1, needle
+        one_line_error(capsys.readouterr().err, "best.safetensors", needle)
+    assert train.main(tiny_args(shapes, tiny_features, "--init_from", str(tmp_path / "nope"),
+                                "--checkpoint_path", str(tmp_path / "r"))) == 1
+    one_line_error(capsys.readouterr().err, "--init_from", "no such run folder")
