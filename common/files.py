@@ -119,6 +119,8 @@ def read_json(path: str | os.PathLike, what: str, error: type[Exception] = UserE
         raise error(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({what}): {e.msg}") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({what}): {e}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deep to read ({what})") from None
 
 
 def inside(root: str | os.PathLike, rel, where: str, error: type[Exception] = UserError) -> Path:

@@ -55,7 +55,7 @@ def img2dataset_counts(urls: list[str], timeout: float = 60.0) -> list[int] | No
             return None
         try:
             stats = json.loads(read_bytes(url[:-len(".tar")] + "_stats.json", timeout))
-        except (StoreError, ValueError, UnicodeDecodeError):
+        except (StoreError, ValueError, UnicodeDecodeError, RecursionError):
             return None
         n = stats.get("successes") if isinstance(stats, dict) else None
         return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None

@@ -73,6 +73,8 @@ def parse_sample(sample: dict) -> InputSample | str:
             meta = json.loads(bytes(sample["json"]).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return f".json is not UTF-8 JSON ({e})"
+        except RecursionError:
+            return ".json is nested too deep to read"
         if isinstance(meta, dict):
             caps = meta.get("captions", meta.get("caption"))
             caps = [caps] if isinstance(caps, str) else caps

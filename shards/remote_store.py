@@ -24,6 +24,8 @@ def read_remote_json(url: str, what: str, timeout: float = TIMEOUT):
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{url}: malformed {what} ({e})") from None
+    except RecursionError:
+        raise StoreError(f"{url}: {what} nested too deep to read") from None
 
 
 def remote_manifest(root: str, timeout: float = TIMEOUT) -> dict:

@@ -205,6 +205,8 @@ def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | Non
         meta = json.loads(bytes(sample["json"]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{where}.json: malformed JSON ({e})") from None
+    except RecursionError:
+        raise StoreError(f"{where}.json: JSON nested too deep to read") from None
     if not isinstance(meta, dict) or meta.get("key") != key:
         raise StoreError(f"{where}.json: metadata does not belong to key {key}")
     rec = {"key": key, "image_id": meta.get("image_id"), "filename": meta.get("filename"),

@@ -443,3 +443,17 @@ def test_broken_decoder_weights_are_one_line(trained_run, shapes, tiny_features,
     assert train.main(tiny_args(shapes, tiny_features, "--init_from", str(tmp_path / "nope"),
                                 "--checkpoint_path", str(tmp_path / "r"))) == 1
     one_line_error(capsys.readouterr().err, "--init_from", "no such run folder")
+
+
+def test_json_nested_too_deep_is_that_files_error(tmp_path):
+    """JSON nested 100,000 deep (probe D10): an input sample's .json is that sample's listed
+    failure; a store's manifest is a one-line error naming it, not a RecursionError."""
+    from shards.imagetext import parse_sample
+    deep = "[" * 100_000 + "]" * 100_000
+    why = parse_sample({"__key__": "000001", "jpg": b"\xff\xd8", "txt": b"a cap", "json": deep.encode()})
+    assert isinstance(why, str) and "nested too deep" in why
+    recs = make_records(4)
+    write(tmp_path / "s", recs, "zarr")
+    (tmp_path / "s" / "manifest.json").write_text(deep)
+    with pytest.raises(StoreError, match="manifest.json: JSON nested too deep"):
+        open_store(tmp_path / "s")
