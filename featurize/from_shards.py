@@ -25,7 +25,13 @@ def input_urls(dcfg: DataConfig, split: str) -> list[str]:
     if split != dcfg.shards_split:
         raise FeaturizeError(f"--input_shards are the {dcfg.shards_split} split (--shards_split); featurize --split "
                              f"{dcfg.shards_split}, or give the {split} split's shards with --shards_split {split}")
-    return expand(dcfg.input_shards)
+    urls = expand(dcfg.input_shards)
+    seen: set[str] = set()
+    for url in urls:
+        if url in seen:  # its samples would be featurized twice, under the same keys
+            raise FeaturizeError(f"--input_shards: {url} is listed twice; list each input shard once")
+        seen.add(url)
+    return urls
 
 
 def reserved_rows(urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: int, state) -> int:

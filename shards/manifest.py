@@ -134,10 +134,11 @@ def check_rows(root: Path, plan: dict, k: int, rows: Iterable[int]) -> range:
 
 
 def check_shard_meta(root: Path, k: int, meta, count: int | None, num_rows: int, shard_size: int,
-                     keys: set | None = None) -> list[dict]:
+                     keys: dict | None = None) -> list[dict]:
     """Shard k's metadata (its JSON), checked: its file inside the folder, as many records as the
     manifest says (`count`, None: not known yet), each record's row inside the shard's range and
-    rising, keys well formed and unique across the store (`keys` collects them). Returns the records."""
+    rising, keys well formed and unique across the store (`keys` collects them, with their file names).
+    Returns the records."""
     where = shard_meta_path(root, k)
     if not isinstance(meta, dict) or not isinstance(meta.get("records"), list):
         raise StoreError(f"{where}: not shard metadata (no records list)")
@@ -156,8 +157,11 @@ def check_shard_meta(root: Path, k: int, meta, count: int | None, num_rows: int,
             raise StoreError(f"{where}: row {row} has a bad key {key!r}")
         if keys is not None:
             if key in keys:
-                raise StoreError(f"{where}: key {key} appears twice in the store")
-            keys.add(key)
+                two = f" ({keys[key]} and {r.get('filename')})"
+                hint = ("; two input shards hold this sample's key: featurize each sample once (list the input shards "
+                        f"without the repeat), after deleting {root}") if "#" in str(r.get("filename")) else ""
+                raise StoreError(f"{where}: key {key} appears twice in the store{two}{hint}")
+            keys[key] = r.get("filename")
         last = row
     return recs
 
@@ -174,7 +178,7 @@ def shard_index(root: Path, manifest: dict) -> list[tuple[dict, Path, list[dict]
     if not isinstance(shards, list) or not isinstance(S, int) or S < 1 or len(shards) != manifest.get("num_shards", len(shards)):
         raise StoreError(f"{mpath}: the shard list does not match num_shards / shard_size")
     num_rows = manifest.get("num_rows", len(shards) * S)
-    out, keys, total = [], set(), 0
+    out, keys, total = [], {}, 0
     for k, s in enumerate(shards):
         if not isinstance(s, dict) or s.get("index") != k:
             raise StoreError(f"{mpath}: shard entry {k} is not shard {k}")
@@ -223,7 +227,7 @@ def merge_shards(root: Path, split: str = "") -> tuple[dict, list[dict]]:
     missing = sorted(set(range(plan["num_shards"])) - done_shards(root))
     if missing:
         raise StoreError(f"{root}: {len(missing)} of {plan['num_shards']} shards unfinished (first: {missing[0]}); rerun the writer")
-    shards, failures, count, keys, checksums, records = [], [], 0, set(), set(), []
+    shards, failures, count, keys, checksums, records = [], [], 0, {}, set(), []
     for k in range(plan["num_shards"]):
         m = read_json(shard_meta_path(root, k), "shard metadata")
         checksums.add(m.get("record_checksum", ""))

@@ -331,3 +331,23 @@ def test_url_timeout_reaches_the_index_and_every_stream(served, tiny_features, s
     assert batch["features"].shape[0] == 4
     kinds = {k for k, _ in seen}
     assert kinds == {"json", "tar"} and {t for _, t in seen} == {7.5}, seen
+
+
+def test_duplicate_keys_across_input_shards_name_the_input_shards(shapes, tmp_path, capsys):
+    """Probe D11: an input shard listed twice is refused before any work; two input shards holding
+    the same keys (a copy under another name) stop at the end with a line naming both input
+    shards and what to do, not only an output shard's JSON."""
+    import shutil
+    import featurize.__main__ as fz
+    make_input_shards(shapes, tmp_path / "in", "val", per_shard=16)
+    first = tmp_path / "in" / "val" / "00000.tar"
+    assert fz.main([*TINY, "--features", str(tmp_path / "f1"), "--split", "train", "--num_workers", "0",
+                    "--input_shards", f"{first} {first}"]) == 1
+    err = capsys.readouterr().err
+    assert f"{first} is listed twice" in err and not (tmp_path / "f1" / "train").exists()
+    shutil.copy(first, tmp_path / "copy.tar")
+    assert fz.main([*TINY, "--features", str(tmp_path / "f2"), "--split", "train", "--num_workers", "0",
+                    "--input_shards", f"{first} {tmp_path / 'copy.tar'}"]) == 1
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][-1]
+    assert "appears twice in the store" in line and "00000.tar#" in line and "copy.tar#" in line, line
+    assert "two input shards hold this sample's key" in line
