@@ -19,7 +19,7 @@ import torch
 
 from caption.decode import caption_features
 from caption.encoder import backbone_for_run
-from caption.run import load_decoder
+from caption.run import RunError, load_decoder
 from caption.visualize import attention_figure
 from common.cli import command
 from common.config import check_args
@@ -82,7 +82,10 @@ def predict(run: str | Path, images: list[str], beam_size: int = 3, max_length: 
             target = Path(attention)
             if len(paths) > 1 or target.suffix.lower() != ".png":
                 target = target / f"{path.stem}_attention.png"
-            item["figure"] = str(attention_figure(image, words, alphas, int(m["grid"]), target))
+            try:
+                item["figure"] = str(attention_figure(image, words, alphas, int(m["grid"]), target))
+            except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+                raise RunError(f"--attention {target}: cannot write the figure ({e.strerror})") from None
         out.append(item)
     return out
 

@@ -275,7 +275,7 @@ def train_loop(job: Training) -> bool:
 def setup(cfg: C.Config) -> Training:
     """Open and check the data, build vocabulary, model, objectives, optimizer and schedule, and
     resume if asked. The order is fixed (the seed is set right before the model's random init)."""
-    tcfg = cfg.train
+    tcfg = C.require_paths(cfg, "data.features", "train.checkpoint_path").train
     run = C.run_dir(tcfg)
     run.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(tcfg, run)

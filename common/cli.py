@@ -1,9 +1,11 @@
 """The wrapper every `main(argv=None)` goes through: a UserError becomes one line on stderr and
-exit status 1; the libraries' `logging.info` lines are shown. Tests call `main([...])` and read
+exit status 1, and so does what the machine refuses (a full disk, a read-only folder, no
+permission); the libraries' `logging.info` lines are shown. Tests call `main([...])` and read
 the status."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -25,4 +27,17 @@ def command(fn: Callable[[list[str] | None], int | None]) -> Callable[[list[str]
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except OSError as e:
+            if e.errno not in REFUSED:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e} ({REFUSED[e.errno]}; files written completely are kept, "
+                  "a file being written was not put in place: run the same command again)", file=sys.stderr)
+            return 1
     return main
+
+
+REFUSED = {  # what the machine refuses, and what to do about it
+    errno.ENOSPC: "the disk is full: free space", errno.EDQUOT: "over the disk quota: free space",
+    errno.EROFS: "a read-only file system: write elsewhere", errno.EACCES: "no permission: write elsewhere",
+    errno.EPERM: "not permitted: write elsewhere"}

@@ -289,8 +289,13 @@ def _coerce(value, typ, where: str):
 
 
 def _build(section_type: type, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, not a {type(values).__name__}")
     hints = typing.get_type_hints(section_type)
     known = {f.name for f in fields(section_type)}
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{where}: key {odd[0]!r} is not a name (known: {', '.join(sorted(known))})")
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -303,7 +308,7 @@ def from_dict(d: dict | None, where: str = "config") -> Config:
     d = d or {}
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)})")
-    unknown = sorted(set(d) - set(SECTIONS))
+    unknown = sorted(map(str, set(d) - set(SECTIONS)))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
     d = moved(d)
@@ -337,9 +342,13 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: malformed YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a YAML config (not UTF-8 text)") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: YAML nested too deep to read") from None
 
 
 def add_override_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -424,6 +433,16 @@ def save(cfg: Config, path: str | Path) -> None:
 
 def load(path: str | Path) -> Config:
     return from_dict(read_yaml(path), where=str(path))
+
+
+def require_paths(cfg: Config, *names: str) -> Config:
+    """`cfg`, or a ConfigError for the first of `names` ("data.features", "train.checkpoint_path")
+    that is empty: "" would read and write the current folder."""
+    for name in names:
+        section, key = name.split(".")
+        if not str(getattr(getattr(cfg, section), key)).strip():
+            raise ConfigError(f"--{key}: empty; name the folder (or URL) it stands for")
+    return cfg
 
 
 def images_root(cfg: DataConfig) -> Path:

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ns = C.parse(argv, p, ("data", "featurize"))
     if ns.output:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, features=ns.output))
+    C.require_paths(cfg, "data.features")
     state = process_state()
     backbone, info = build_backbone(cfg.data, cfg.featurize, state)
     splits = ["train", "val", "test"] if ns.split == "all" else [ns.split]

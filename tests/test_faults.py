@@ -457,3 +457,38 @@ def test_json_nested_too_deep_is_that_files_error(tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(deep)
     with pytest.raises(StoreError, match="manifest.json: JSON nested too deep"):
         open_store(tmp_path / "s")
+
+
+def test_what_the_machine_refuses_is_one_line(trained_run, shapes, tmp_path, capsys):
+    """A full disk, a read-only folder, no permission (raised by any write of any CLI) end in one
+    line naming the file; `--attention` under a file, not a folder: one line naming the flag."""
+    import errno
+    from common.cli import command
+
+    for code, needle in ((errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"), (errno.EACCES, "permission")):
+        @command
+        def main(argv=None, code=code):
+            raise OSError(code, os.strerror(code), str(tmp_path / "run" / "last.safetensors"))
+        assert main([]) == 1
+        one_line_error(capsys.readouterr().err, "last.safetensors", needle, "run the same command again")
+    image = str(sorted((shapes / "images").glob("*.jpg"))[0])
+    (tmp_path / "a_file").write_text("x")
+    assert predict_main(["--run", str(trained_run), image, "--attention", str(tmp_path / "a_file" / "fig.png")]) == 1
+    one_line_error(capsys.readouterr().err, "--attention", "cannot write the figure")
+
+
+def test_configs_that_are_not_configs_are_one_line(tmp_path, capsys):
+    """Probe D15-D17: a binary file, a section that is a list or a number, keys that are not names,
+    empty paths: one line each naming the file or flag."""
+    cases = {"bin.yaml": (bytes(range(256)) * 4, "not a YAML config"),
+             "list.yaml": (b"model: [1, 2]\n", "model: expected a mapping"),
+             "scalar.yaml": (b"train: 3\n", "train: expected a mapping"),
+             "keys.yaml": (b"model:\n  1: 2\n", "key 1 is not a name")}
+    for name, (data, needle) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert train.main(["--config", str(tmp_path / name)]) == 1
+        one_line_error(capsys.readouterr().err, name, needle)
+    assert fz.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--features", ""]) == 1
+    one_line_error(capsys.readouterr().err, "--features: empty")
+    assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--checkpoint_path", " "]) == 1
+    one_line_error(capsys.readouterr().err, "--checkpoint_path: empty")
