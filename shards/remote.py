@@ -6,7 +6,9 @@
 
 A shard is streamed, never downloaded first. Every fault is a StoreError naming the URL (and the
 last key read): an HTTP status (404), a refused or timed-out connection (`timeout` seconds per
-connect and per read, so a stalled server is an error, not a hang), a command that exits non-zero,
+connect and per read), a transfer that stalls (fewer than 64 KiB in any `timeout` seconds: a
+server that drips bytes, a `pipe:` command that writes nothing), a member larger than its stated
+cap (read whole otherwise: `max_member`), a command that exits non-zero,
 a tar cut short anywhere (mid-member, at a member boundary, or before its end-of-archive blocks: a
 tar stream holds no length of its own, so the end blocks are checked, and an HTTP body shorter than
 its Content-Length is named as such). Object stores go through their own command line tools:
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 import http.client
 import io
+import select
 import socket
 import subprocess
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -32,6 +36,8 @@ import webdataset as wds
 from shards.format import StoreError
 
 TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
+MIN_PROGRESS = 1 << 16  # bytes a transfer must deliver in every `timeout` seconds (else it has stalled)
+MAX_INPUT_MEMBER = 256 << 20  # an input sample's member (an image, a caption): larger is refused, not read
 _TAIL = 1 << 16  # bytes of a stream's end kept to check its end-of-archive blocks
 _SCHEMES = ("http://", "https://", "pipe:", "file:")
 
@@ -74,15 +80,17 @@ def expand(pattern: str) -> list[str]:
 class _PipeStream(io.RawIOBase):
     """stdout of `pipe:COMMAND`; closing it waits for the command and raises on a non-zero exit."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, timeout: float = TIMEOUT):
+        self.url, self.timeout = url, timeout
         self.err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
-        self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.err)
+        self.proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=self.err, bufsize=0)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
+        if not select.select([self.proc.stdout], [], [], self.timeout)[0]:  # unbuffered: select sees what is there
+            raise StoreError(f"{self.url}: the command wrote nothing for {self.timeout:g} s (stalled? --url_timeout)")
         return self.proc.stdout.readinto(b)
 
     def finish(self) -> None:
@@ -118,7 +126,7 @@ def open_stream(url: str, timeout: float = TIMEOUT) -> Iterator:
         with response:
             yield response
     elif url.startswith("pipe:"):
-        stream = _PipeStream(url)
+        stream = _PipeStream(url, timeout)
         try:
             yield stream
             stream.finish()
@@ -141,49 +149,69 @@ def _short_body(f, url: str) -> None:
         raise StoreError(f"{url}: the transfer was cut short ({missing} bytes of the Content-Length never came)")
 
 
-def read_bytes(url: str, timeout: float = TIMEOUT) -> bytes:
-    """A whole (small) file: a manifest or a shard's JSON."""
+def read_bytes(url: str, timeout: float = TIMEOUT, limit: int = 1 << 30) -> bytes:
+    """A whole (small) file: a manifest or a shard's JSON (at most `limit` bytes)."""
     with open_stream(url, timeout) as f:
+        w = _Counted(f, url, timeout)
         try:
-            data = f.read()
+            data = bytearray()
+            while chunk := w.read(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    raise StoreError(f"{url}: larger than {limit} bytes; not a manifest or shard JSON")
         except (OSError, http.client.HTTPException) as e:
             raise StoreError(f"{url}: the transfer failed ({type(e).__name__}: {e})") from None
         _short_body(f, url)
-    return data
+    return bytes(data)
 
 
 class _Counted(io.RawIOBase):
-    """A stream that counts the bytes it delivered and keeps the last `_TAIL` of them."""
+    """A stream that counts the bytes it delivered, keeps the last `_TAIL` of them, and stops a
+    transfer that stalls: fewer than MIN_PROGRESS bytes in `timeout` seconds (a per-read timeout
+    never fires on a server that drips a byte a second)."""
 
-    def __init__(self, f):
+    def __init__(self, f, url: str = "", timeout: float = TIMEOUT):
         self.f, self.n, self.tail = f, 0, bytearray()
+        self.url, self.timeout = url, timeout
+        self.waited, self.window_n = 0.0, 0  # seconds spent inside reads since the window began; bytes then
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        data = self.f.read(len(b))
+        t0 = time.monotonic()
+        read1 = getattr(self.f, "read1", None)  # what has arrived (read() would wait for all len(b) bytes)
+        data = read1(len(b)) if read1 is not None else self.f.read(len(b))
+        self.waited += time.monotonic() - t0  # only time spent waiting for bytes: a slow consumer is not a stall
         k = len(data)
         b[:k] = data
         self.n += k
         self.tail += data
         del self.tail[:-_TAIL]
+        if self.waited >= self.timeout:
+            if self.n - self.window_n < MIN_PROGRESS and k:
+                raise StoreError(f"{self.url}: the transfer has stalled ({self.n - self.window_n} bytes in "
+                                 f"{self.waited:.0f} s of waiting; --url_timeout {self.timeout:g})")
+            self.waited, self.window_n = 0.0, self.n
         return k
 
 
-def tar_members(url: str, timeout: float = TIMEOUT) -> Iterator[dict]:
+def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_MEMBER) -> Iterator[dict]:
     """webdataset's file samples ({"fname", "data", "__url__"}) of a tar streamed from `url`,
-    each member read whole; a cut-short or unreadable tar is a StoreError naming the URL and the
-    last member read."""
+    each member read whole (one larger than `max_member` bytes is an error, before it is read); a
+    cut-short or unreadable tar is a StoreError naming the URL and the last member read."""
     last = "the first member"
     with open_stream(url, timeout) as raw:
-        f = _Counted(raw)
+        f = _Counted(raw, url, timeout)
         try:
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for info in tar:
                     last = info.name
                     if not info.isreg():
                         continue
+                    if info.size > max_member:
+                        raise StoreError(f"{url}: member {info.name} says it holds {info.size} bytes, more than the "
+                                         f"{max_member} a member may (refused before reading it)")
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"{info.name} cut short")
@@ -213,7 +241,7 @@ def _reraise(exn: Exception) -> bool:
     raise StoreError(f"unreadable shard: {type(exn).__name__}: {exn}") from None
 
 
-def tar_samples(url: str, timeout: float = TIMEOUT) -> Iterator[dict]:
+def tar_samples(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_MEMBER) -> Iterator[dict]:
     """Samples of a streamed tar: members grouped by key, {"__key__", "__url__", ext: bytes}."""
-    yield from wds.tariterators.group_by_keys(tar_members(url, timeout), handler=_reraise)
+    yield from wds.tariterators.group_by_keys(tar_members(url, timeout, max_member), handler=_reraise)
 

@@ -24,7 +24,7 @@ from shards import open_store
 from shards.format import StoreError
 from shards.imagetext import parse_sample, write_image_text_shards
 from shards.karpathy import load_split
-from shards.remote import expand, tar_samples
+from shards.remote import expand, read_bytes, tar_samples
 
 TINY = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--format", "wds", "--input_shard_samples", "16"]
 
@@ -351,3 +351,33 @@ def test_duplicate_keys_across_input_shards_name_the_input_shards(shapes, tmp_pa
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")][-1]
     assert "appears twice in the store" in line and "00000.tar#" in line and "copy.tar#" in line, line
     assert "two input shards hold this sample's key" in line
+
+
+def test_stalls_and_huge_members_are_errors_not_hangs(tmp_path):
+    """Probe D2, D3, D8, each made here: a server that drips a byte every 0.05 s (a per-read timeout
+    never fires), a `pipe:` command that writes nothing and never exits, and a tar member that
+    claims 10 GB: each a StoreError naming the URL within a few timeouts, nothing read whole."""
+    port = free_port()
+    code = ("import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n"
+            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 100000000\\r\\n\\r\\n')\n"
+            "while True:\n    c.sendall(b'x'); time.sleep(0.05)\n")
+    server = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"drip\.json: the transfer has stalled"):
+            read_bytes(f"http://127.0.0.1:{port}/drip.json", timeout=1.0)
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.kill()
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match=r"pipe:sleep 600: the command wrote nothing for 1 s"):
+        list(tar_samples("pipe:sleep 600", timeout=1.0))
+    assert time.monotonic() - t0 < 10
+    huge = tmp_path / "huge.tar"
+    header = tarfile.TarInfo("000000000.jpg")
+    header.size = 10 << 30
+    huge.write_bytes(header.tobuf(format=tarfile.PAX_FORMAT) + b"\xff\xd8" * 1000)
+    with pytest.raises(StoreError, match=r"member 000000000\.jpg says it holds 10737418240 bytes"):
+        list(tar_samples(str(huge)))
