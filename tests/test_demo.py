@@ -52,8 +52,10 @@ def test_demo_interrupted_in_training_resumes_to_the_same_metrics(sig, uninterru
     b = tmp_path / "b"
     want = uninterrupted
     # the signal reaches the whole process group (as Ctrl-C in a terminal) once training has logged its first steps
+    # SIGINT at its default, as in a terminal: a shell's background job (`make test &`) starts with it ignored
     p = subprocess.Popen(DEMO + ["--out", str(b)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = b / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()) and p.poll() is None and time.monotonic() < deadline:
