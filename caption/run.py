@@ -26,7 +26,7 @@ from common import config as C
 from common.errors import UserError
 from common.files import atomic_write_json, read_json, regular_file, save_tensors
 from shards import load_manifest, location
-from shards.manifest import identity
+from shards.manifest import check_encoder_fields, identity
 from shards.remote import join
 
 
@@ -113,7 +113,13 @@ def encoder_of(run: str | Path, cfg: C.Config) -> dict:
     """What made the run's grids, as a features manifest says it: RUN/encoder.json for an
     exported run, else the run's train features' manifest."""
     if (Path(run) / ENCODER).exists():
-        return read_json(Path(run) / ENCODER, "encoder description", RunError)
+        m = read_json(Path(run) / ENCODER, "encoder description", RunError)
+        if not isinstance(m, dict):
+            raise RunError(f"{Path(run) / ENCODER}: not an encoder description (expected a JSON object)")
+        for k in ("backbone", "layer", "weights", "grid", "image_size"):
+            if k not in m:
+                raise RunError(f"{Path(run) / ENCODER}: lacks {k!r}")
+        return check_encoder_fields(m, Path(run) / ENCODER, RunError)
     return load_manifest(features_dir(cfg, "train"))
 
 

@@ -311,4 +311,22 @@ def check_manifest(m, path) -> dict:
     for k in ("count", "grid", "channels", "shard_size"):
         if not isinstance(m[k], int) or isinstance(m[k], bool) or m[k] < 1:
             raise StoreError(f"{path}: {k} must be a positive integer, got {m[k]!r}")
+    check_encoder_fields(m, path, StoreError)
+    return m
+
+
+# What a manifest (or an export's encoder.json) may say: beyond these, a number is an error before
+# anything is allocated from it (a grid of 100,000 would ask for terabytes).
+LIMITS = {"grid": (1, 256), "channels": (1, 65536), "shard_size": (1, 1 << 24), "image_size": (16, 8192),
+          "count": (1, 1 << 40), "num_rows": (1, 1 << 40)}
+
+
+def check_encoder_fields(m: dict, path, error: type[Exception] = StoreError) -> dict:
+    """The numbers and names an encoder description holds, of their type and within LIMITS."""
+    for k, (lo, hi) in LIMITS.items():
+        if k in m and (not isinstance(m[k], int) or isinstance(m[k], bool) or not lo <= m[k] <= hi):
+            raise error(f"{path}: {k} must be an integer from {lo} to {hi}, got {m[k]!r}")
+    for k in ("backend", "backbone", "layer", "weights", "codec"):
+        if k in m and not isinstance(m[k], str):
+            raise error(f"{path}: {k} must be a string, got {m[k]!r}")
     return m

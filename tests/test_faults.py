@@ -492,3 +492,28 @@ def test_configs_that_are_not_configs_are_one_line(tmp_path, capsys):
     one_line_error(capsys.readouterr().err, "--features: empty")
     assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--checkpoint_path", " "]) == 1
     one_line_error(capsys.readouterr().err, "--checkpoint_path: empty")
+
+
+def test_encoder_fields_of_the_wrong_type_or_range_are_one_line(trained_run, shapes, tmp_path, capsys):
+    """Probe D14: a manifest or an export's encoder.json whose grid, image_size or names are of the
+    wrong type or out of range: one line naming the file and field, before anything is allocated."""
+    recs = make_records(4)
+    write(tmp_path / "s", recs, "zarr")
+    good = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for field, value, needle in (("grid", 100_000, "grid must be an integer from 1 to 256"),
+                                 ("channels", "256", "channels must be a positive integer"),
+                                 ("backbone", 18, "backbone must be a string")):
+        (tmp_path / "s" / "manifest.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(StoreError, match=needle):
+            open_store(tmp_path / "s")
+    image = str(sorted((shapes / "images").glob("*.jpg"))[0])
+    out = exported(trained_run, tmp_path)
+    enc = json.loads((out / "encoder.json").read_text())
+    for change, needle in (({"image_size": 10**9}, "image_size must be an integer from 16 to 8192"),
+                           ({"grid": "14"}, "grid must be an integer"), ({"layer": None}, "layer must be a string")):
+        (out / "encoder.json").write_text(json.dumps({**enc, **change}))
+        assert predict_main(["--run", str(out), image]) == 1
+        one_line_error(capsys.readouterr().err, "encoder.json", needle)
+    (out / "encoder.json").write_text(json.dumps({k: v for k, v in enc.items() if k != "grid"}))
+    assert predict_main(["--run", str(out), image]) == 1
+    one_line_error(capsys.readouterr().err, "encoder.json", "lacks 'grid'")
