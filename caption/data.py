@@ -126,9 +126,12 @@ class StreamedCaptions(IterableDataset):
         subsample = len(urls) < self.world
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         n = 0
+        listed = self.store.listed()  # every streamed record must be one its shard's JSON lists
         for p in range(1_000_000):  # endless: the loader's epoch length cuts it
             pipe = stream(mine, grid=self.store.manifest["grid"], channels=self.store.manifest["channels"],
-                          require_checksum=self.store.require_checksum, timeout=self.store.timeout, shuffle=True, seed=self.seed + self.rank, epoch=self.epoch * 1000 + p, shuffle_buffer=self.shuffle_buffer)
+                          require_checksum=self.store.require_checksum, timeout=self.store.timeout, shuffle=True,
+                          seed=self.seed + self.rank, epoch=self.epoch * 1000 + p, shuffle_buffer=self.shuffle_buffer,
+                          listed=listed)
             got = 0
             for rec in pipe:
                 n += 1

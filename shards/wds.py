@@ -184,13 +184,17 @@ def tar_to_samples(src: Iterable[dict], timeout: float = remote.TIMEOUT) -> Iter
 
 
 def decode_sample(sample: dict, grid: int | None = fmt.GRID, channels: int | None = None,
-                  require_checksum: bool = False) -> fmt.Record:
+                  require_checksum: bool = False, listed: dict | None = None) -> fmt.Record:
     """A raw tar sample (bytes per extension) -> the record, or a StoreError naming shard and key.
 
     The grid is checked against the `crc32c` its `.json` carries; `require_checksum`: a sample
-    without one is an error (stores written since checksums were added all have them)."""
+    without one is an error (stores written since checksums were added all have them). `listed`:
+    shard URL -> the keys its shard JSON lists; a sample not listed there is an error."""
     url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
     where = f"{url}: {key}"
+    if listed is not None and key not in listed.get(url, ()):
+        raise StoreError(f"{where}: a record its shard's JSON does not list (a shard file edited, or from another "
+                         "store); verify the store (python -m shards verify)")
     extra = sorted(set(sample) - ALLOWED - _INTERNAL)
     if extra:
         raise StoreError(f"{where}: refusing member(s) .{', .'.join(extra)} (only .features.npy and .json are read; nothing is unpickled)")
@@ -228,7 +232,8 @@ def _reraise(exn: Exception) -> bool:
 
 def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None = None, shuffle: bool = False,
            seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, split_nodes: bool = False,
-           require_checksum: bool = False, timeout: float = remote.TIMEOUT) -> wds.DataPipeline:
+           require_checksum: bool = False, timeout: float = remote.TIMEOUT, listed: dict | None = None
+           ) -> wds.DataPipeline:
     """The streaming reader: local paths, http(s) or `pipe:` URLs (e.g. `pipe:aws s3 cp s3://b/shard-000000.tar -`).
 
     Stages, in order:
@@ -239,7 +244,8 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
       5. tar -> samples, grouping members by key (a torn tar raises, naming the shard); local
          files memory-mapped, the next one read in ahead (`tar_to_samples`);
       6. a sample shuffle buffer (training only);
-      7. decode without unpickling, validate shape/dtype/finiteness and the grid's crc32c.
+      7. decode without unpickling, validate shape/dtype/finiteness and the grid's crc32c, and
+         (`listed`: shard URL -> keys) that the shard's JSON lists the record.
     """
     stages: list = [wds.SimpleShardList(list(urls))]
     if shuffle:
@@ -250,7 +256,8 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
     stages.append(functools.partial(tar_to_samples, timeout=timeout))
     if shuffle and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=None, seed=seed + epoch))
-    stages.append(wds.map(lambda s: decode_sample(s, grid, channels, require_checksum), handler=_reraise))
+    stages.append(wds.map(functools.partial(decode_sample, grid=grid, channels=channels,
+                                            require_checksum=require_checksum, listed=listed), handler=_reraise))
     return wds.DataPipeline(*stages)
 
 
@@ -266,6 +273,13 @@ class WdsReader(IndexedStore):
 
     def urls(self) -> list[str]:
         return [str(p) for p in self.paths]
+
+    def listed(self) -> dict[str, frozenset]:
+        """Each shard's URL (as a streamed sample names it) -> the keys its JSON lists."""
+        keys: list[set] = [set() for _ in self.paths]
+        for rec, k in zip(self.records, self.shard_of):
+            keys[k].add(rec["key"])
+        return {remote.local_path(u): frozenset(ks) for u, ks in zip(self.urls(), keys)}
 
     def iter_records(self, span: range | None = None) -> Iterator[fmt.Record]:
         """All records in order (or those at positions `span`, streamed from the shard holding

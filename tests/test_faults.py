@@ -517,3 +517,41 @@ def test_encoder_fields_of_the_wrong_type_or_range_are_one_line(trained_run, sha
     (out / "encoder.json").write_text(json.dumps({k: v for k, v in enc.items() if k != "grid"}))
     assert predict_main(["--run", str(out), image]) == 1
     one_line_error(capsys.readouterr().err, "encoder.json", "lacks 'grid'")
+
+
+def test_a_streamed_record_its_shard_json_does_not_list_is_an_error(tmp_path):
+    """Probe D23: a record added to a wds shard, the manifest edited to match (size, SHA-256): the
+    store opens, and the training stream (shuffled, so not checked by order) stops at the record
+    its shard's JSON does not list."""
+    import hashlib
+    import io
+    import tarfile
+    from shards.wds import stream
+    write(tmp_path / "s", make_records(8), "wds")
+    store = open_store(tmp_path / "s")
+    tar_path = Path(store.urls()[0])
+    members = []
+    with tarfile.open(tar_path) as tar:
+        for info in tar:
+            members.append((info, tar.extractfile(info).read()))
+    extra = []
+    for info, data in members[:2]:  # the first record again, under a key no JSON lists
+        name = info.name.replace(info.name.split(".")[0], "rec_99999", 1)
+        if name.endswith(".json"):
+            data = json.dumps({**json.loads(data), "key": "rec_99999"}).encode()
+        extra.append((name, data))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [(i.name, d) for i, d in members] + extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar_path.write_bytes(buf.getvalue())
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["shards"][0].update(bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    store = open_store(tmp_path / "s")
+    unchecked = [r["key"] for r in stream(store.urls(), grid=14, channels=store.manifest["channels"], shuffle=True)]
+    assert "rec_99999" in unchecked  # what the reader did before: trained on it
+    with pytest.raises(StoreError, match="rec_99999: a record its shard's JSON does not list"):
+        list(stream(store.urls(), grid=14, channels=store.manifest["channels"], shuffle=True, listed=store.listed()))
