@@ -51,8 +51,8 @@ def test_scst_mean_baseline_skips_the_greedy_decode_off_log_steps():
     losses = []
     for log_greedy in (True, False):
         gen = torch.Generator().manual_seed(0)
-        loss, stats = scst_loss(model, feats, refs, ["k0", "k1"], vocab, cider, sample_n=4, baseline="mean",
-                                max_length=5, generator=gen, log_greedy=log_greedy)
+        loss, _, stats = scst_loss(model, feats, refs, ["k0", "k1"], vocab, cider, sample_n=4, baseline="mean",
+                                   max_length=5, generator=gen, log_greedy=log_greedy)
         assert ("greedy_cider" in stats) == log_greedy
         losses.append(loss)
     torch.testing.assert_close(losses[0], losses[1])  # the measurement does not touch the loss
@@ -65,7 +65,8 @@ def test_scst_gradient_sign():
     refs = [[["a", "red", "circle"]] * 3]
     cider = CiderD(refs + [[["blue", "box"]]])
     gen = torch.Generator().manual_seed(0)
-    loss, stats = scst_loss(model, feats, refs, ["k"], vocab, cider, sample_n=8, baseline="greedy", max_length=5, generator=gen)
+    loss, _, stats = scst_loss(model, feats, refs, ["k"], vocab, cider, sample_n=8, baseline="greedy", max_length=5,
+                               generator=gen)
     loss.backward()
     # one SGD step along -grad, then the best-rewarded sample must be more likely than before
     from caption.decode import sample
