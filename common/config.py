@@ -394,8 +394,14 @@ def apply_overrides(cfg: Config, ns: argparse.Namespace) -> Config:
     return replace(cfg, **{s: replace(getattr(cfg, s), **u) for s, u in updates.items()})
 
 
-# Flags of the seed's command line (neuraltalk2 / self-critical.pytorch) that are named otherwise here.
+# Flags named otherwise here: the seed's (congve1/image_caption_attention opts.py: --input_h5,
+# --start_from, --hidden_size, --embedding_size, --drop_prob_lm, --losses_log_every,
+# --language_eval, --use_selector, --load_best_score) and those of the code it follows
+# (neuraltalk2, self-critical.pytorch: --input_fc_dir, --rnn_size, ...).
 SEED_FLAGS = {
+    "--hidden_size": "--hidden_dim", "--embedding_size": "--embed_dim",
+    "--use_selector": "nothing: the gating scalar beta (Sec. 4.2.1) is always on",
+    "--load_best_score": "--resume (the best value is kept in the run's state)",
     "--input_h5": "--features (a folder from `python -m featurize`)",
     "--input_fc_dir": "--features (a folder from `python -m featurize`)",
     "--input_att_dir": "--features (a folder from `python -m featurize`)",

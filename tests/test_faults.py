@@ -312,6 +312,10 @@ def test_seed_flags_get_a_hint(capsys):
     one_line_error(capsys.readouterr().err, "--start_from is now --resume", "--init_from")
     assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--input_h5", "x.h5"]) == 1
     one_line_error(capsys.readouterr().err, "--input_h5 is now --features")
+    # the seed's own names (congve1/image_caption_attention opts.py), as its README's command gives them
+    assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--hidden_size", "512", "--embedding_size",
+                       "512"]) == 1
+    one_line_error(capsys.readouterr().err, "--hidden_size is now --hidden_dim", "--embedding_size is now --embed_dim")
 
 
 # ---- runs and the features they read ----------------------------------------------------------
