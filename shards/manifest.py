@@ -100,6 +100,9 @@ def ensure_plan(root: Path, plan: dict) -> dict:
         old = read_json(path, "plan")
         if old != plan:
             diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            if not done_shards(Path(root)):  # e.g. a run stopped at once by a bad brace range
+                raise StoreError(f"{path}: the folder holds a different run that wrote nothing usable (differs in "
+                                 f"{', '.join(diff)}); delete the folder (rm -r {root}) and run again")
             raise StoreError(f"{path}: the folder holds a different run (differs in {', '.join(diff)}); "
                              "delete it or write elsewhere")
         return old

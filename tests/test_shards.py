@@ -346,3 +346,19 @@ def test_writer_threads_share_the_cores(monkeypatch):
     assert writer_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert writer_threads() == 16
+
+
+def test_a_folder_of_another_run_says_whether_anything_in_it_is_usable(tmp_path):
+    """A featurize run stopped before its first shard (a bad brace range, a typo) and run again with
+    other inputs: the error says nothing there is usable and how to start over; once a shard is
+    done, the folder is another run's work and the error says so."""
+    from shards.manifest import ensure_plan, make_plan
+    a = make_plan("zarr", 8, 4, 14, C, {"input_shards": "x/{00000..00009}.tar"}, "blosc-zstd")
+    b = make_plan("zarr", 16, 4, 14, C, {"input_shards": "x/{00000..00019}.tar"}, "blosc-zstd")
+    ensure_plan(tmp_path / "s", a)
+    with pytest.raises(StoreError, match=r"wrote nothing usable \(differs in info, num_records, num_shards\); delete "
+                                         r"the folder \(rm -r .*/s\) and run again"):
+        ensure_plan(tmp_path / "s", b)
+    write(tmp_path / "t", make_records(8), "zarr")
+    with pytest.raises(StoreError, match="holds a different run"):
+        ensure_plan(tmp_path / "t", b)
