@@ -387,6 +387,11 @@ def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Capt
                                               start=start, **common, **loader)[1]
 
 
+def least_over_processes(accelerator: Accelerator, value: int) -> int:
+    """The smallest of every process's `value` (Accelerate's reduce has max and sum, not min)."""
+    return -int(accelerator.reduce(torch.tensor(-float(value), device=accelerator.device), "max").item())
+
+
 def load_resident(cfg: C.Config, train: Split, accelerator: Accelerator) -> ResidentFeatures | None:
     """The train features in RAM or on the GPU (`train.features_in_memory`), when asked and within the
     budget, every process holding them all (RAM: one copy per machine, in shared memory); None:
@@ -403,7 +408,7 @@ def load_resident(cfg: C.Config, train: Split, accelerator: Accelerator) -> Resi
         code = WHERE.index(where)
     except MemoryBudgetError as e:
         where, why, code = "off", str(e), -1
-    agreed = int(accelerator.reduce(torch.tensor(float(code), device=accelerator.device), "min").item())  # what all can do
+    agreed = least_over_processes(accelerator, code)  # what every process can do
     if agreed == -1:
         raise MemoryBudgetError(why if code == -1 else f"--features_in_memory {tcfg.features_in_memory}: the train "
                                 "features do not fit the budget on another process (its log says why)")

@@ -135,3 +135,22 @@ def test_the_end_to_end_benchmark_runs(capsys, monkeypatch, tmp_path):
                   "ram, resident"):
         assert re.search(re.escape(label) + r".* captions/s .*x the model step .*waiting", out), label
     assert "device, resident" not in out  # no GPU here: that path is left out
+
+
+def test_processes_agree_on_the_least_they_can_hold():
+    """Where the features go is the least any process can do (-1: one cannot hold an explicit mode):
+    Accelerate's reduce has max, not min, so the codes go through it negated."""
+    from caption.train import least_over_processes
+
+    class TwoProcesses:  # the other process's code, reduced as torch.distributed would
+        device = CPU
+
+        def __init__(self, other: int):
+            self.other = other
+
+        def reduce(self, t, reduction):
+            assert reduction == "max"
+            return torch.maximum(t, torch.tensor(-float(self.other)))
+
+    for mine, other, least in ((2, 1, 1), (1, 2, 1), (1, 1, 1), (2, 0, 0), (1, -1, -1), (-1, 2, -1)):
+        assert least_over_processes(TwoProcesses(other), mine) == least
