@@ -115,6 +115,7 @@ class StreamedCaptions(IterableDataset):
                  shuffle_buffer: int, rank: int, world: int):
         self.store, self.vocab, self.seq_per_img, self.max_length = store, vocab, seq_per_img, max_length
         self.seed, self.epoch, self.shuffle_buffer, self.rank, self.world = seed, epoch, shuffle_buffer, rank, world
+        store.listed()  # the shards' key sets, built here once, before the store goes to the workers
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -126,12 +127,11 @@ class StreamedCaptions(IterableDataset):
         subsample = len(urls) < self.world
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         n = 0
-        listed = self.store.listed()  # every streamed record must be one its shard's JSON lists
         for p in range(1_000_000):  # endless: the loader's epoch length cuts it
             pipe = stream(mine, grid=self.store.manifest["grid"], channels=self.store.manifest["channels"],
                           require_checksum=self.store.require_checksum, timeout=self.store.timeout, shuffle=True,
                           seed=self.seed + self.rank, epoch=self.epoch * 1000 + p, shuffle_buffer=self.shuffle_buffer,
-                          listed=listed)
+                          listed=self.store.listed())  # every record one its shard's JSON lists
             got = 0
             for rec in pipe:
                 n += 1

@@ -9,7 +9,6 @@ Each stage resumes or is skipped when its output is complete, so a second run is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from caption.evaluate import evaluate
 from caption.grounding import WORLD_KEYS, summary
 from caption.metrics import format_table
 from caption.predict import predict
+from caption.run import load_progress
 from caption.visualize import training_curves
 from common.cli import command
 from common.config import load
@@ -51,7 +51,7 @@ def train_stage(args: list[str], run: Path) -> int:
     status (130 Ctrl-C, 143 SIGTERM); any other failure is 1."""
     status = train.main(args)
     if status >= 128:  # the state is saved
-        step = json.loads((run / "state" / "progress.json").read_text())["step"]
+        step = load_progress(run / "state")["step"]
         print(f"\nstopped during training; run the same command again (`make demo`) to continue from step {step}",
               flush=True)
         return status

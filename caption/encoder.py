@@ -21,7 +21,6 @@ import torch.nn as nn
 from caption.model import Decoder, Forced
 from caption.run import ENCODER, encoder_of
 from caption.splits import share
-from common.errors import UserError
 from common.tensors import to_fp16
 from featurize.backbone import Backbone, BackboneConfig
 from featurize.images import ImageError, image_file, load_rgb, to_tensor
@@ -51,9 +50,7 @@ def backbone_for_run(run: str | Path, cfg) -> tuple[Backbone, dict]:
         where = f"{run / ENCODER}"
         if tuned.exists() or tuned.is_symlink():
             inside(run, tuned.name, f"{run}: backbone.safetensors")
-        weights = m.get("weights")
-        if not isinstance(weights, str) or not weights:
-            raise UserError(f"{where}: 'weights' is {weights!r}, not a weights name")
+        weights = m["weights"]  # present and a string: encoder_of checked it
         if not weights.startswith("imagenet") and weights != "none":
             inside(run, weights, f"{where}: weights")
             m = {**m, "weights": str(run / weights)}

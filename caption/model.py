@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from caption import kernels
 from caption.noise import COIN, DROP_H, DROP_INIT, DROP_OUT, HARD_LOCATION, SS_SAMPLE, SS_USE, RowNoise, categorical, dropout
+from caption.vocab import BOS, SPECIALS
 from common.config import DecoderConfig
 
 
@@ -241,7 +242,7 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-BOS_ID = 1  # caption/vocab.py: <pad> 0, <bos> 1, <eos> 2, <unk> 3
+BOS_ID = SPECIALS.index(BOS)  # y_0's token id (caption/vocab.py: the specials come first)
 
 
 @torch.no_grad()

@@ -420,12 +420,11 @@ def load_resident(cfg: C.Config, train: Split, accelerator: Accelerator) -> Resi
         return None
     shared = None
     if where == "ram" and local > 1:  # one copy for this machine's processes
-        shared = (shared_path(Path(tcfg.checkpoint_path)), accelerator.local_process_index == 0,
-                  accelerator.wait_for_everyone)
+        shared = (shared_path(C.run_dir(tcfg)), accelerator.local_process_index == 0, accelerator.wait_for_everyone)
     resident = ResidentFeatures(train.store, where, accelerator.device, progress=accelerator.is_main_process,
                                 shared=shared)
-    log.info(f"{why}; every process holds all {len(resident)} train images ({resident.nbytes} bytes"
-             f"{', one copy shared by this machine' + chr(39) + 's ' + str(local) + ' processes' if shared else ''}) "
+    copies = f", one copy shared by this machine's {local} processes" if shared else ""
+    log.info(f"{why}; every process holds all {len(resident)} train images ({resident.nbytes} bytes{copies}) "
              "and takes the streaming path's batches")
     return resident
 
@@ -687,13 +686,15 @@ def step_row(job: Training, total: torch.Tensor, stats: dict, global_norm: torch
     processes (xent and the attention regularizer per token; SCST reward and greedy CIDEr-D; the
     hard-attention baseline, averaged)."""
     acc, world = job.accelerator, job.accelerator.num_processes
-    summed = acc.reduce(total.detach().float().reshape(1), "sum")[0]
-    row = {"step": job.progress.step, "epoch": job.progress.epoch, "loss": (summed / global_norm).item(),
+    names = list(stats)  # the same on every process: one objective, one `logged`
+    values = torch.stack([total.detach().float().reshape(()).to(acc.device)]
+                         + [stats[k].detach().float().reshape(()).to(acc.device) for k in names])
+    summed = dict(zip(["loss", *names], acc.reduce(values, "sum").tolist()))  # one all-reduce for the row
+    row = {"step": job.progress.step, "epoch": job.progress.epoch, "loss": summed.pop("loss") / global_norm.item(),
            "lr": job.scheduler.get_last_lr()[0], "ss_prob": p_ss, "captions_per_s": rate}
-    summed = {k: acc.reduce(v.detach().float().reshape(1).to(acc.device), "sum")[0] for k, v in stats.items()}
     tokens = summed.pop("tokens", None)
     for k, v in summed.items():
-        row[k] = (v / tokens if k in PER_TOKEN else v / world).item()
+        row[k] = v / tokens if k in PER_TOKEN else v / world
     return row
 
 

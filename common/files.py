@@ -44,18 +44,10 @@ def temp_path(path: str | os.PathLike) -> Path:
 
 
 def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors, replaced atomically, readable as any file this process writes (safetensors
-    creates its files 0600; the umask decides here, as for open())."""
-    from safetensors.torch import save_file
-    tmp = temp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """safetensors, replaced atomically (`atomic_write_parts`), with the permissions open() gives
+    any file (safetensors' own save_file creates its files 0600)."""
+    from safetensors.torch import save
+    atomic_write_parts(path, [save(tensors, metadata=metadata)])
 
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:

@@ -275,11 +275,14 @@ class WdsReader(IndexedStore):
         return [str(p) for p in self.paths]
 
     def listed(self) -> dict[str, frozenset]:
-        """Each shard's URL (as a streamed sample names it) -> the keys its JSON lists."""
-        keys: list[set] = [set() for _ in self.paths]
-        for rec, k in zip(self.records, self.shard_of):
-            keys[k].add(rec["key"])
-        return {remote.local_path(u): frozenset(ks) for u, ks in zip(self.urls(), keys)}
+        """Each shard's URL (as a streamed sample names it) -> the keys its JSON lists; built once
+        per reader (it travels with the reader to DataLoader workers)."""
+        if getattr(self, "_listed", None) is None:
+            keys: list[set] = [set() for _ in self.paths]
+            for rec, k in zip(self.records, self.shard_of):
+                keys[k].add(rec["key"])
+            self._listed = {remote.local_path(u): frozenset(ks) for u, ks in zip(self.urls(), keys)}
+        return self._listed
 
     def iter_records(self, span: range | None = None) -> Iterator[fmt.Record]:
         """All records in order (or those at positions `span`, streamed from the shard holding

@@ -109,10 +109,10 @@ def _chunk_into(enc: memoryview, codec: str, out: np.ndarray, where: str, expect
     """Decode one encoded chunk (a view into the shard's bytes) into `out` ((g, g, C) float16,
     contiguous). `expect`: the CRC-32C the shard's JSON lists for the record read here (None: a
     store written before it was listed): a chunk that carries another is another record's."""
-    payload = enc[:-4]
-    if len(enc) < 4 or _crc(payload) != bytes(enc[-4:]):
+    payload, stored = enc[:-4], bytes(enc[-4:])
+    if len(enc) < 4 or _crc(payload) != stored:
         raise StoreError(f"{where}: corrupted data (chunk fails its crc32c)")
-    if expect is not None and struct.unpack("<I", bytes(enc[-4:]))[0] != expect:
+    if expect is not None and struct.unpack("<I", stored)[0] != expect:
         raise StoreError(f"{where}: holds another record's grid (its chunk's crc32c is not the one the shard's JSON "
                          "lists: a shard file swapped, or copied from another store); verify the store "
                          "(python -m shards verify) and featurize it again")
