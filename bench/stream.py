@@ -3,8 +3,11 @@
     python -m bench.stream                    # 256 COCO-size grids (14x14x2048) in 4 tar shards
     python -m bench.stream --images 1024 --rounds 5
 
-A real HTTP server process (`python -m http.server` on 127.0.0.1) serves the folder; both paths
-read every record through the same reader (`shards.wds.stream`: tar parsed, every grid's CRC-32C
+A real HTTP server process on 127.0.0.1 serves the folder, standing in for an object store:
+nginx when it is installed (`apt install nginx`; started and stopped here with its own config,
+sendfile on), else `python -m http.server` (`--server` chooses); the server alone is measured
+too (a plain client reading each shard's body in 1 MiB reads, nothing parsed). Both paths read
+every record through the same reader (`shards.wds.stream`: tar parsed, every grid's CRC-32C
 checked), local files memory-mapped, HTTP streamed by `shards.remote`. Also the image-text input
 shards' raw reads (tar members grouped by key, no decoding). Rounds alternate local and HTTP;
 each prints img/s and the ratio HTTP/local (best of the rounds). Loopback has no network limit:
@@ -15,6 +18,7 @@ on what a real network gives.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+NGINX_CONF = """
+worker_processes 2;
+pid {root}/nginx.pid;
+error_log {root}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+    server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+"""
+
+
+def start_server(kind: str, root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """(process, its name): nginx with a config of its own, or Python's http.server."""
+    if kind == "auto":
+        kind = "nginx" if shutil.which("nginx") or Path("/usr/sbin/nginx").exists() else "python"
+    if kind == "nginx":
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        (root / "tmp").mkdir(exist_ok=True)
+        conf = root / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=root, port=port))
+        return subprocess.Popen([nginx, "-c", str(conf), "-p", str(root), "-g", "daemon off;"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "nginx (2 workers, sendfile)"
+    return subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "python -m http.server"
+
+
+def body_bytes(url: str) -> int:
+    """A plain client: the body read in 1 MiB reads and dropped (the server's own rate)."""
+    n = 0
+    with urllib.request.urlopen(url, timeout=60) as r:
+        while chunk := r.read(1 << 20):
+            n += len(chunk)
+    return n
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     n = fn()
@@ -48,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--server", default="auto", choices=("auto", "nginx", "python"))
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -61,8 +107,7 @@ def main(argv=None) -> int:
         write_image_text_shards(((f"{i:09d}", {"jpg": jpeg, "txt": b"a shape"}) for i in range(a.images * 8)),
                                 root / "in", a.images * 8 // a.shards)
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                                   "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server, server_name = start_server(a.server, root, port)
         try:
             base = f"http://127.0.0.1:{port}"
             for _ in range(100):
@@ -78,8 +123,11 @@ def main(argv=None) -> int:
             ins_http = [f"{base}/in/{Path(u).name}" for u in ins]
             feats = lambda urls: sum(1 for _ in stream(urls, grid=14, channels=2048, require_checksum=True))  # noqa: E731
             raw = lambda urls: sum(1 for u in urls for _ in tar_samples(u))  # noqa: E731
-            best = {k: 0.0 for k in ("grids local", "grids http", "images local", "images http")}
+            best = {k: 0.0 for k in ("grids local", "grids http", "images local", "images http", "server alone")}
+            records_per_byte = a.images / sum(body_bytes(u) for u in http)
             for _ in range(a.rounds):
+                best["server alone"] = max(best["server alone"],
+                                           timed(lambda: sum(body_bytes(u) for u in http) * records_per_byte))
                 best["grids local"] = max(best["grids local"], timed(lambda: feats(local)))
                 best["grids http"] = max(best["grids http"], timed(lambda: feats(http)))
                 best["images local"] = max(best["images local"], timed(lambda: raw(ins)))
@@ -89,7 +137,9 @@ def main(argv=None) -> int:
             server.wait()
     mb = 14 * 14 * 2048 * 2 / 1e6
     print(f"{a.images} grids of 14x14x2048 float16 ({mb:.2f} MB each) in {a.shards} tar shards; "
-          f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds")
+          f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds; server: {server_name}")
+    s = best["server alone"]
+    print(f"server  alone (a plain client, nothing parsed): {s:9,.0f} grids/s ({s * mb:6,.0f} MB/s)")
     for what, size in (("grids", mb), ("images", 0.05)):
         lo, hi = best[f"{what} local"], best[f"{what} http"]
         print(f"{what:6s}  local {lo:9,.0f} img/s ({lo * size:6,.0f} MB/s)   http {hi:9,.0f} img/s "

@@ -115,7 +115,6 @@ class StreamedCaptions(IterableDataset):
                  shuffle_buffer: int, rank: int, world: int):
         self.store, self.vocab, self.seq_per_img, self.max_length = store, vocab, seq_per_img, max_length
         self.seed, self.epoch, self.shuffle_buffer, self.rank, self.world = seed, epoch, shuffle_buffer, rank, world
-        store.listed()  # the shards' key sets, built here once, before the store goes to the workers
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()

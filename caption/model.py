@@ -31,22 +31,28 @@ PER_IMAGE = ("features", "keys")  # state entries held once per image, shared by
 class Attention(nn.Module):
     """f_att (Eq. 4-5): e_ti = w^T tanh(W_a a_i + b + W_h h_{t-1}) + b_w, alpha_t = softmax(e_t)."""
 
-    def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int, layers: int = 1):
+    def __init__(self, feature_dim: int, hidden_dim: int, attn_dim: int, layers: int = 1, word_dim: int = 0):
         super().__init__()
         self.key = nn.Linear(feature_dim, attn_dim)  # W_a a_i + b: once per image
         if layers == 2:  # the authors' n_layers_att=2 (capgen.py:356-362): tanh(W' (W_a a_i + b) + b')
             self.key = nn.Sequential(nn.Linear(feature_dim, attn_dim), nn.Linear(attn_dim, attn_dim), nn.Tanh())
         self.query = nn.Linear(hidden_dim, attn_dim, bias=False)  # W_h h_{t-1}: every step
+        # attention_query state_word: + W_y E y_{t-1}, the word just read (not in the paper's Eq. 4)
+        self.query_word = nn.Linear(word_dim, attn_dim, bias=False) if word_dim else None
         self.score = nn.Linear(attn_dim, 1)  # w, b_w
 
     def keys(self, features: torch.Tensor) -> torch.Tensor:
         """W_a a_i + b, the per-image half of Eq. 4: (B, L, D) -> (B, L, A)."""
         return self.key(features)
 
-    def forward(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """alpha_t (R, L) from per-image keys (B, L, A) and h_{t-1} (R = B*G, H) of G rows per image."""
+    def forward(self, keys: torch.Tensor, h: torch.Tensor, word: torch.Tensor | None = None) -> torch.Tensor:
+        """alpha_t (R, L) from per-image keys (B, L, A) and h_{t-1} (R = B*G, H) of G rows per image
+        (and with `query_word`, E y_{t-1} (R, E))."""
         B, L, A = keys.shape
-        q = self.query(h).view(B, -1, 1, A)  # W_h h_{t-1}: (R, H) -> (B, G, 1, A)
+        q = self.query(h)  # W_h h_{t-1}: (R, A)
+        if self.query_word is not None:
+            q = q + self.query_word(word.to(q.dtype))
+        q = q.view(B, -1, 1, A)  # (R, A) -> (B, G, 1, A)
         if kernels.applies(keys, q):  # float32: the same value, faster (caption/kernels.py)
             e = kernels.tanh_scores(keys, q, self.score)
         else:
@@ -76,7 +82,7 @@ class Decoder(nn.Module):
             self.init_shared = nn.Identity()
             self.init_h = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
             self.init_c = nn.Sequential(nn.Linear(D, Hd), nn.Tanh(), nn.Linear(Hd, Hd))
-        self.attention = Attention(D, Hd, cfg.attn_dim, cfg.attn_layers)
+        self.attention = Attention(D, Hd, cfg.attn_dim, cfg.attn_layers, E if cfg.attention_query == "state_word" else 0)
         self.f_beta = nn.Linear(Hd, 1)  # gating scalar beta_t = sigmoid(f_beta(h_{t-1})) (Sec. 4.2.1)
         self.lstm = nn.LSTMCell(E + D, Hd)  # Eq. 1-3 over [E y_{t-1}, z_t]
         # Deep output layer (Eq. 7): p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t)).
@@ -113,9 +119,11 @@ class Decoder(nn.Module):
         """The recurrence's values (h, c, beta) in float32 under autocast (`fp32_recurrence`)."""
         return x.float() if self.cfg.fp32_recurrence else x
 
-    def context(self, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) (R, D) and alpha_t (R, L)."""
-        alpha = self.attention(state["keys"], state["h"])  # (R, L)
+    def context(self, state: State, noise: RowNoise | None = None,
+                word: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_t = beta_t * sum_i alpha_ti a_i (Eq. 6, soft attention) (R, D) and alpha_t (R, L);
+        `word`: E y_{t-1} (R, E), read by the query with attention_query state_word."""
+        alpha = self.attention(state["keys"], state["h"], word)  # (R, L)
         if self.cfg.attention == "hard" and self.training and state.get("hard_mask") is not None:
             alpha_used = self._hard_alpha(alpha, state, noise)
         else:
@@ -151,7 +159,7 @@ class Decoder(nn.Module):
         return self.L_o(dropout(torch.tanh(emb + self.L_h(h) + self.L_z(z)), p, noise, self.training, DROP_OUT))
 
     def _advance(self, emb: torch.Tensor, state: State, noise: RowNoise | None = None) -> tuple[torch.Tensor, torch.Tensor, State]:
-        z, alpha = self.context(state, noise)
+        z, alpha = self.context(state, noise, emb)
         h, c = self._lstm(torch.cat([emb, z], dim=-1), state["h"], state["c"])  # (R, E+D) -> (R, H)
         return z, alpha, {**state, "h": h, "c": c, "alpha": alpha}
 

@@ -77,9 +77,10 @@ class Split:
                 self._refs = raw_references(self.file_entries())
         return self._refs if image_ids is None else {i: self._refs[i] for i in image_ids}
 
-    def token_references(self) -> list[list[list[str]]]:
-        """Every record's reference token lists, in store order (CIDEr-D's document frequencies)."""
-        return [r["captions"] for r in self.store.records]
+    def token_references(self) -> Iterator[list[list[str]]]:
+        """Every record's reference token lists, in store order (CIDEr-D's document frequencies,
+        the vocabulary's counts), read shard by shard."""
+        return (r["captions"] for r in self.store.records)
 
     def records(self, rank: int = 0, world: int = 1, limit: int = -1) -> Iterator[Record]:
         """The store's records in order, this rank's share (i % world == rank), the first `limit` overall."""
@@ -118,9 +119,10 @@ def check_split(split: Split, identity: dict | None = None, against: str = "", o
     if identity is not None:
         check_same_features(split.manifest, identity, str(split.root), against)
     if split.from_records:
-        keys = {r["key"] for r in split.store.records}
-        for other in others:
-            both = [r["key"] for r in other.store.records if r["key"] in keys]
+        for other in others:  # the smaller split's keys held, the larger one's streamed past them
+            small, large = sorted((split, other), key=lambda x: len(x.store))
+            keys = {r["key"] for r in small.store.records}
+            both = [r["key"] for r in large.store.records if r["key"] in keys]
             if both:
                 raise StoreError(f"{split.root}: {len(both)} record(s) are also in {other.root} (first: {both[0]}); the "
                                  f"{split.name} shards must hold other images than the {other.name} shards")

@@ -95,8 +95,9 @@ class FeaturizeConfig:
     strict: bool = _f(False, "stop at the first image that cannot be decoded instead of recording it")
     limit: int = _f(0, "featurize only the first N images of the split (0: all)", ge=0)
     calibration_images: int = _f(256, "weights=none: images used to re-estimate BatchNorm statistics", ge=1)
-    input_shard_samples: int = _f(10000, "input shards: the most samples one holds (img2dataset's "
-                                         "number_sample_per_shard); rows are reserved per input shard", ge=1,
+    input_shard_samples: int = _f(10000, "input shards whose count cannot be known before reading (http(s) or "
+                                         "pipe: without img2dataset's NNNNN_stats.json): the rows reserved for each, "
+                                         "the most samples one holds (img2dataset's number_sample_per_shard)", ge=1,
                                  le=10_000_000)
     shard_images: int = _f(256, "zarr: images per shard file; wds: upper bound of images per tar", ge=1)
     shard_bytes: int = _f(300_000_000, "wds: target bytes per tar shard", ge=1)
@@ -126,6 +127,11 @@ class DecoderConfig:
     weight_init: str = _f("pytorch", "initial weights: pytorch (each layer's default) or authors (capgen.py:109-131: "
                                      "0.01-scale Gaussians, orthogonal square matrices and LSTM recurrent blocks, "
                                      "zero biases)", choices=("pytorch", "authors"))
+    attention_query: str = _f("state", "what f_att's query reads: state (h_{t-1}, the paper's Eq. 4: step t's attention "
+                                       "is computed before the word y_{t-1} enters the LSTM) or state_word (h_{t-1} and "
+                                       "E y_{t-1}: the second word of a pair, 'circle' after 'red', can look for the object "
+                                       "the first one named; not the paper's, see docs/recipes.md)",
+                                choices=("state", "state_word"))
     fp32_recurrence: bool = _f(True, "under autocast keep h, c, alpha, beta and the softmax in float32 (the big "
                                      "matrix products still run in bf16/fp16); false: the autocast dtype throughout")
     dropout: float = _f(0.5, "dropout before the deep output layer", ge=0, lt=1)

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 from common.config import DataConfig, FeaturizeConfig
 from featurize.backbone import Backbone
 from featurize.extract import _writer, run_loop, shard_size
-from featurize.inputs import (InputShardImages, done_inputs, drop_unfinished, img2dataset_counts, mark_done,
-                              rows_per_input, shard_label)
+from featurize.inputs import InputShardImages, Layout, done_inputs, drop_unfinished, layout, mark_done
 from featurize.prepare import FeaturizeError, SingleProcess
 from shards import finalize, make_plan
 from shards.manifest import WriterLock
@@ -34,22 +33,22 @@ def input_urls(dcfg: DataConfig, split: str) -> list[str]:
     return urls
 
 
-def reserved_rows(urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: int, state) -> int:
-    """R, the rows each input shard owns: the most samples one holds by img2dataset's stats files
-    (so no rows are reserved in vain), else `input_shard_samples`, in whole output shards of S."""
-    counts = img2dataset_counts(urls, dcfg.url_timeout)
-    if counts is not None:
-        R = rows_per_input(max(max(counts), 1), S)
-        if state.is_main_process:
-            log.info(f"{len(urls)} input shards hold {sum(counts)} samples (img2dataset's stats files): {R} rows "
-                     f"reserved per input shard")
-        return R
-    R = rows_per_input(fcfg.input_shard_samples, S)
+def input_layout(urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: int, state) -> Layout:
+    """Where each input shard's samples go (featurize/inputs.py): their counts from img2dataset's
+    stats files or the local tars, else `input_shard_samples` rows reserved for each, with a warning."""
+    lay = layout(urls, fcfg.input_shard_samples, S, dcfg.url_timeout)
+    if lay.exact and lay.rows == 0:
+        raise FeaturizeError(f"--input_shards: the {len(urls)} input shards hold no samples ({lay.source})")
     if state.is_main_process:
-        log.warning(f"{len(urls)} input shards without img2dataset's NNNNN_stats.json beside them: {R} rows reserved "
-                    f"per input shard (--input_shard_samples {fcfg.input_shard_samples}); the rows a shard does not "
-                    "fill stay empty (set it to the most samples a shard holds)")
-    return R
+        if lay.exact:
+            log.info(f"{len(urls)} input shards hold {lay.rows} samples ({lay.source}): {lay.rows} rows, "
+                     f"{-(-lay.rows // S)} output shards")
+        else:
+            log.warning(f"{len(urls)} input shards without img2dataset's NNNNN_stats.json beside them: "
+                        f"{lay.counts[0]} rows reserved per input shard (--input_shard_samples "
+                        f"{fcfg.input_shard_samples}); the rows a shard does not fill stay empty (write the stats "
+                        "files, or featurize local copies, whose samples are counted)")
+    return lay
 
 
 def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
@@ -63,21 +62,20 @@ def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, 
     urls = input_urls(dcfg, split)
     out = Path(dcfg.features) / split
     S = shard_size(fcfg, dcfg.format, backbone.channels)
-    R = reserved_rows(urls, fcfg, dcfg, S, state)
-    plan = make_plan(dcfg.format, len(urls) * R, S, fcfg.grid, backbone.channels,
+    lay = input_layout(urls, fcfg, dcfg, S, state)
+    plan = make_plan(dcfg.format, lay.rows, S, fcfg.grid, backbone.channels,
                      {**info, "split": split, "input_json": "", "input_shards": dcfg.input_shards,
-                      "source_urls": urls, "input_shard_rows": R},
+                      "source_urls": urls, **lay.info()},
                      fcfg.codec if dcfg.format == "zarr" else "")
     with WriterLock(out, state.process_index):
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            drop_unfinished(out, len(urls), R // S)  # a killed run's half-written input shards are redone whole
+            drop_unfinished(out, lay)  # a killed run's half-written units are redone whole
         writer = _writer(out, plan, state)
         done = done_inputs(out, len(urls))
         mine = [i for i in range(len(urls)) if i % state.num_processes == state.process_index and i not in done]
-        parts = R // S
-        shards = [k for i in mine for k in range(i * parts, (i + 1) * parts)]
-        dataset = InputShardImages(urls, mine, R, S, fcfg.image_size, fcfg.batch_size, dcfg.url_timeout)
+        shards = [k for i in mine for k in lay.shards(i)]
+        dataset = InputShardImages(urls, mine, lay, fcfg.image_size, fcfg.batch_size, dcfg.url_timeout)
         workers = min(fcfg.num_workers, len(mine))
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                             prefetch_factor=4 if workers else None)
@@ -89,8 +87,8 @@ def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, 
                 pending.append(batch["input_done"])
             for item in list(pending):
                 i = item[0]
-                if assembled.all_written(range(i * parts, (i + 1) * parts)):
-                    mark_done(out, i, shard_label(item[1]), item[2], item[3])
+                if assembled.all_written(lay.shards(i)):
+                    mark_done(out, i, item[1], item[2], item[3])
                     pending.remove(item)
 
         clock = run_loop(fcfg, split, backbone, state, writer, plan, shards, None, loader, None, progress, markers)

@@ -46,12 +46,20 @@ def verify(root: str | Path, progress: bool = True) -> list[str]:
             problems.append(f"{path}: checksum mismatch (the file changed after it was written)")
     if problems:
         return problems
-    keys, n = set(), 0
+    keys: set[str] = set()
+    try:  # every shard's JSON (read shard by shard when the store is used), and each key once in the store
+        for k in range(len(store.paths)):
+            for r in store.records.shard(k):
+                if r["key"] in keys:
+                    problems.append(f"{root}: key {r['key']} appears twice (shard {k})")
+                keys.add(r["key"])
+    except StoreError as e:
+        problems.append(str(e))
+    if problems:
+        return problems
+    n = 0
     try:
         for rec in tqdm(store.iter_records(), total=len(store), desc="verify", unit="rec", disable=not progress):
-            if rec["key"] in keys:
-                problems.append(f"{root}: key {rec['key']} appears twice")
-            keys.add(rec["key"])
             n += 1
     except StoreError as e:
         problems.append(str(e))

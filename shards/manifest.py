@@ -20,9 +20,14 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
 
 from common import files
 from common.files import atomic_write_json
@@ -169,53 +174,123 @@ def check_shard_meta(root: Path, k: int, meta, count: int | None, num_rows: int,
     return recs
 
 
-def shard_index(root: Path, manifest: dict) -> list[tuple[dict, Path, list[dict]]]:
-    """(manifest entry, data file, records) of every shard of a finished store, each checked
-    against the manifest before anything is read as data: the shard list complete and in order,
-    every shard's JSON agreeing with it (file, count, rows, unique keys), the counts adding up,
-    and every data file inside the folder, a regular file, of the size written. A shard whose
-    images all failed may have no file (zarr writes no chunk of fill values)."""
+def shard_files(root: Path, manifest: dict) -> list[Path]:
+    """Every shard's data file of a finished store, checked against the manifest before anything
+    is read as data: the shard list complete and in order, the counts adding up, every data file
+    inside the folder, a regular file, of the size written (a shard whose images all failed may
+    have no file: zarr writes no chunk of fill values). Costs a stat per shard, no record."""
     root = Path(root)
     mpath = root / MANIFEST
     shards, S = manifest["shards"], manifest.get("shard_size")
     if not isinstance(shards, list) or not isinstance(S, int) or S < 1 or len(shards) != manifest.get("num_shards", len(shards)):
         raise StoreError(f"{mpath}: the shard list does not match num_shards / shard_size")
-    num_rows = manifest.get("num_rows", len(shards) * S)
-    out, keys, total = [], {}, 0
+    out, total = [], 0
     for k, s in enumerate(shards):
         if not isinstance(s, dict) or s.get("index") != k:
             raise StoreError(f"{mpath}: shard entry {k} is not shard {k}")
+        count = s.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= S:
+            raise StoreError(f"{mpath}: shard {k} has count {count!r}, not 0..{S}")
         path = inside(root, s.get("file"), f"{mpath}: shard {k}")
-        meta = read_json(shard_meta_path(root, k), "shard metadata")
-        recs = check_shard_meta(root, k, meta, s.get("count"), num_rows, S, keys)
-        if meta["file"] != s["file"]:
-            raise StoreError(f"{shard_meta_path(root, k)}: file {meta['file']!r}, the manifest says {s['file']!r}")
-        if recs or s.get("bytes", 0) or path.exists() or path.is_symlink():
+        if count or s.get("bytes", 0) or path.exists() or path.is_symlink():
             st = regular_file(path, "shard file")
             if st.st_size != s.get("bytes"):
                 raise StoreError(f"{path}: {st.st_size} bytes, the manifest says {s.get('bytes')} (cut short or changed "
                                  "after it was written; `python -m shards verify` checks every file)")
-        total += len(recs)
-        out.append((s, path, recs))
+        total += count
+        out.append(path)
     if total != manifest["count"]:
         raise StoreError(f"{mpath}: count {manifest['count']}, the shards hold {total} records")
     return out
 
 
+class ShardRecords(Sequence):
+    """Every record's metadata of a store (row, key, image_id, filename, captions), in row order,
+    read shard by shard when asked: `load(k)` reads and checks shard k's JSON. Opening a store
+    costs its shard list (the counts, from the manifest), not its records: a few shards' records
+    are held at a time, so a pass over them all runs in the memory of one shard."""
+
+    def __init__(self, load: Callable[[int], list[dict]], counts: list[int], keep: int = 4):
+        self._load, self._keep = load, keep
+        self.starts = np.zeros(len(counts) + 1, dtype=np.int64)  # record position of each shard's first
+        np.cumsum(counts, out=self.starts[1:])
+        self._held: OrderedDict[int, list[dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def shard_of(self, i: int) -> int:
+        """The shard holding record position i."""
+        return int(np.searchsorted(self.starts, i, side="right")) - 1
+
+    def shard(self, k: int) -> list[dict]:
+        """Shard k's records (read at the first ask, kept among the last few asked)."""
+        with self._lock:
+            if k in self._held:
+                self._held.move_to_end(k)
+                return self._held[k]
+        recs = self._load(k)
+        with self._lock:
+            self._held[k] = recs
+            while len(self._held) > self._keep:
+                self._held.popitem(last=False)
+        return recs
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            out: list[dict] = []
+            while start < stop:
+                k = self.shard_of(start)
+                first = int(self.starts[k])
+                recs = self.shard(k)[start - first:stop - first]
+                out += recs
+                start = first + len(self.shard(k))
+            return out
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)}")
+        k = self.shard_of(i)
+        return self.shard(k)[i - int(self.starts[k])]
+
+    def __iter__(self) -> Iterator[dict]:
+        for k in range(len(self.starts) - 1):
+            yield from self.shard(k)
+
+    def __getstate__(self) -> dict:  # to DataLoader workers: without the records held
+        return {**self.__dict__, "_held": OrderedDict(), "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
 class IndexedStore:
-    """What both readers share: a finished store's manifest, every record's metadata (in row
-    order) with its shard, and each shard's data file, all checked by `shard_index` at opening."""
+    """What both readers share: a finished store's manifest, its shards' data files (checked by
+    `shard_files` at opening) and every record's metadata in row order (`records`, read shard by
+    shard as asked, each shard's JSON checked when read: its file, count, rows and keys)."""
 
     def __init__(self, root: str | os.PathLike, manifest: dict | None = None):
         self.root = Path(root)
         self.manifest = manifest or load_manifest(self.root)
-        self.records: list[dict] = []
-        self.shard_of: list[int] = []
-        self.paths: list[Path] = []  # each shard's data file, checked to lie inside the folder
-        for s, path, recs in shard_index(self.root, self.manifest):
-            self.records += recs
-            self.shard_of += [s["index"]] * len(recs)
-            self.paths.append(path)
+        self.paths = shard_files(self.root, self.manifest)  # each shard's data file, inside the folder
+        self.records = ShardRecords(self._shard_records, [s["count"] for s in self.manifest["shards"]])
+
+    def _shard_records(self, k: int) -> list[dict]:
+        s = self.manifest["shards"][k]
+        meta = read_json(shard_meta_path(self.root, k), "shard metadata")
+        recs = check_shard_meta(self.root, k, meta, s["count"], self.manifest.get("num_rows", len(self.paths) *
+                                self.manifest["shard_size"]), self.manifest["shard_size"], {})
+        if meta["file"] != s["file"]:
+            raise StoreError(f"{shard_meta_path(self.root, k)}: file {meta['file']!r}, the manifest says {s['file']!r}")
+        return recs
+
+    def shard_of(self, i: int) -> int:
+        return self.records.shard_of(i)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -17,6 +17,7 @@ its Content-Length is named as such). Object stores go through their own command
 
 from __future__ import annotations
 
+import collections
 import http.client
 import io
 import select
@@ -39,6 +40,7 @@ TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
 MIN_PROGRESS = 1 << 16  # bytes a transfer must deliver in every `timeout` seconds (else it has stalled)
 MAX_INPUT_MEMBER = 256 << 20  # an input sample's member (an image, a caption): larger is refused, not read
 _TAIL = 1 << 16  # bytes of a stream's end kept to check its end-of-archive blocks
+_READ = 1 << 20  # bytes asked of a stream per read
 _SCHEMES = ("http://", "https://", "pipe:", "file:")
 
 
@@ -171,7 +173,9 @@ class _Counted(io.RawIOBase):
     never fires on a server that drips a byte a second)."""
 
     def __init__(self, f, url: str = "", timeout: float = TIMEOUT):
-        self.f, self.n, self.tail = f, 0, bytearray()
+        self.f, self.n = f, 0
+        self.chunks: collections.deque = collections.deque()  # the last reads, at least _TAIL bytes of them
+        self.held = 0
         self.url, self.timeout = url, timeout
         self.waited, self.window_n = 0.0, 0  # seconds spent inside reads since the window began; bytes then
 
@@ -186,14 +190,22 @@ class _Counted(io.RawIOBase):
         k = len(data)
         b[:k] = data
         self.n += k
-        self.tail += data
-        del self.tail[:-_TAIL]
+        if k:  # whole reads kept, not copied into one buffer at every read
+            self.chunks.append(data)
+            self.held += k
+            while self.held - len(self.chunks[0]) >= _TAIL:
+                self.held -= len(self.chunks.popleft())
         if self.waited >= self.timeout:
             if self.n - self.window_n < MIN_PROGRESS and k:
                 raise StoreError(f"{self.url}: the transfer has stalled ({self.n - self.window_n} bytes in "
                                  f"{self.waited:.0f} s of waiting; --url_timeout {self.timeout:g})")
             self.waited, self.window_n = 0.0, self.n
         return k
+
+    @property
+    def tail(self) -> bytes:
+        """The stream's last bytes delivered (at least _TAIL of them, when there were as many)."""
+        return b"".join(self.chunks)
 
 
 def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_MEMBER) -> Iterator[dict]:
@@ -203,8 +215,9 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
     last = "the first member"
     with open_stream(url, timeout) as raw:
         f = _Counted(raw, url, timeout)
+        buf = io.BufferedReader(f, _READ)  # tarfile reads 10 KiB at a time: served from here, the stream read 1 MiB at a time
         try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
+            with tarfile.open(fileobj=buf, mode="r|") as tar:
                 for info in tar:
                     last = info.name
                     if not info.isreg():
@@ -217,7 +230,7 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
                         raise tarfile.ReadError(f"{info.name} cut short")
                     yield {"fname": info.name, "data": data, "__url__": url}
                 end = tar.offset  # where the end-of-archive blocks must start
-            while f.read(1 << 16):  # the record padding after them, and a body's missing bytes
+            while buf.read(1 << 16):  # the record padding after them, and a body's missing bytes
                 if f.n - end > 16 * _TAIL:
                     raise StoreError(f"{url}: data after the end of the archive")
         except StoreError:
@@ -229,8 +242,8 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
         except (OSError, http.client.HTTPException, socket.timeout) as e:
             raise StoreError(f"{url}: the transfer failed after {last} ({type(e).__name__}: {e})") from None
         _short_body(raw, url)
-        rest = f.n - end
-        if rest < 2 * tarfile.BLOCKSIZE or rest > len(f.tail) or any(f.tail[len(f.tail) - rest:]):
+        rest, tail = f.n - end, f.tail
+        if rest < 2 * tarfile.BLOCKSIZE or rest > len(tail) or any(tail[len(tail) - rest:]):
             raise StoreError(f"{url}: torn tar: it ends after {last} without its end-of-archive blocks "
                              f"(cut short in transit?)")
 

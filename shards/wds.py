@@ -261,6 +261,26 @@ def stream(urls: list[str], *, grid: int | None = fmt.GRID, channels: int | None
     return wds.DataPipeline(*stages)
 
 
+class ListedKeys:
+    """shard URL -> the keys its JSON lists (`stream`'s `listed`), each shard's set made from its
+    records when a sample of it first arrives; the last few shards' sets are kept."""
+
+    def __init__(self, reader: "WdsReader", keep: int = 8):
+        self.reader, self.keep = reader, keep
+        self.shard = {remote.local_path(u): k for k, u in enumerate(reader.urls())}
+        self.held: dict[str, frozenset] = {}
+
+    def get(self, url: str, default=()):
+        if url not in self.held:
+            k = self.shard.get(url)
+            if k is None:
+                return default
+            if len(self.held) >= self.keep:
+                self.held.pop(next(iter(self.held)))
+            self.held[url] = frozenset(r["key"] for r in self.reader.records.shard(k))
+        return self.held[url]
+
+
 class WdsReader(IndexedStore):
     """Records of a finished wds store, in order (no random access: use zarr for that)."""
 
@@ -274,15 +294,10 @@ class WdsReader(IndexedStore):
     def urls(self) -> list[str]:
         return [str(p) for p in self.paths]
 
-    def listed(self) -> dict[str, frozenset]:
-        """Each shard's URL (as a streamed sample names it) -> the keys its JSON lists; built once
-        per reader (it travels with the reader to DataLoader workers)."""
-        if getattr(self, "_listed", None) is None:
-            keys: list[set] = [set() for _ in self.paths]
-            for rec, k in zip(self.records, self.shard_of):
-                keys[k].add(rec["key"])
-            self._listed = {remote.local_path(u): frozenset(ks) for u, ks in zip(self.urls(), keys)}
-        return self._listed
+    def listed(self) -> "ListedKeys":
+        """Each shard's URL (as a streamed sample names it) -> the keys its JSON lists, read as a
+        stream reaches the shard (it travels with the reader to DataLoader workers)."""
+        return ListedKeys(self)
 
     def iter_records(self, span: range | None = None) -> Iterator[fmt.Record]:
         """All records in order (or those at positions `span`, streamed from the shard holding

@@ -315,7 +315,7 @@ class ZarrReader(IndexedStore):
         meta = self.records[i]
         if not self.direct:
             return self._record(meta, self._read(meta["row"], f"record {meta['key']}"))
-        k, S = self.shard_of[i], self.manifest["shard_size"]
+        k, S = self.shard_of(i), self.manifest["shard_size"]
         path = self.paths[k]
         where = f"{path}: record {meta['key']}"
         try:
@@ -341,15 +341,16 @@ class ZarrReader(IndexedStore):
         """
         threads = threads or min(8, os.cpu_count() or 1)
         span = range(len(self.records)) if span is None else span
-        shards = []
+        shards = []  # (manifest entry, positions of its records in the span): metadata read as each shard starts
         pos = 0
         for s in self.manifest["shards"]:
-            metas = self.records[max(pos, span.start):min(pos + s["count"], span.stop)]  # this shard's, in the span
+            lo, hi = max(pos, span.start), min(pos + s["count"], span.stop)
             pos += s["count"]
-            if metas:
-                shards.append((s, metas))
+            if lo < hi:
+                shards.append((s, range(lo, hi)))
         if not self.direct:
-            for s, metas in shards:
+            for s, at in shards:
+                metas = self.records[at.start:at.stop]  # this shard's, in the span
                 lo, hi = metas[0]["row"], metas[-1]["row"] + 1
                 block = self._read(slice(lo, hi), f"shard {s['index']} ({s['file']})")  # (rows, g, g, C)
                 for m in metas:
@@ -368,7 +369,8 @@ class ZarrReader(IndexedStore):
         S = self.manifest["shard_size"]
 
         def start(j: int) -> tuple:
-            s, metas = shards[j]
+            s, at = shards[j]
+            metas = self.records[at.start:at.stop]
             first, hi = s["index"] * S, metas[-1]["row"] + 1
             path = self.paths[s["index"]]
             try:
@@ -376,13 +378,14 @@ class ZarrReader(IndexedStore):
             except OSError as e:
                 raise StoreError(f"{path}: cannot read ({e.strerror or e})") from None
             expect = {m["row"] - first: m["chunk_crc32c"] for m in metas if "chunk_crc32c" in m}
-            return (first, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape, str(path), expect))
+            return (first, metas, *submit_shard(pool, data, hi - first, S, self.manifest["codec"], self.shape, str(path),
+                                                expect))
 
         # Two shards in flight: the next one decodes in the pool while this one's records go out.
         with ThreadPoolExecutor(threads) as pool:
             queue = [start(j) for j in range(min(2, len(shards)))]
-            for j, (s, metas) in enumerate(shards):
-                first, block, futures = queue.pop(0)
+            for j in range(len(shards)):
+                first, metas, block, futures = queue.pop(0)
                 if j + 2 < len(shards):
                     queue.append(start(j + 2))
                 for m in metas:

@@ -83,6 +83,10 @@ def test_a_flipped_payload_byte_is_caught_at_read_time(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", ["zarr", "wds"])
 def test_counts_rows_and_keys_are_cross_checked(tmp_path, backend):
+    """The manifest's shard list and counts are checked when the store is opened; a shard's JSON
+    (its count, rows, keys) when its records are first read; a key repeated in another shard by
+    `shards verify` (and when the writer finalizes)."""
+    from shards.__main__ import verify
     write(tmp_path / "s", make_records(8), backend)
     root = tmp_path / "s"
     original = (root / "manifest.json").read_text(), (root / "shards" / "000001.json").read_text()
@@ -93,18 +97,21 @@ def test_counts_rows_and_keys_are_cross_checked(tmp_path, backend):
 
     faults = [
         ("manifest.json", lambda m: m.update(count=10), "count 10, the shards hold 8"),
-        ("manifest.json", lambda m: m["shards"][1].update(count=3), "4 records, the manifest says 3"),
+        ("manifest.json", lambda m: m["shards"][1].update(count=3), "count 8, the shards hold 7"),
         ("manifest.json", lambda m: m.update(count=0), "count must be a positive integer"),
         ("shards/000001.json", lambda m: m["records"][0].update(row=40), "row 40, outside shard 1"),
-        ("shards/000001.json", lambda m: m["records"][1].update(key="rec_00000"), "key rec_00000 appears twice"),
+        ("shards/000001.json", lambda m: m["records"][1].update(key="rec_00004"), "key rec_00004 appears twice"),
         ("shards/000001.json", lambda m: m["records"].pop(), "3 records, the manifest says 4"),
     ]
     for name, change, message in faults:
         edit_json(root / name, change)
         with pytest.raises(StoreError, match=message):
-            open_store(root)
+            list(open_store(root).records)
         restore()
-    assert len(open_store(root)) == 8
+    edit_json(root / "shards" / "000001.json", lambda m: m["records"][1].update(key="rec_00000"))
+    assert any("key rec_00000 appears twice" in p for p in verify(root, progress=False))
+    restore()
+    assert len(open_store(root)) == 8 and verify(root, progress=False) == []
 
 
 @pytest.mark.parametrize("codec", ["none", "blosc-zstd", "lz4"])
@@ -185,8 +192,8 @@ def test_paths_outside_the_store_are_refused(tmp_path, backend):
                 edit_json(root / name, lambda m: m["shards"][0].update(file=bad))
             else:
                 edit_json(root / name, lambda m: m.update(file=bad))
-            with pytest.raises(StoreError, match="is not inside"):
-                open_store(root)
+            with pytest.raises(StoreError, match="is not inside"):  # the manifest at opening, a shard JSON at its first read
+                list(open_store(root).records)
             (root / "manifest.json").write_text(original[0])
             (root / "shards" / "000000.json").write_text(original[1])
     # a symlink inside the folder to a file outside it

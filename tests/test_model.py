@@ -141,3 +141,31 @@ def test_train_schedules():
     f = lr_lambda(t, steps_per_epoch=10)
     assert [f(e * 10) for e in range(0, 9)] == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25]  # self-critical.pytorch's rule
     assert [ss_prob(t, e) for e in range(0, 8)] == [0, 0, 0, 0.1, 0.1, 0.2, 0.2, 0.25]
+
+
+def test_attention_query_with_the_word_just_read():
+    """attention_query state_word: step t's attention reads E y_{t-1} beside h_{t-1} (so the same
+    state looks elsewhere after another word); the default is the paper's, which cannot. Teacher
+    forcing equals stepping, and every parameter gets a gradient."""
+    def step_alpha(model, word):
+        state = model.init_state(torch.randn(1, L, D, generator=torch.Generator().manual_seed(3)))
+        return model.step(torch.tensor([word]), state)[1]["alpha"]
+    paper = tiny()
+    assert paper.cfg.attention_query == "state" and paper.attention.query_word is None
+    torch.testing.assert_close(step_alpha(paper, 5), step_alpha(paper, 6), rtol=0, atol=0)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=V, feature_dim=D, embed_dim=8, hidden_dim=16, attn_dim=12, dropout=0.0,
+                                  attention_query="state_word")).eval()
+    assert not torch.allclose(step_alpha(model, 5), step_alpha(model, 6))
+    features, tokens, targets = batch()
+    logits, alphas, *_ = model(features, tokens, seq_per_img=S)
+    state = {k: v.repeat_interleave(S, 0) for k, v in model.init_state(features).items()}
+    for t in range(T):
+        logp, state = model.step(tokens[:, t], state)
+        torch.testing.assert_close(logp, logits[:, t].log_softmax(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state["alpha"], alphas[:, t], rtol=1e-5, atol=1e-6)
+    model.train()
+    logits, alphas, *_ = model(features, tokens, seq_per_img=S)
+    total, _, ntok = sequence_loss(logits, targets, alphas, 0, 1.0)
+    (total / ntok).backward()
+    assert model.attention.query_word.weight.grad.abs().sum() > 0

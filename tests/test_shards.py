@@ -362,3 +362,39 @@ def test_a_folder_of_another_run_says_whether_anything_in_it_is_usable(tmp_path)
     write(tmp_path / "t", make_records(8), "zarr")
     with pytest.raises(StoreError, match="holds a different run"):
         ensure_plan(tmp_path / "t", b)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_opening_a_store_reads_no_record_metadata(tmp_path, backend, monkeypatch):
+    """Opening a store costs its shard list, not its records: no shard JSON is read until a record
+    is asked for, then only that shard's; a pass over all records holds a few shards at a time and
+    gives the same records as before."""
+    import shards.manifest as manifest
+    records = make_records(24)
+    write(tmp_path / "s", records, backend, shard_size=4)
+    read = []
+    real = manifest.read_json
+    monkeypatch.setattr(manifest, "read_json", lambda path, what: read.append(Path(path).name) or real(path, what))
+    store = open_store(tmp_path / "s")
+    assert len(store) == 24 and read == ["manifest.json"]
+    read.clear()
+    if backend == "zarr":
+        assert same_record(store[13], records[13]) and read == ["000003.json"]
+    assert store.records[13]["key"] == "rec_00013" and store.shard_of(13) == 3
+    assert all(same_record(a, b) for a, b in zip(store, records))
+    assert len(store.records._held) <= store.records._keep
+    assert [r["key"] for r in store.records[5:10]] == [f"rec_{i:05d}" for i in range(5, 10)]
+
+
+def test_a_shard_json_edited_after_opening_is_checked_when_read(tmp_path):
+    """The per-shard checks run when a shard's records are first read: a record whose row lies
+    outside its shard is an error naming the shard JSON, at the read that reaches it."""
+    write(tmp_path / "s", make_records(8), "zarr", shard_size=4)
+    path = tmp_path / "s" / "shards" / "000001.json"
+    meta = json.loads(path.read_text())
+    meta["records"][0]["row"] = 0
+    path.write_text(json.dumps(meta))
+    store = open_store(tmp_path / "s")
+    assert store.records[0]["key"] == "rec_00000"
+    with pytest.raises(StoreError, match="000001.json: record 'rec_00004' has row 0, outside shard 1"):
+        store.records[4]

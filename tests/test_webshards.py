@@ -283,28 +283,118 @@ def test_two_nodes_one_process_each(shapes, tiny_features, tmp_path):
 
 
 
-def test_img2dataset_stats_size_the_reserved_rows(shapes, tmp_path, caplog):
-    """img2dataset writes NNNNN_stats.json (`successes`) beside each NNNNN.tar: featurize reserves
-    that many rows per input shard, not --input_shard_samples (10,000 by default), so no empty
-    output shards are written; without the stats files it says what it reserves."""
+def img2dataset_output(world: Path, out: Path, per_shard: int, split: str = "train") -> list[Path]:
+    """The split as img2dataset writes it with number_sample_per_shard = per_shard, ~20% of the URLs
+    failing: NNNNN.tar holds only the successes (keys shard * per_shard + index, 9 digits, so a
+    shard's keys have gaps), NNNNN_stats.json beside it (count, successes, failed_to_download, ...)
+    and NNNNN.parquet (a stand-in: featurize reads the tars and the stats files only)."""
+    entries = load_split(world / "dataset.json", split)
+    out.mkdir(parents=True, exist_ok=True)
+    tars, it, shard = [], iter(entries), 0
+    while True:
+        members, tried = [], 0
+        for j in range(per_shard):
+            if j % 5 == 4:  # this URL failed to download: no sample, a row of the parquet only
+                tried += 1
+                continue
+            e = next(it, None)
+            if e is None:
+                break
+            tried += 1
+            key = f"{shard * per_shard + j:09d}"
+            meta = {"key": key, "status": "success", "caption": e.raw[0], "url": f"http://example.com/{key}.jpg"}
+            members.append((key, {"jpg": jpeg(world / e.filename), "txt": e.raw[0].encode(), "json": json.dumps(meta).encode()}))
+        if not members:
+            return tars
+        tars += write_image_text_shards(iter(members), out / f"tmp{shard}", per_shard)
+        tars[-1] = tars[-1].rename(out / f"{shard:05d}.tar")
+        (out / f"tmp{shard}").rmdir()
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps(
+            {"count": tried, "successes": len(members), "failed_to_download": tried - len(members), "failed_to_resize": 0,
+             "duration": 1.0, "status_dict": {"success": len(members)}}))
+        (out / f"{shard:05d}.parquet").write_bytes(b"PAR1" + b"\0" * 16 + b"PAR1")
+        shard += 1
+
+
+@pytest.mark.parametrize("per_shard", [20, 10_000])
+def test_img2dataset_output_rows_are_its_successes(shapes, tmp_path, per_shard):
+    """img2dataset's output at its shard size (20: many shards of 16 successes; 10,000: one shard),
+    featurized into zarr shards of 6 rows (so output shards straddle input shards): the store's rows
+    are exactly the successes (no empty output shard, no unfilled row), and a run killed after some
+    units, with a unit half written, resumes to the same store."""
     import featurize.__main__ as fz
-    from featurize.from_shards import reserved_rows
-    from common.config import DataConfig, FeaturizeConfig
-    from types import SimpleNamespace
-    tars = make_input_shards(shapes, tmp_path / "in", "train", per_shard=40)  # 96 images: 40 + 40 + 16
-    main = SimpleNamespace(is_main_process=True)
+    import zarr
+    src = tmp_path / "in"
+    tars = img2dataset_output(shapes, src, per_shard)
+    successes = sum(json.loads((t.parent / f"{t.stem}_stats.json").read_text())["successes"] for t in tars)
+    assert successes == 96 and len(tars) == (6 if per_shard == 20 else 1)
+    args = [*TINY, "--format", "zarr", "--shard_images", "6", "--input_shard_samples", "10000", "--split", "train",
+            "--input_shards", str(src / ("{00000..%05d}.tar" % (len(tars) - 1)))]
+    out = tmp_path / "f"
+    assert fz.main([*args, "--features", str(out)]) == 0
+    root = out / "train"
+    m = json.loads((root / "manifest.json").read_text())
+    assert m["count"] == m["num_rows"] == successes and not m["failures"]
+    assert m["input_counts_from"] == "img2dataset's NNNNN_stats.json"
+    assert m["num_shards"] == 16 and all(s["count"] == 6 for s in m["shards"])  # none empty, none partial
+    assert zarr.open_group(str(root), mode="r")["features.zarr"].shape[0] == successes
+    store = [r for r in open_store(root)]
+    assert [r["key"] for r in store] == sorted(r["key"] for r in store)  # the tars' order, every key once
+    markers = sorted((root / "inputs").glob("*.json"))
+    assert [json.loads(f.read_text())["url"] for f in markers] == [str(t) for t in tars]
+    assert sum(json.loads(f.read_text())["rows"] for f in markers) == successes
+    # a run killed mid-way: the last unit half written (one output shard, no marker), no manifest
+    last = len(tars) - 1
+    (root / "inputs" / f"{last:06d}.json").unlink()
+    (root / "shards" / "000015.json").unlink()
+    (root / "manifest.json").unlink()
+    before = {f.name: f.read_bytes() for f in (root / "shards").glob("*.json")}
+    assert fz.main([*args, "--features", str(out)]) == 0
+    fresh = tmp_path / "g"
+    assert fz.main([*args, "--features", str(fresh)]) == 0
+    assert all(same_record(x, y) for x, y in zip(open_store(root), open_store(fresh / "train")))
+    kept = {f.name: f.read_bytes() for f in (root / "shards").glob("*.json") if f.name in before}
+    assert kept == before if per_shard == 20 else len(kept) == len(before)  # the finished units not redone
+
+
+def test_counts_that_disagree_with_the_tars(shapes, tmp_path, capsys):
+    """A stats file counting more samples than its tar: the rows it lacks are listed failures and the
+    next shard's samples keep their rows; counting fewer: an error naming the URL."""
+    import featurize.__main__ as fz
+    src = tmp_path / "in"
+    tars = img2dataset_output(shapes, src, 20)
+    stats = src / "00001_stats.json"
+    s = json.loads(stats.read_text())
+    stats.write_text(json.dumps({**s, "successes": s["successes"] + 2}))
+    args = [*TINY, "--format", "zarr", "--shard_images", "6", "--split", "train",
+            "--input_shards", str(src / "{00000..00005}.tar")]
+    assert fz.main([*args, "--features", str(tmp_path / "f")]) == 0
+    m = json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())
+    assert m["num_rows"] == 98 and m["count"] == 96 and len(m["failures"]) == 2
+    assert all("00001.tar#<sample" in f["filename"] and "counts more samples" in f["reason"] for f in m["failures"])
+    stats.write_text(json.dumps({**s, "successes": s["successes"] - 1}))
+    assert fz.main([*args, "--features", str(tmp_path / "g")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tars[1]}: holds more than the 15 samples its NNNNN_stats.json counts" in err, err
+
+
+def test_without_stats_local_tars_are_counted_and_urls_reserve_rows(shapes, tmp_path, caplog):
+    """Local tars without stats files are counted (the same store as with them); shards whose count
+    cannot be known before reading (http(s), pipe:) reserve --input_shard_samples rows, with a warning."""
+    from featurize.inputs import layout
+    src = tmp_path / "in"
+    tars = img2dataset_output(shapes, src, 20)
+    for f in src.glob("*_stats.json"):
+        f.unlink()
+    lay = layout([str(t) for t in tars], 10_000, 6)
+    assert lay.exact and lay.counts == (16,) * 6 and lay.source == "counts of the local tars"
+    piped = layout([f"pipe:cat {t}" for t in tars], 10_000, 6)
+    assert not piped.exact and piped.counts == (10_002,) * 6  # whole output shards of 6
+    import featurize.__main__ as fz
     with caplog.at_level("WARNING"):
-        assert reserved_rows([str(t) for t in tars], FeaturizeConfig(input_shard_samples=10_000), DataConfig(), 8,
-                             main) == 10_000
-    assert "without img2dataset's NNNNN_stats.json" in caplog.text and "10000 rows reserved" in caplog.text
-    for t, n in zip(tars, (40, 40, 16)):
-        (t.parent / f"{t.stem}_stats.json").write_text(json.dumps({"count": n, "successes": n, "failed_to_download": 0}))
-    out = tmp_path / "features"
-    assert fz.main([*TINY, "--input_shard_samples", "10000", "--shard_images", "8", "--features", str(out), "--split",
-                    "train", "--input_shards", str(tmp_path / "in" / "train" / "{00000..00002}.tar")]) == 0
-    m = json.loads((out / "train" / "manifest.json").read_text())
-    assert m["count"] == 96 and m["input_shard_rows"] == 40  # the largest shard's 40 samples, in whole output shards
-    assert len(list((out / "train").glob("*.tar"))) == 3 * 40 // 8  # 15 output shards, not 3 x 1,250
+        assert fz.main([*TINY, "--input_shard_samples", "16", "--shard_images", "8", "--split", "train", "--features",
+                        str(tmp_path / "f"), "--input_shards", "pipe:cat " + str(src / "{00000..00005}.tar")]) == 0
+    assert "16 rows reserved per input shard" in caplog.text
 
 
 def test_url_timeout_reaches_the_index_and_every_stream(served, tiny_features, shapes, monkeypatch):
