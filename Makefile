@@ -34,6 +34,7 @@ bench: .venv
 	$(PY) -m bench.decode
 	$(PY) -m bench.decode --coco --images 100 --one_by_one 5
 	$(PY) -m bench.stream
+	$(PY) -m bench.index
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -65,6 +65,7 @@ def start_server(kind: str, root: Path, port: int) -> tuple[subprocess.Popen, st
     if kind == "nginx":
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         (root / "tmp").mkdir(exist_ok=True)
+        root.chmod(0o755)  # its workers run as another user: the (temporary) folder must be readable
         conf = root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(root=root, port=port))
         return subprocess.Popen([nginx, "-c", str(conf), "-p", str(root), "-g", "daemon off;"],

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 
 from common.config import DataConfig, FeaturizeConfig
+from common.errors import UserError
+from common.files import atomic_write_json, read_json
 from featurize.backbone import Backbone
 from featurize.extract import _writer, run_loop, shard_size
-from featurize.inputs import InputShardImages, Layout, done_inputs, drop_unfinished, layout, mark_done
+from featurize.inputs import INPUTS, InputShardImages, Layout, done_inputs, drop_unfinished, layout, mark_done
 from featurize.prepare import FeaturizeError, SingleProcess
 from shards import finalize, make_plan
-from shards.manifest import WriterLock
+from shards.manifest import PLAN, WriterLock
 from shards.remote import expand
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,20 @@ def input_urls(dcfg: DataConfig, split: str) -> list[str]:
     return urls
 
 
-def input_layout(urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: int, state) -> Layout:
+def input_layout(out: Path, urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: int, state) -> Layout:
     """Where each input shard's samples go (featurize/inputs.py): their counts from img2dataset's
-    stats files or the local tars, else `input_shard_samples` rows reserved for each, with a warning."""
-    lay = layout(urls, fcfg.input_shard_samples, S, dcfg.url_timeout)
+    stats files or the local tars, else `input_shard_samples` rows reserved for each, with a warning.
+    The main process counts (once: a resumed run takes the counts its plan.json recorded) and
+    writes them to inputs/layout.json; the other processes read them there."""
+    path = out / INPUTS / "layout.json"
+    if state.is_main_process:
+        lay = planned_layout(out, urls, S) or layout(urls, fcfg.input_shard_samples, S, dcfg.url_timeout)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"urls": urls, **asdict(lay)})
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        saved = read_json(path, "input layout")
+        lay = Layout(tuple(saved["counts"]), saved["shard_size"], saved["exact"], saved["source"])
     if lay.exact and lay.rows == 0:
         raise FeaturizeError(f"--input_shards: the {len(urls)} input shards hold no samples ({lay.source})")
     if state.is_main_process:
@@ -51,6 +64,18 @@ def input_layout(urls: list[str], fcfg: FeaturizeConfig, dcfg: DataConfig, S: in
     return lay
 
 
+def planned_layout(out: Path, urls: list[str], S: int) -> Layout | None:
+    """The layout a run of the same input shards recorded in its plan.json (resuming: not counted again)."""
+    try:
+        info = read_json(out / PLAN, "plan")["info"]
+        counts, source = info["input_shard_counts"], info["input_counts_from"]
+    except (UserError, KeyError, TypeError):
+        return None
+    if info.get("source_urls") != urls or not isinstance(counts, list) or len(counts) != len(urls):
+        return None
+    return Layout(tuple(counts), S, not source.startswith("reserved"), source)
+
+
 def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,
                            state=None, progress: bool = True, timing: dict | None = None) -> dict | None:
     """Featurize the input shards `data.input_shards` into FEATURES/split; returns the manifest
@@ -62,12 +87,12 @@ def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, 
     urls = input_urls(dcfg, split)
     out = Path(dcfg.features) / split
     S = shard_size(fcfg, dcfg.format, backbone.channels)
-    lay = input_layout(urls, fcfg, dcfg, S, state)
-    plan = make_plan(dcfg.format, lay.rows, S, fcfg.grid, backbone.channels,
-                     {**info, "split": split, "input_json": "", "input_shards": dcfg.input_shards,
-                      "source_urls": urls, **lay.info()},
-                     fcfg.codec if dcfg.format == "zarr" else "")
     with WriterLock(out, state.process_index):
+        lay = input_layout(out, urls, fcfg, dcfg, S, state)
+        plan = make_plan(dcfg.format, lay.rows, S, fcfg.grid, backbone.channels,
+                         {**info, "split": split, "input_json": "", "input_shards": dcfg.input_shards,
+                          "source_urls": urls, **lay.info()},
+                         fcfg.codec if dcfg.format == "zarr" else "")
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             drop_unfinished(out, lay)  # a killed run's half-written units are redone whole

@@ -20,11 +20,13 @@ from __future__ import annotations
 import collections
 import http.client
 import io
+import queue
 import select
 import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -208,6 +210,114 @@ class _Counted(io.RawIOBase):
         return b"".join(self.chunks)
 
 
+def _exactly(f, n: int) -> bytearray:
+    """n bytes of a stream read into one new buffer (no copy after the socket's), or fewer at its end."""
+    out = bytearray(n)
+    view, got = memoryview(out), 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            del view
+            return out[:got]
+        got += k
+    return out
+
+
+def _pax_fields(data: bytes, name: str) -> dict[str, str]:
+    """A PAX extended header's records ("%d %s=%s\n"), as tarfile writes them for long names."""
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        if length <= 0:
+            raise tarfile.ReadError(f"bad PAX header after {name}")
+        pos += length
+    return out
+
+
+def _members(f, url: str, max_member: int) -> Iterator[tuple[str, bytearray]]:
+    """(name, data) of each regular member of a tar read sequentially from `f`: one read of each
+    header block, each member's data read straight into its own buffer (tarfile's stream mode
+    copies every byte several times through 10 KiB reads). Ustar, PAX ('x', 'g') and GNU long-name
+    headers; other member types are skipped; a cut or malformed tar raises tarfile.ReadError."""
+    pax: dict[str, str] = {}
+    longname = ""
+    last = "the first member"
+    while True:
+        block = _exactly(f, tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"cut short after {last}")
+        if not any(block):
+            return  # the end-of-archive blocks begin here (the caller checks the rest)
+        info = tarfile.TarInfo.frombuf(bytes(block), "utf-8", "surrogateescape")  # checks the header's checksum
+        size = int(pax.get("size", info.size))
+        name = pax.get("path") or longname or info.name
+        kind = info.type
+        if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and size > (1 << 20):
+            raise tarfile.ReadError(f"an extended header of {size} bytes after {last}")
+        if kind in tarfile.REGULAR_TYPES and size > max_member:
+            raise StoreError(f"{url}: member {name} says it holds {size} bytes, more than the {max_member} a member "
+                             "may (refused before reading it)")
+        data = _exactly(f, size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"{name} cut short")
+        pad = -size % tarfile.BLOCKSIZE
+        if pad and len(_exactly(f, pad)) < pad:
+            raise tarfile.ReadError(f"{name} cut short")
+        if kind == tarfile.XHDTYPE:
+            pax = _pax_fields(bytes(data), last)
+            continue
+        if kind == tarfile.GNUTYPE_LONGNAME:
+            longname = bytes(data).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        pax, longname, last = {}, "", name
+        if kind in tarfile.REGULAR_TYPES:
+            yield name, data
+
+
+_DONE = object()
+
+
+def _read_ahead(members: Iterator, depth: int = 64) -> Iterator:
+    """The items of `members` produced by a thread of their own, up to `depth` ahead: the socket
+    reads (which release the GIL) and the copies overlap what the caller does with each item. An
+    error in the thread is raised here; a caller that stops early stops the thread (after the
+    member it is reading) before the stream is closed."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in members:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            put(e)
+
+    thread = threading.Thread(target=run, name="tar-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_MEMBER) -> Iterator[dict]:
     """webdataset's file samples ({"fname", "data", "__url__"}) of a tar streamed from `url`,
     each member read whole (one larger than `max_member` bytes is an error, before it is read); a
@@ -215,27 +325,23 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
     last = "the first member"
     with open_stream(url, timeout) as raw:
         f = _Counted(raw, url, timeout)
-        buf = io.BufferedReader(f, _READ)  # tarfile reads 10 KiB at a time: served from here, the stream read 1 MiB at a time
+        buf = io.BufferedReader(f, _READ)  # headers served from here; member data read straight into place
+        members = _read_ahead(_members(buf, url, max_member))
         try:
-            with tarfile.open(fileobj=buf, mode="r|") as tar:
-                for info in tar:
-                    last = info.name
-                    if not info.isreg():
-                        continue
-                    if info.size > max_member:
-                        raise StoreError(f"{url}: member {info.name} says it holds {info.size} bytes, more than the "
-                                         f"{max_member} a member may (refused before reading it)")
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"{info.name} cut short")
-                    yield {"fname": info.name, "data": data, "__url__": url}
-                end = tar.offset  # where the end-of-archive blocks must start
-            while buf.read(1 << 16):  # the record padding after them, and a body's missing bytes
+            try:
+                for name, data in members:
+                    last = name
+                    yield {"fname": name, "data": data, "__url__": url}
+            finally:
+                members.close()  # its thread stopped before the stream closes
+            ahead = len(buf.peek(0))  # read from the stream, not yet taken (peek may read: f.n after it)
+            end = f.n - ahead - tarfile.BLOCKSIZE  # where the end-of-archive blocks start
+            while buf.read(_READ):  # the record padding after them, and a body's missing bytes
                 if f.n - end > 16 * _TAIL:
                     raise StoreError(f"{url}: data after the end of the archive")
         except StoreError:
             raise
-        except (tarfile.TarError, EOFError) as e:
+        except (tarfile.TarError, EOFError, ValueError) as e:
             if isinstance(raw, _PipeStream):  # a command that failed says why better than its empty output
                 raw.finish()
             raise StoreError(f"{url}: torn or unreadable tar after {last} ({e})") from None

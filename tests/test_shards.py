@@ -398,3 +398,37 @@ def test_a_shard_json_edited_after_opening_is_checked_when_read(tmp_path):
     assert store.records[0]["key"] == "rec_00000"
     with pytest.raises(StoreError, match="000001.json: record 'rec_00004' has row 0, outside shard 1"):
         store.records[4]
+
+
+@pytest.mark.parametrize("form", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_streamed_tars_read_as_tarfile_reads_them(tmp_path, form):
+    """The streamed reader (its own header parser, each member read straight into its buffer)
+    gives the members tarfile gives: long and non-ASCII names (PAX and GNU headers), a directory
+    and a link skipped, an empty member, sizes around the 512-byte blocks."""
+    from shards.remote import tar_members
+    path = tmp_path / "t.tar"
+    rng = np.random.default_rng(0)
+    long = "d/" + "x" * 120 + ".jpg" if form != tarfile.USTAR_FORMAT else "d/" + "x" * 90 + ".jpg"
+    names = [long, "d/café.txt" if form != tarfile.USTAR_FORMAT else "d/cafe.txt", "d/empty.json", "d/k1.bin", "d/k2.bin"]
+    sizes = [700, 13, 0, 512, 1025]
+    with tarfile.open(path, "w", format=form) as tar:
+        tar.addfile(tarfile.TarInfo("d"))  # a regular entry of size 0 named like a folder
+        info = tarfile.TarInfo("dir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, size in zip(names, sizes):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(rng.bytes(size)))
+        link = tarfile.TarInfo("d/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "k1.bin"
+        tar.addfile(link)
+    with tarfile.open(path) as tar:
+        want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    got = [(m["fname"], bytes(m["data"])) for m in tar_members(f"pipe:cat {path}")]
+    assert got == want and len(got) == 6
+    import threading
+    members = tar_members(f"pipe:cat {path}")
+    assert next(members)["fname"] == "d"
+    members.close()  # a reader that stops early stops the read-ahead thread with it
+    assert not any(t.name == "tar-read-ahead" for t in threading.enumerate())
