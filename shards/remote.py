@@ -17,16 +17,13 @@ its Content-Length is named as such). Object stores go through their own command
 
 from __future__ import annotations
 
-import collections
 import http.client
 import io
-import queue
 import select
 import socket
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +31,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import braceexpand
+import numpy as np
 import webdataset as wds
 
 from shards.format import StoreError
@@ -41,7 +39,7 @@ from shards.format import StoreError
 TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
 MIN_PROGRESS = 1 << 16  # bytes a transfer must deliver in every `timeout` seconds (else it has stalled)
 MAX_INPUT_MEMBER = 256 << 20  # an input sample's member (an image, a caption): larger is refused, not read
-_TAIL = 1 << 16  # bytes of a stream's end kept to check its end-of-archive blocks
+_AFTER_END = 1 << 20  # zero bytes accepted after the end-of-archive blocks begin (record padding)
 _READ = 1 << 20  # bytes asked of a stream per read
 _SCHEMES = ("http://", "https://", "pipe:", "file:")
 
@@ -170,14 +168,12 @@ def read_bytes(url: str, timeout: float = TIMEOUT, limit: int = 1 << 30) -> byte
 
 
 class _Counted(io.RawIOBase):
-    """A stream that counts the bytes it delivered, keeps the last `_TAIL` of them, and stops a
+    """A stream that counts the bytes it delivered and stops a
     transfer that stalls: fewer than MIN_PROGRESS bytes in `timeout` seconds (a per-read timeout
     never fires on a server that drips a byte a second)."""
 
     def __init__(self, f, url: str = "", timeout: float = TIMEOUT):
         self.f, self.n = f, 0
-        self.chunks: collections.deque = collections.deque()  # the last reads, at least _TAIL bytes of them
-        self.held = 0
         self.url, self.timeout = url, timeout
         self.waited, self.window_n = 0.0, 0  # seconds spent inside reads since the window began; bytes then
 
@@ -186,17 +182,9 @@ class _Counted(io.RawIOBase):
 
     def readinto(self, b) -> int:
         t0 = time.monotonic()
-        read1 = getattr(self.f, "read1", None)  # what has arrived (read() would wait for all len(b) bytes)
-        data = read1(len(b)) if read1 is not None else self.f.read(len(b))
+        k = self._read_some(b)  # what has arrived (read() would wait for all len(b) bytes)
         self.waited += time.monotonic() - t0  # only time spent waiting for bytes: a slow consumer is not a stall
-        k = len(data)
-        b[:k] = data
         self.n += k
-        if k:  # whole reads kept, not copied into one buffer at every read
-            self.chunks.append(data)
-            self.held += k
-            while self.held - len(self.chunks[0]) >= _TAIL:
-                self.held -= len(self.chunks.popleft())
         if self.waited >= self.timeout:
             if self.n - self.window_n < MIN_PROGRESS and k:
                 raise StoreError(f"{self.url}: the transfer has stalled ({self.n - self.window_n} bytes in "
@@ -204,23 +192,38 @@ class _Counted(io.RawIOBase):
             self.waited, self.window_n = 0.0, self.n
         return k
 
-    @property
-    def tail(self) -> bytes:
-        """The stream's last bytes delivered (at least _TAIL of them, when there were as many)."""
-        return b"".join(self.chunks)
+    def _read_some(self, b) -> int:
+        """One read of what is there, into b: an HTTP body of known length straight from its socket
+        buffer (http.client's read1 would make a bytes object to copy from), else readinto1 / read1."""
+        f = self.f
+        if isinstance(f, http.client.HTTPResponse) and not f.chunked and f.length is not None and hasattr(f.fp, "readinto1"):
+            if f.length <= 0:
+                return 0
+            k = f.fp.readinto1(memoryview(b)[:min(len(b), f.length)])
+            f.length -= k  # left > 0 when the body ends early: _short_body names it
+            return k
+        if hasattr(f, "readinto1"):
+            return f.readinto1(b)
+        read1 = getattr(f, "read1", None)
+        if read1 is None:
+            return f.readinto(b)  # a pipe's raw stream: what is there
+        data = read1(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
-def _exactly(f, n: int) -> bytearray:
-    """n bytes of a stream read into one new buffer (no copy after the socket's), or fewer at its end."""
-    out = bytearray(n)
+def _exactly(f, n: int) -> np.ndarray:
+    """n bytes of a stream read into one new uint8 array (not zero-filled first; no copy after the
+    socket's), or fewer at its end."""
+    out = np.empty(n, dtype=np.uint8)
     view, got = memoryview(out), 0
     while got < n:
         k = f.readinto(view[got:])
         if not k:
-            del view
-            return out[:got]
+            break
         got += k
-    return out
+    del view
+    return out if got == n else out[:got].copy()
 
 
 def _pax_fields(data: bytes, name: str) -> dict[str, str]:
@@ -237,21 +240,26 @@ def _pax_fields(data: bytes, name: str) -> dict[str, str]:
     return out
 
 
-def _members(f, url: str, max_member: int) -> Iterator[tuple[str, bytearray]]:
-    """(name, data) of each regular member of a tar read sequentially from `f`: one read of each
-    header block, each member's data read straight into its own buffer (tarfile's stream mode
+def _members(f, url: str, max_member: int, end: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, data: a uint8 array) of each regular member of a tar read sequentially from `f`: one
+    read of each header block, each member's data read straight into its own buffer (tarfile's stream mode
     copies every byte several times through 10 KiB reads). Ustar, PAX ('x', 'g') and GNU long-name
-    headers; other member types are skipped; a cut or malformed tar raises tarfile.ReadError."""
+    headers; other member types are skipped; a cut or malformed tar raises tarfile.ReadError. At a
+    zero block (the end-of-archive blocks begin) `end["zeros"]` is set; at the stream's end between
+    members it is not."""
     pax: dict[str, str] = {}
     longname = ""
     last = "the first member"
     while True:
         block = _exactly(f, tarfile.BLOCKSIZE)
+        if not len(block):
+            return  # no end-of-archive blocks: the caller names a torn tar
         if len(block) < tarfile.BLOCKSIZE:
             raise tarfile.ReadError(f"cut short after {last}")
-        if not any(block):
-            return  # the end-of-archive blocks begin here (the caller checks the rest)
-        info = tarfile.TarInfo.frombuf(bytes(block), "utf-8", "surrogateescape")  # checks the header's checksum
+        if not block.any():
+            end["zeros"] = True  # the end-of-archive blocks begin here (the caller checks the rest)
+            return
+        info = tarfile.TarInfo.frombuf(block.tobytes(), "utf-8", "surrogateescape")  # checks the header's checksum
         size = int(pax.get("size", info.size))
         name = pax.get("path") or longname or info.name
         kind = info.type
@@ -267,55 +275,14 @@ def _members(f, url: str, max_member: int) -> Iterator[tuple[str, bytearray]]:
         if pad and len(_exactly(f, pad)) < pad:
             raise tarfile.ReadError(f"{name} cut short")
         if kind == tarfile.XHDTYPE:
-            pax = _pax_fields(bytes(data), last)
+            pax = _pax_fields(data.tobytes(), last)
             continue
         if kind == tarfile.GNUTYPE_LONGNAME:
-            longname = bytes(data).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            longname = data.tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
         pax, longname, last = {}, "", name
         if kind in tarfile.REGULAR_TYPES:
             yield name, data
-
-
-_DONE = object()
-
-
-def _read_ahead(members: Iterator, depth: int = 64) -> Iterator:
-    """The items of `members` produced by a thread of their own, up to `depth` ahead: the socket
-    reads (which release the GIL) and the copies overlap what the caller does with each item. An
-    error in the thread is raised here; a caller that stops early stops the thread (after the
-    member it is reading) before the stream is closed."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in members:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
-            put(e)
-
-    thread = threading.Thread(target=run, name="tar-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_MEMBER) -> Iterator[dict]:
@@ -326,18 +293,15 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
     with open_stream(url, timeout) as raw:
         f = _Counted(raw, url, timeout)
         buf = io.BufferedReader(f, _READ)  # headers served from here; member data read straight into place
-        members = _read_ahead(_members(buf, url, max_member))
+        end: dict = {}
         try:
-            try:
-                for name, data in members:
-                    last = name
-                    yield {"fname": name, "data": data, "__url__": url}
-            finally:
-                members.close()  # its thread stopped before the stream closes
-            ahead = len(buf.peek(0))  # read from the stream, not yet taken (peek may read: f.n after it)
-            end = f.n - ahead - tarfile.BLOCKSIZE  # where the end-of-archive blocks start
-            while buf.read(_READ):  # the record padding after them, and a body's missing bytes
-                if f.n - end > 16 * _TAIL:
+            for name, data in _members(buf, url, max_member, end):
+                last = name
+                yield {"fname": name, "data": data, "__url__": url}
+            rest = tarfile.BLOCKSIZE if end else 0  # bytes from the end-of-archive blocks on, all zeros
+            while chunk := buf.read(_READ):  # the second block, the record padding, a body's missing bytes
+                rest += len(chunk)
+                if chunk.count(0) != len(chunk) or rest > _AFTER_END:
                     raise StoreError(f"{url}: data after the end of the archive")
         except StoreError:
             raise
@@ -348,8 +312,9 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
         except (OSError, http.client.HTTPException, socket.timeout) as e:
             raise StoreError(f"{url}: the transfer failed after {last} ({type(e).__name__}: {e})") from None
         _short_body(raw, url)
-        rest, tail = f.n - end, f.tail
-        if rest < 2 * tarfile.BLOCKSIZE or rest > len(tail) or any(tail[len(tail) - rest:]):
+        if rest < 2 * tarfile.BLOCKSIZE:
+            if isinstance(raw, _PipeStream):  # a command that failed says why better than its short output
+                raw.finish()
             raise StoreError(f"{url}: torn tar: it ends after {last} without its end-of-archive blocks "
                              f"(cut short in transit?)")
 

@@ -99,9 +99,9 @@ class WdsWriter:
         self.write_shard(k, items, failures)
 
 
-def load_npy(data: bytes | bytearray | memoryview) -> np.ndarray:
+def load_npy(data: bytes | memoryview | np.ndarray) -> np.ndarray:
     """A .npy file's array, copied once out of `data` (bytes, or a view into a mapped shard; a
-    bytearray, a streamed member's own buffer, is used in place).
+    uint8 array, a streamed member's own buffer, is used in place).
     numpy parses the header; object arrays are refused, so nothing is ever unpickled."""
     if len(data) < 12 or bytes(data[:6]) != b"\x93NUMPY":
         raise ValueError("no .npy magic string")
@@ -112,7 +112,7 @@ def load_npy(data: bytes | bytearray | memoryview) -> np.ndarray:
     if len(data) - offset != count * dtype.itemsize:
         raise ValueError(f"{len(data) - offset} data bytes for shape {shape} {dtype}")
     x = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
-    return x if isinstance(data, bytearray) else x.copy()  # a bytearray is the reader's own buffer (a streamed member)
+    return x if isinstance(data, np.ndarray) else x.copy()  # an array is the reader's own buffer (a streamed member)
 
 
 @functools.lru_cache(maxsize=64)
