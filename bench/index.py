@@ -5,7 +5,8 @@
 
 Writes one store per size (tiny 2x2x8 grids, COCO-like metadata: 5 captions of 10 words, a key,
 an image id and a file name per record; 4,096 records per shard), then, each in a fresh process:
-**open** (`open_store`, `len`, one record's metadata by index) and, as the baseline in the same
+**open** (`open_store` and `len`, best of 3), **first record** (one record's metadata by index:
+its shard's JSON read) and, as the baseline in the same
 process, **all metadata** (a pass that reads every record's metadata and keeps it, as opening a
 store did before the index was read shard by shard). Prints seconds and peak RSS growth (MiB)
 over the process before opening (its modules loaded), per size, and the ratios across sizes.
@@ -35,17 +36,21 @@ def rss():  # resident set size now, MiB (Linux)
         return int(f.read().split()[1]) * 4096 / 2**20
 gc.collect()
 base = rss()
-t = time.perf_counter()
-store = open_store(sys.argv[1])
-n = len(store)
-mid = store.records[n // 2]["key"]
-opened, opened_rss = time.perf_counter() - t, rss() - base
+opened = first = float("inf")
+for _ in range(3):  # best of 3: the open alone, then the first record's metadata (one shard's JSON read)
+    t = time.perf_counter()
+    store = open_store(sys.argv[1])
+    n = len(store)
+    t1 = time.perf_counter()
+    mid = store.records[n // 2]["key"]
+    opened, first = min(opened, t1 - t), min(first, time.perf_counter() - t1)
+opened_rss = rss() - base
 t = time.perf_counter()
 held = list(store.records)  # every record's metadata in memory: what opening cost before
 every, every_rss = time.perf_counter() - t, rss() - base
 with open("/proc/self/status") as f:
     peak = next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM"))
-print(json.dumps({"records": n, "open_s": opened, "open_mib": opened_rss, "all_s": every, "all_mib": every_rss,
+print(json.dumps({"records": n, "open_s": opened, "first_s": first, "open_mib": opened_rss, "all_s": every, "all_mib": every_rss,
                   "base_mib": base, "peak_mib": peak}))
 """
 
@@ -84,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
     print(f"\n{a.backend}, {a.shard_size} records per shard; RSS growth over the process before opening "
           f"(modules loaded: {rows[0]['base_mib']:.0f} MiB)\n")
-    print("| records | shards | shard JSON MB | open s | open: RSS growth MiB | all metadata s | all metadata: RSS growth MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| records | shards | shard JSON MB | open s | first record s | open + first record: RSS growth MiB | "
+          "all metadata s | all metadata: RSS growth MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['records']:,} | {r['shards']:,} | {r['json_mb']:.0f} | {r['open_s']:.3f} | {r['open_mib']:.1f} | "
-              f"{r['all_s']:.1f} | {r['all_mib']:.0f} |")
+        print(f"| {r['records']:,} | {r['shards']:,} | {r['json_mb']:.0f} | {r['open_s']:.4f} | {r['first_s']:.3f} | "
+              f"{r['open_mib']:.1f} | {r['all_s']:.1f} | {r['all_mib']:.0f} |")
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         print(f"\n{hi['records'] // lo['records']}x the records: open time x{hi['open_s'] / lo['open_s']:.2f}, open memory "

@@ -174,34 +174,57 @@ def check_shard_meta(root: Path, k: int, meta, count: int | None, num_rows: int,
     return recs
 
 
-def shard_files(root: Path, manifest: dict) -> list[Path]:
-    """Every shard's data file of a finished store, checked against the manifest before anything
-    is read as data: the shard list complete and in order, the counts adding up, every data file
-    inside the folder, a regular file, of the size written (a shard whose images all failed may
-    have no file: zarr writes no chunk of fill values). Costs a stat per shard, no record."""
-    root = Path(root)
-    mpath = root / MANIFEST
+def check_shard_list(root: Path, manifest: dict) -> list[int]:
+    """A finished store's shard list, checked at opening (no file touched): complete and in order,
+    each count within the shard size, the counts adding up. Returns the counts."""
+    mpath = Path(root) / MANIFEST
     shards, S = manifest["shards"], manifest.get("shard_size")
     if not isinstance(shards, list) or not isinstance(S, int) or S < 1 or len(shards) != manifest.get("num_shards", len(shards)):
         raise StoreError(f"{mpath}: the shard list does not match num_shards / shard_size")
-    out, total = [], 0
+    counts = []
     for k, s in enumerate(shards):
         if not isinstance(s, dict) or s.get("index") != k:
             raise StoreError(f"{mpath}: shard entry {k} is not shard {k}")
         count = s.get("count")
         if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= S:
             raise StoreError(f"{mpath}: shard {k} has count {count!r}, not 0..{S}")
-        path = inside(root, s.get("file"), f"{mpath}: shard {k}")
-        if count or s.get("bytes", 0) or path.exists() or path.is_symlink():
-            st = regular_file(path, "shard file")
-            if st.st_size != s.get("bytes"):
-                raise StoreError(f"{path}: {st.st_size} bytes, the manifest says {s.get('bytes')} (cut short or changed "
-                                 "after it was written; `python -m shards verify` checks every file)")
-        total += count
-        out.append(path)
-    if total != manifest["count"]:
-        raise StoreError(f"{mpath}: count {manifest['count']}, the shards hold {total} records")
-    return out
+        counts.append(count)
+    if sum(counts) != manifest["count"]:
+        raise StoreError(f"{mpath}: count {manifest['count']}, the shards hold {sum(counts)} records")
+    return counts
+
+
+class ShardFiles(Sequence):
+    """Each shard's data file of a finished store, checked against the manifest before anything
+    is read from it: inside the folder, a regular file, of the size written (a shard whose images
+    all failed may have no file: zarr writes no chunk of fill values). A shard's file is checked
+    when it is first asked for (a stat), so opening a store touches no shard file."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.shards = Path(root), manifest["shards"]
+        self._checked: dict[int, Path] = {}
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if k not in self._checked:
+            s = self.shards[k]
+            path = inside(self.root, s.get("file"), f"{self.root / MANIFEST}: shard {k}")
+            if s["count"] or s.get("bytes", 0) or path.exists() or path.is_symlink():
+                st = regular_file(path, "shard file")
+                if st.st_size != s.get("bytes"):
+                    raise StoreError(f"{path}: {st.st_size} bytes, the manifest says {s.get('bytes')} (cut short or "
+                                     "changed after it was written; `python -m shards verify` checks every file)")
+            self._checked[k] = path
+        return self._checked[k]
+
+    def __iter__(self) -> Iterator[Path]:
+        return (self[k] for k in range(len(self)))
 
 
 class ShardRecords(Sequence):
@@ -270,18 +293,21 @@ class ShardRecords(Sequence):
 
 
 class IndexedStore:
-    """What both readers share: a finished store's manifest, its shards' data files (checked by
-    `shard_files` at opening) and every record's metadata in row order (`records`, read shard by
-    shard as asked, each shard's JSON checked when read: its file, count, rows and keys)."""
+    """What both readers share: a finished store's manifest (its shard list checked at opening), its
+    shards' data files (`paths`, each checked when first used) and every record's metadata in row
+    order (`records`, read shard by shard as asked, each shard's JSON checked when read: its file,
+    count, rows and keys). Opening reads the manifest and nothing else."""
 
     def __init__(self, root: str | os.PathLike, manifest: dict | None = None):
         self.root = Path(root)
         self.manifest = manifest or load_manifest(self.root)
-        self.paths = shard_files(self.root, self.manifest)  # each shard's data file, inside the folder
-        self.records = ShardRecords(self._shard_records, [s["count"] for s in self.manifest["shards"]])
+        counts = check_shard_list(self.root, self.manifest)
+        self.paths = ShardFiles(self.root, self.manifest)  # each shard's data file, checked when first used
+        self.records = ShardRecords(self._shard_records, counts)
 
     def _shard_records(self, k: int) -> list[dict]:
         s = self.manifest["shards"][k]
+        self.paths[k]  # the manifest's file for it: inside the folder, of its size
         meta = read_json(shard_meta_path(self.root, k), "shard metadata")
         recs = check_shard_meta(self.root, k, meta, s["count"], self.manifest.get("num_rows", len(self.paths) *
                                 self.manifest["shard_size"]), self.manifest["shard_size"], {})

@@ -314,6 +314,7 @@ class ZarrReader(IndexedStore):
     def __getitem__(self, i: int) -> fmt.Record:
         meta = self.records[i]
         if not self.direct:
+            self.paths[self.shard_of(i)]  # its file checked (present, of its size) before zarr reads it
             return self._record(meta, self._read(meta["row"], f"record {meta['key']}"))
         k, S = self.shard_of(i), self.manifest["shard_size"]
         path = self.paths[k]
@@ -350,6 +351,7 @@ class ZarrReader(IndexedStore):
                 shards.append((s, range(lo, hi)))
         if not self.direct:
             for s, at in shards:
+                self.paths[s["index"]]  # its file checked (present, of its size) before zarr reads it
                 metas = self.records[at.start:at.stop]  # this shard's, in the span
                 lo, hi = metas[0]["row"], metas[-1]["row"] + 1
                 block = self._read(slice(lo, hi), f"shard {s['index']} ({s['file']})")  # (rows, g, g, C)

@@ -19,9 +19,11 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_decoder_learns_the_shapes_world(tmp_path):
     """Chance levels are computed on the same test captions (caption/grounding.py). Measured here
-    (2-core CPU, 2026-12-03): shape words 72.8% right (a random shape word 41.6%), color+shape pairs
-    59.8% (a random pair 8.2%), grounding 59.2% (a random cell 10.7%), colors 100%, BLEU-4 0.487
-    (the best constant caption 0.228). The earlier recipe (random-init encoder, alpha_c 1.0) on the
+    (2-core CPU, 2026-12-03, configs/shapes.yaml with attention_query state_word): shape words 68.5%
+    right (a random shape word 41.3%), color+shape pairs 47.8% (a random pair 8.2%), grounding 56.6%
+    (a random cell 10.6%), colors 100%, BLEU-4 0.494 (the best constant caption 0.228); with the
+    paper's query (state) 72.8%, 59.8%, 59.2%, 0.487 (this small world's encoder knows 72% of its
+    cells' shapes; the demo's, 98.8%, where the word's query wins: bench/RESULTS.md). The earlier recipe (random-init encoder, alpha_c 1.0) on the
     same world: shape words 37-40%, pairs 19-20%, grounding 48-50%, BLEU-4 0.356: it fails the shape,
     pair and BLEU-4 thresholds below (grounding's leaves room for another CPU's rounding)."""
     data, feats, run = tmp_path / "shapes", tmp_path / "features", tmp_path / "run"
@@ -46,5 +48,5 @@ def test_decoder_learns_the_shapes_world(tmp_path):
     assert m["Bleu_4"] > constant + 0.15, (m["Bleu_4"], constant)
     assert m["color_precision_words"] >= 30 and m["color_precision"] > 0.9, m
     assert m["shape_precision_words"] >= 30 and m["shape_precision"] > m["shape_precision_chance"] + 0.2, m
-    assert m["pair_count"] >= 20 and m["pair_precision"] > 0.45, m
+    assert m["pair_count"] >= 20 and m["pair_precision"] > 0.40, m  # 5x chance; the earlier recipe: 19-20%
     assert m["grounding_words"] >= 50 and m["grounding"] > 4.5 * m["grounding_chance"], m
