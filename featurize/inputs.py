@@ -29,6 +29,7 @@ output shard (at most S - 1 samples of them; their earlier samples are skipped, 
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -89,13 +90,13 @@ class Layout:
     exact: bool
     source: str
 
-    @property
+    @functools.cached_property
     def offsets(self) -> list[int]:
         return [0, *itertools.accumulate(self.counts)]
 
     @property
     def rows(self) -> int:
-        return sum(self.counts)
+        return self.offsets[-1]
 
     def shards(self, i: int) -> range:
         """The output shards unit i writes: those whose first row is one of input shard i's."""

@@ -357,6 +357,35 @@ def test_img2dataset_output_rows_are_its_successes(shapes, tmp_path, per_shard):
     assert kept == before if per_shard == 20 else len(kept) == len(before)  # the finished units not redone
 
 
+@pytest.mark.slow
+def test_a_featurize_killed_mid_run_resumes_to_the_same_store(shapes, tmp_path):
+    """SIGKILL (what a preempted node gets) once the first input shard is done; the rerun redoes only
+    the unfinished units and the store equals one written without a kill."""
+    import signal
+    src = tmp_path / "in"
+    img2dataset_output(shapes, src, 20)
+    args = [*TINY, "--format", "zarr", "--shard_images", "6", "--split", "train", "--batch_size", "4",
+            "--input_shards", str(src / "{00000..00005}.tar")]
+    out = tmp_path / "f"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "featurize", *args, "--features", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "train" / "inputs" / "000000.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert first.exists() and not (out / "train" / "manifest.json").exists(), "the run was not stopped mid-way"
+    done_before = sorted(f.name for f in (out / "train" / "inputs").glob("0*.json"))
+    assert len(done_before) < 6
+    featurize([*args, "--features", str(out)])
+    featurize([*args, "--features", str(tmp_path / "g")])
+    a, b = open_store(out / "train"), open_store(tmp_path / "g" / "train")
+    assert len(a) == len(b) == 96 and all(same_record(x, y) for x, y in zip(a, b))
+    assert json.loads((out / "train" / "manifest.json").read_text())["num_rows"] == 96
+
+
 def test_counts_that_disagree_with_the_tars(shapes, tmp_path, capsys):
     """A stats file counting more samples than its tar: the rows it lacks are listed failures and the
     next shard's samples keep their rows; counting fewer: an error naming the URL."""
