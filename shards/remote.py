@@ -265,7 +265,7 @@ def _members(f, url: str, max_member: int, end: dict) -> Iterator[tuple[str, np.
         kind = info.type
         if kind in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and size > (1 << 20):
             raise tarfile.ReadError(f"an extended header of {size} bytes after {last}")
-        if kind in tarfile.REGULAR_TYPES and size > max_member:
+        if size > max_member:  # any member type: nothing larger is ever allocated
             raise StoreError(f"{url}: member {name} says it holds {size} bytes, more than the {max_member} a member "
                              "may (refused before reading it)")
         data = _exactly(f, size)
@@ -279,6 +279,8 @@ def _members(f, url: str, max_member: int, end: dict) -> Iterator[tuple[str, np.
             continue
         if kind == tarfile.GNUTYPE_LONGNAME:
             longname = data.tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind in (tarfile.GNUTYPE_LONGLINK, tarfile.XGLTYPE):  # a link's long target, global fields: not read
             continue
         pax, longname, last = {}, "", name
         if kind in tarfile.REGULAR_TYPES:

@@ -427,3 +427,15 @@ def test_streamed_tars_read_as_tarfile_reads_them(tmp_path, form):
         want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
     got = [(m["fname"], bytes(m["data"])) for m in tar_members(f"pipe:cat {path}")]
     assert got == want and len(got) == 6
+
+
+def test_a_streamed_member_of_any_type_claiming_too_much_is_refused(tmp_path):
+    """A non-regular member (here a character device) whose header claims 10 GB is refused before
+    anything is allocated for it, as a regular one is."""
+    from shards.remote import tar_members
+    path = tmp_path / "t.tar"
+    info = tarfile.TarInfo("k.bin")
+    info.type, info.size = tarfile.CHRTYPE, 10 << 30
+    path.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(StoreError, match="says it holds 10737418240 bytes"):
+        list(tar_members(f"pipe:cat {path}"))
