@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -45,11 +44,10 @@ def input_layout(out: Path, urls: list[str], fcfg: FeaturizeConfig, dcfg: DataCo
     if state.is_main_process:
         lay = planned_layout(out, urls, S) or layout(urls, fcfg.input_shard_samples, S, dcfg.url_timeout)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"urls": urls, **asdict(lay)})
+        atomic_write_json(path, {"source_urls": urls, **lay.info()})
     state.wait_for_everyone()
     if not state.is_main_process:
-        saved = read_json(path, "input layout")
-        lay = Layout(tuple(saved["counts"]), saved["shard_size"], saved["exact"], saved["source"])
+        lay = Layout.from_info(read_json(path, "input layout"), S)
     if lay.exact and lay.rows == 0:
         raise FeaturizeError(f"--input_shards: the {len(urls)} input shards hold no samples ({lay.source})")
     if state.is_main_process:
@@ -68,12 +66,10 @@ def planned_layout(out: Path, urls: list[str], S: int) -> Layout | None:
     """The layout a run of the same input shards recorded in its plan.json (resuming: not counted again)."""
     try:
         info = read_json(out / PLAN, "plan")["info"]
-        counts, source = info["input_shard_counts"], info["input_counts_from"]
-    except (UserError, KeyError, TypeError):
+        lay = Layout.from_info(info, S)
+    except (UserError, KeyError, TypeError, ValueError):
         return None
-    if info.get("source_urls") != urls or not isinstance(counts, list) or len(counts) != len(urls):
-        return None
-    return Layout(tuple(counts), S, not source.startswith("reserved"), source)
+    return lay if info.get("source_urls") == urls and len(lay.counts) == len(urls) else None
 
 
 def featurize_input_shards(dcfg: DataConfig, fcfg: FeaturizeConfig, split: str, backbone: Backbone, info: dict,

@@ -34,12 +34,14 @@ import io
 import itertools
 import json
 import re
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from common.files import atomic_write_json
@@ -47,7 +49,7 @@ from featurize.images import ImageError, decode_rgb, to_tensor
 from shards.format import StoreError
 from shards.imagetext import InputSample, parse_sample
 from shards.manifest import shard_meta_path
-from shards.remote import read_bytes, tar_samples
+from shards.remote import _reraise, local_path, read_bytes, tar_samples
 
 INPUTS = "inputs"  # features/<split>/inputs/NNNNNN.json: input shard i done
 
@@ -72,11 +74,18 @@ def stats_count(url: str, timeout: float = 60.0) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
-def count_local(url: str, timeout: float = 60.0) -> int | None:
-    """The samples of a local tar, counted as featurize will read them (None: not a local file)."""
+def count_local(url: str) -> int | None:
+    """The samples of a local tar (None: not a local file), grouped by webdataset's own rule as
+    featurize will read them, from the member headers alone (tarfile seeks over the data)."""
     if url.startswith(("pipe:", "http:", "https:")):
         return None
-    return sum(1 for _ in tar_samples(url, timeout))
+    path = local_path(url)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            headers = [{"fname": m.name, "data": b"", "__url__": url} for m in tar if m.isreg()]
+    except (OSError, tarfile.TarError) as e:
+        raise StoreError(f"{path}: cannot count its samples ({type(e).__name__}: {e})") from None
+    return sum(1 for _ in wds.tariterators.group_by_keys(iter(headers), handler=_reraise))
 
 
 @dataclass(frozen=True)
@@ -104,8 +113,12 @@ class Layout:
         return range(-(-off[i] // S), -(-off[i + 1] // S))
 
     def info(self) -> dict:
-        """What the plan (and the manifest) records of it."""
-        return {"input_shard_counts": list(self.counts), "input_counts_from": self.source}
+        """What the plan (and the manifest) records of it; `from_info` reads it back."""
+        return {"input_shard_counts": list(self.counts), "input_counts_exact": self.exact, "input_counts_from": self.source}
+
+    @classmethod
+    def from_info(cls, info: dict, shard_size: int) -> "Layout":
+        return cls(tuple(info["input_shard_counts"]), shard_size, bool(info["input_counts_exact"]), info["input_counts_from"])
 
 
 def layout(urls: list[str], reserve: int, shard_size: int, timeout: float = 60.0) -> Layout:
@@ -115,7 +128,7 @@ def layout(urls: list[str], reserve: int, shard_size: int, timeout: float = 60.0
         counts = list(pool.map(lambda u: stats_count(u, timeout), urls))
         if all(n is not None for n in counts):
             return Layout(tuple(counts), shard_size, True, "img2dataset's NNNNN_stats.json")
-        local = list(pool.map(lambda a: a[1] if a[1] is not None else count_local(a[0], timeout), zip(urls, counts)))
+        local = list(pool.map(lambda a: a[1] if a[1] is not None else count_local(a[0]), zip(urls, counts)))
     if all(n is not None for n in local):
         return Layout(tuple(local), shard_size, True, "stats files and counts of the local tars" if any(
             n is not None for n in counts) else "counts of the local tars")

@@ -88,6 +88,8 @@ RECIPES = {  # the shipped recipes' semantics at tiny sizes
         "--dropout", "0.5", "--self_critical_after", "0", "--sc_sample_n", "5", "--sc_baseline", "mean",
         "--sc_references", "labels", "--sc_eos", "true", "--loss_per", "token", "--grad_clip_mode", "value",
         "--grad_clip", "0.1"],
+    "shapes.yaml (the demo): the attention's query reads the word just emitted, alpha_c 0.2, dropout 0.1": [
+        "--dropout", "0.1", "--attention_query", "state_word", "--alpha_c", "0.2"],
     "self-critical with the greedy baseline": [
         "--dropout", "0.5", "--self_critical_after", "0", "--sc_sample_n", "3", "--sc_baseline", "greedy"],
 }
