@@ -32,10 +32,10 @@ def tutorial_beam(model: Decoder, grid: torch.Tensor, bos: int, eos: int, k: int
     enc = grid.float()[None].expand(k, L, D)  # (k, L, D): the grid copied per beam
     mean = enc.mean(dim=1)  # (k, D)
     h, c = model.init_h(mean), model.init_c(mean)  # (k, H)
-    prev = torch.full((k, 1), bos, dtype=torch.long)
+    prev = torch.full((k, 1), bos, dtype=torch.long, device=grid.device)
     seqs = prev
-    seqs_alpha = torch.ones(k, 1, L)
-    top_scores = torch.zeros(k, 1)
+    seqs_alpha = torch.ones(k, 1, L, device=grid.device)
+    top_scores = torch.zeros(k, 1, device=grid.device)
     complete, complete_alpha, complete_scores = [], [], []
     for step in range(1, max_length + 1):
         emb = model.embed(prev).squeeze(1)  # (s, E)

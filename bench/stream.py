@@ -18,6 +18,7 @@ on what a real network gives.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 
 from shards import open_store, write_records
 from shards.imagetext import write_image_text_shards
+from shards import remote
 from shards.remote import tar_samples
 from shards.wds import stream
 
@@ -68,7 +70,8 @@ def start_server(kind: str, root: Path, port: int) -> tuple[subprocess.Popen, st
         root.chmod(0o755)  # its workers run as another user: the (temporary) folder must be readable
         conf = root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(root=root, port=port))
-        return subprocess.Popen([nginx, "-c", str(conf), "-p", str(root), "-g", "daemon off;"],
+        return subprocess.Popen([nginx, "-c", str(conf), "-p", str(root), "-e", str(root / "nginx-error.log"),
+                                 "-g", "daemon off;"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "nginx (2 workers, sendfile)"
     return subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
                              str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "python -m http.server"
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--server", default="auto", choices=("auto", "nginx", "python"))
     a = p.parse_args(argv)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rng = np.random.default_rng(0)
@@ -124,8 +128,10 @@ def main(argv=None) -> int:
             ins_http = [f"{base}/in/{Path(u).name}" for u in ins]
             feats = lambda urls: sum(1 for _ in stream(urls, grid=14, channels=2048, require_checksum=True))  # noqa: E731
             raw = lambda urls: sum(1 for u in urls for _ in tar_samples(u))  # noqa: E731
-            best = {k: 0.0 for k in ("grids local", "grids http", "images local", "images http", "server alone")}
+            best = {k: 0.0 for k in ("grids local", "grids http", "images local", "images http", "server alone",
+                                     "grids http other", "images http other")}
             records_per_byte = a.images / sum(body_bytes(u) for u in http)
+            default = remote.READ_AHEAD
             for _ in range(a.rounds):
                 best["server alone"] = max(best["server alone"],
                                            timed(lambda: sum(body_bytes(u) for u in http) * records_per_byte))
@@ -133,18 +139,28 @@ def main(argv=None) -> int:
                 best["grids http"] = max(best["grids http"], timed(lambda: feats(http)))
                 best["images local"] = max(best["images local"], timed(lambda: raw(ins)))
                 best["images http"] = max(best["images http"], timed(lambda: raw(ins_http)))
+                remote.READ_AHEAD = not default  # the other setting, in the same rounds
+                try:
+                    best["grids http other"] = max(best["grids http other"], timed(lambda: feats(http)))
+                    best["images http other"] = max(best["images http other"], timed(lambda: raw(ins_http)))
+                finally:
+                    remote.READ_AHEAD = default
         finally:
             server.terminate()
             server.wait()
     mb = 14 * 14 * 2048 * 2 / 1e6
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{a.images} grids of 14x14x2048 float16 ({mb:.2f} MB each) in {a.shards} tar shards; "
-          f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds; server: {server_name}")
+          f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds; server: {server_name}; "
+          f"{cores} cores, load {load:.2f} before")
+    on_off = lambda on: "read-ahead thread" if on else "no read-ahead thread"  # noqa: E731
+    print(f"http: {on_off(default)} (this machine's default); 'other': {on_off(not default)}")
     s = best["server alone"]
     print(f"server  alone (a plain client, nothing parsed): {s:9,.0f} grids/s ({s * mb:6,.0f} MB/s)")
     for what, size in (("grids", mb), ("images", 0.05)):
         lo, hi = best[f"{what} local"], best[f"{what} http"]
         print(f"{what:6s}  local {lo:9,.0f} img/s ({lo * size:6,.0f} MB/s)   http {hi:9,.0f} img/s "
-              f"({hi * size:6,.0f} MB/s)   http/local {hi / lo:.2f}")
+              f"({hi * size:6,.0f} MB/s)   http/local {hi / lo:.2f}   other {best[f'{what} http other'] / lo:.2f}")
     return 0
 
 

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (backend, codec) in stores.items():
             if name in paths or (name == "zarr-none" and ({"ram", "device"} & set(paths))):
                 make_store(Path(tmp) / name, backend, codec, n, a.channels, words)
+        print(f"stores of {n} records made", flush=True)
         held = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), "ram", torch.device("cpu"), progress=False)
         ready = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
                  for b in resident_batches(held, vocab, **kw)]

@@ -44,6 +44,15 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+@pytest.fixture(params=[False, True], ids=["inline", "read-ahead"])
+def read_ahead(request, monkeypatch) -> bool:
+    """Streamed tars read on the consumer's thread, then in a read-ahead thread (the default on
+    machines of more than two cores, not on CI's two): a test using this runs both ways."""
+    import shards.remote as remote
+    monkeypatch.setattr(remote, "READ_AHEAD", request.param)
+    return request.param
+
+
 @pytest.fixture
 def copy_backbone():
     """`copy_backbone(src, dst)`: put the calibrated random backbone of features folder `src`

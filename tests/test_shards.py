@@ -400,6 +400,7 @@ def test_a_shard_json_edited_after_opening_is_checked_when_read(tmp_path):
         store.records[4]
 
 
+@pytest.mark.usefixtures("read_ahead")
 @pytest.mark.parametrize("form", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_streamed_tars_read_as_tarfile_reads_them(tmp_path, form):
     """The streamed reader (its own header parser, each member read straight into its buffer)
@@ -429,6 +430,7 @@ def test_streamed_tars_read_as_tarfile_reads_them(tmp_path, form):
     assert got == want and len(got) == 6
 
 
+@pytest.mark.usefixtures("read_ahead")
 def test_a_streamed_member_of_any_type_claiming_too_much_is_refused(tmp_path):
     """A non-regular member (here a character device) whose header claims 10 GB is refused before
     anything is allocated for it, as a regular one is."""

@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
@@ -167,7 +169,60 @@ def test_resume_by_input_shard(served, tmp_path, copy_backbone, both):
     assert all(same_record(x, y) for x, y in zip(open_store(out / "train"), open_store(local / "train")))
 
 
+# ---- reading ahead -------------------------------------------------------------------------------
+def test_read_ahead_gives_every_member_in_order_bit_equal(served):
+    """A streamed tar read ahead in a thread gives what the consumer's own reads give, in order."""
+    from shards.remote import tar_members
+    _, base = served
+    url = f"{base}/in/train/00000.tar"
+    inline = [(m["fname"], bytes(m["data"])) for m in tar_members(url, read_ahead=False)]
+    ahead = [(m["fname"], bytes(m["data"])) for m in tar_members(url, read_ahead=True)]
+    assert ahead == inline and len(inline) == 3 * 16  # 16 samples: an image, a caption, a .json
+
+
+def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
+    """The thread stays at most `limit` bytes (or one member) ahead of a slow consumer; when the
+    consumer stops early it ends at its next member and closes its stream; an error comes after
+    the members before it."""
+    from shards.remote import _ReadAhead
+    made, closed = [], threading.Event()
+
+    def members(n, fail=False):
+        try:
+            for i in range(n):
+                made.append(i)
+                yield f"m{i}", np.full(1000, i % 256, dtype=np.uint8)
+            if fail:
+                raise StoreError("x.tar: torn")
+        finally:
+            closed.set()
+
+    got = []
+    for name, data in _ReadAhead(members(100), limit=3500):
+        time.sleep(0.01)  # a slow consumer
+        # 1 in hand, 4 waiting (each added while fewer than 3,500 bytes wait), 1 read and held back
+        assert len(made) - len(got) <= 6, (len(made), len(got))
+        got.append((name, int(data[0])))
+    assert got == [(f"m{i}", i) for i in range(100)] and closed.is_set()
+
+    made.clear()
+    closed.clear()
+    reader = _ReadAhead(members(10_000), limit=3500)
+    it = iter(reader)
+    assert next(it)[0] == "m0"
+    it.close()
+    reader.thread.join(timeout=10)
+    assert not reader.thread.is_alive() and closed.is_set() and len(made) < 10
+
+    out = []
+    with pytest.raises(StoreError, match="x.tar: torn"):
+        for name, _ in _ReadAhead(members(7, fail=True), limit=1 << 20):
+            out.append(name)
+    assert out == [f"m{i}" for i in range(7)]
+
+
 # ---- faults in transit --------------------------------------------------------------------------
+@pytest.mark.usefixtures("read_ahead")
 def test_404_and_refused_name_the_url(served):
     _, base = served
     with pytest.raises(StoreError, match=r"/in/train/99999\.tar: HTTP 404"):
@@ -188,6 +243,7 @@ def test_featurize_404_is_one_line_and_writes_nothing_complete(served, tmp_path,
     assert not (out / "train" / "manifest.json").exists()
 
 
+@pytest.mark.usefixtures("read_ahead")
 @pytest.mark.parametrize("where", ["mid-member", "member boundary", "no end blocks"])
 def test_truncated_tar_in_transit(served, where):
     root, base = served
@@ -202,6 +258,7 @@ def test_truncated_tar_in_transit(served, where):
     (root / "cut.tar").unlink()
 
 
+@pytest.mark.usefixtures("read_ahead")
 def test_short_http_body_is_named(served):
     """A whole tar sent by a server that promised more bytes (Content-Length) and closed: the tar
     parses, its end blocks are there, and the transfer is still named as cut short."""
@@ -246,6 +303,7 @@ def test_bad_samples_are_listed_failures(served, shapes, tmp_path, copy_backbone
     assert "cannot decode" in failed["00000.tar#k5"] or "identify" in failed["00000.tar#k5"]
 
 
+@pytest.mark.usefixtures("read_ahead")
 def test_expand_and_pipe(served, tmp_path):
     root, _ = served
     assert len(expand(f"{root}/in/train/{{00000..00005}}.tar")) == 6
@@ -426,6 +484,7 @@ def test_without_stats_local_tars_are_counted_and_urls_reserve_rows(shapes, tmp_
     assert "16 rows reserved per input shard" in caplog.text
 
 
+@pytest.mark.usefixtures("read_ahead")
 def test_url_timeout_reaches_the_index_and_every_stream(served, tiny_features, shapes, monkeypatch):
     """`data.url_timeout` is the seconds per connect and read of everything a run fetches from a
     store at a URL: the manifest and shard JSONs, the evaluation reads and training's streams."""
@@ -438,11 +497,11 @@ def test_url_timeout_reaches_the_index_and_every_stream(served, tiny_features, s
     root, base = served
     convert(tiny_features / "val", root / "wds_t" / "val", "wds", shard_size=4)
     seen = []
-    read_bytes, tar_samples = remote_store.read_bytes, remote.tar_samples
+    read_bytes, tar_members = remote_store.read_bytes, remote._tar_members
     monkeypatch.setattr(remote_store, "read_bytes", lambda url, timeout: seen.append(("json", timeout)) or
                         read_bytes(url, timeout))
-    monkeypatch.setattr(remote, "tar_samples", lambda url, timeout: seen.append(("tar", timeout)) or
-                        tar_samples(url, timeout))
+    monkeypatch.setattr(remote, "_tar_members", lambda url, timeout, cap: seen.append(("tar", timeout)) or
+                        tar_members(url, timeout, cap))
     split = open_split(f"{base}/wds_t/val", "val", url_timeout=7.5)
     assert len(list(split.records())) == 12
     vocab = build_from_split_file(shapes / "dataset.json", 0)
@@ -472,6 +531,7 @@ def test_duplicate_keys_across_input_shards_name_the_input_shards(shapes, tmp_pa
     assert "two input shards hold this sample's key" in line
 
 
+@pytest.mark.usefixtures("read_ahead")
 def test_stalls_and_huge_members_are_errors_not_hangs(tmp_path):
     """Probe D2, D3, D8, each made here: a server that drips a byte every 0.05 s (a per-read timeout
     never fires), a `pipe:` command that writes nothing and never exits, and a tar member that
