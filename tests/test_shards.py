@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,6 +227,29 @@ def test_pipe_urls_and_stats(tmp_path, capsys):
 def test_missing_manifest_message(tmp_path):
     with pytest.raises(StoreError, match="no such features folder"):
         open_store(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["shards"].reverse(), "shard entry 0 is not shard 0"),
+    (lambda m: m["shards"][1].update(index=5), "shard entry 1 is not shard 1"),
+    (lambda m: m["shards"].__setitem__(2, [2, 4]), "shard entry 2 is not shard 2"),
+    (lambda m: m["shards"][1].update(count=True), "shard 1 has count True, not 0..4"),
+    (lambda m: m["shards"][1].update(count=-1), "shard 1 has count -1, not 0..4"),
+    (lambda m: m["shards"][1].update(count=5), "shard 1 has count 5, not 0..4"),
+    (lambda m: m["shards"][1].update(count=2.0), "shard 1 has count 2.0, not 0..4"),
+    (lambda m: m["shards"][1].pop("count"), "shard 1 has count None, not 0..4"),
+    (lambda m: m["shards"][1].update(count=3), "count 10, the shards hold 9 records"),
+])
+def test_an_edited_shard_list_is_refused_at_opening(tmp_path, edit, says):
+    """Opening checks the manifest's shard list (in order, each count an integer within the shard
+    size, the counts adding up) and names the manifest and the entry."""
+    write(tmp_path / "s", make_records(10), "zarr")
+    path = tmp_path / "s" / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=re.escape(f"{path}: {says}")):
+        open_store(tmp_path / "s")
 
 
 @pytest.mark.parametrize("codec", ["zstd", "none", "blosc-zstd"])
