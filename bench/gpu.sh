@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU row of bench/RESULTS.md that is missing or stale, in one prepared run of at most
-# ~9 minutes on one lent GPU (H100/H200 or any CUDA machine):
+# ~10 minutes on one lent GPU (H100/H200 or any CUDA machine):
 #   bash bench/gpu.sh            # one log per RESULTS row group in $OUT (default /tmp/bench-gpu)
 #   STEPS="1 3" bash bench/gpu.sh  # only those steps
 # Python packages the machine lacks can sit as wheels in .whl/ (zarr, numcodecs, webdataset, ...);
@@ -25,7 +25,7 @@ F="python3 -m bench.featurize --backbone resnet101 --layer layer4 --image_size 4
 want 2 && run featurize6.txt 130 $F --compile --decode device --num_workers "$W" --naive_num 30 --host_num 0 \
     --format zarr --codec none --writer_threads 8 --num 3072
 # 3. training end to end from the store and resident, COCO dims, bf16: RESULTS "Training end to end" (train_e2e.txt)
-want 3 && run train_e2e.txt 100 python3 -m bench.train_e2e --coco --precision bf16 --batch_images 128 --steps 4 --rounds 1 --num_workers 6
+want 3 && run train_e2e.txt 150 python3 -m bench.train_e2e --coco --precision bf16 --batch_images 128 --steps 8 --rounds 2 --num_workers 6
 # 4. beam-3 decoding of 5,000 COCO-size images, batched vs one at a time (decode.txt)
 want 4 && run decode.txt 70 python3 -m bench.decode --coco --images 5000 --batch 1000 --one_by_one 100 --beam_size 3 --max_length 16
 # 5. the training step against the per-step pattern (train.txt, current code)

@@ -7,7 +7,8 @@ alone on the same batches, in one run.
 model     the step alone: the same batches collated beforehand and already on the device;
 zarr-*    batches streamed from a zarr store (blosc-zstd, or no codec) through the DataLoader;
 wds       batches streamed from tar shards;
-ram/device  the store's grids held in memory (`train.features_in_memory`), gathered by index.
+ram/device  the store's grids held in memory (`train.features_in_memory`), gathered by index;
+ram-ahead/device-ahead  the same, the batches made ahead in a thread (what training does on a GPU).
 Each path prints captions/s, its ratio to the model step alone, and the share of the step time
 spent waiting for the next batch. The resident paths also print their one-time load.
 """
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed steps per path")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers of the streaming paths")
-    p.add_argument("--paths", default="zarr-blosc-zstd,zarr-none,wds,ram,device")
+    p.add_argument("--paths", default="zarr-blosc-zstd,zarr-none,wds,ram,ram-ahead,device,device-ahead")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every path; the median of each")
     a = decoder_dims(p.parse_args(argv))
     device = pick_device()
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = Vocab(["<pad>", "<bos>", "<eos>", "<unk>", *words])
     cfg = DecoderConfig(vocab_size=len(vocab), feature_dim=a.channels, embed_dim=a.embed, hidden_dim=a.hidden, attn_dim=a.attn)
     kw = dict(batch_size=a.batch_images, seq_per_img=a.seq_per_img, max_length=16, seed=0, epoch=0)
-    paths = [x for x in a.paths.split(",") if x and not (x == "device" and device.type != "cuda")]
+    paths = [x for x in a.paths.split(",") if x and not (x.startswith("device") and device.type != "cuda")]
     torch.manual_seed(0)
     model = Decoder(cfg).to(device).train()
     opt = torch.optim.Adam(model.parameters(), 4e-4)
@@ -103,18 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         stores = {"zarr-blosc-zstd": ("zarr", "blosc-zstd"), "zarr-none": ("zarr", "none"), "wds": ("wds", "")}
         for name, (backend, codec) in stores.items():
-            if name in paths or (name == "zarr-none" and ({"ram", "device"} & set(paths))):
+            if name in paths or (name == "zarr-none" and set(paths) - set(stores)):
                 make_store(Path(tmp) / name, backend, codec, n, a.channels, words)
         print(f"stores of {n} records made", flush=True)
         held = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), "ram", torch.device("cpu"), progress=False)
         ready = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
                  for b in resident_batches(held, vocab, **kw)]
         resident = {}
-        for name in paths:
-            if name not in stores:
-                t = time.perf_counter()
-                resident[name] = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), name, device, progress=False)
-                loads[name] = f"load {time.perf_counter() - t:.2f} s for {n} images ({resident[name].nbytes / 1e6:.0f} MB)"
+        for name in sorted({x.removesuffix("-ahead") for x in paths} - set(stores)):  # ram, device: loaded once
+            t = time.perf_counter()
+            resident[name] = ResidentFeatures(open_store(Path(tmp) / "zarr-none"), name, device, progress=False)
+            loads[name] = f"load {time.perf_counter() - t:.2f} s for {n} images ({resident[name].nbytes / 1e6:.0f} MB)"
         for _ in range(a.rounds):  # interleaved: a machine's slow minute spreads over every path
             rates.setdefault("model", []).append(timed_steps(ready, step, device))  # the model step alone
             for name in paths:
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     batches = train_batches(open_store(Path(tmp) / name), vocab, num_workers=a.num_workers,
                                             pin_memory=device.type == "cuda", **kw)[1]
                 else:
-                    batches = resident_batches(resident[name], vocab, **kw)
+                    batches = resident_batches(resident[name.removesuffix("-ahead")], vocab, **kw,
+                                               ahead=2 if name.endswith("-ahead") else 0)
                 rates.setdefault(name, []).append(timed_steps(batches, step, device))
     median = {k: (float(np.median([r for r, _ in v])), float(np.median([w for _, w in v]))) for k, v in rates.items()}
     model_rate = median["model"][0]
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(median of {a.rounds} interleaved rounds; streamed paths with {a.num_workers} DataLoader workers)")
     for name, (rate, wait) in median.items():
         label = "model (batches ready on the device)" if name == "model" else \
-            f"{name}, {'resident' if name in ('ram', 'device') else 'streamed'}"
+            f"{name}, {'resident' if name.removesuffix('-ahead') in ('ram', 'device') else 'streamed'}"
         print(f"{label:<38} {rate:9.0f} captions/s  {rate / model_rate:5.2f}x the model step  "
               f"waiting {100 * wait:4.1f}%  {loads.get(name, '')}")
     return 0

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from caption.data import EpochBatches, collate_captions, pick_captions
 from caption.vocab import Vocab
 from common.errors import UserError
+from shards.ahead import ReadAhead
 
 MODES = ("off", "ram", "device", "auto")
 WHERE = ("off", "ram", "device")  # where features can be, in the order processes agree on (the least wins)
@@ -136,6 +137,7 @@ class ResidentFeatures:
             host = torch.from_numpy(data)
         self.features = host.to(device) if where == "device" else host
         self.device = self.features.device
+        self.target = device  # where the batches are used
 
     @staticmethod
     def _fill(store, host: torch.Tensor, progress: bool) -> None:
@@ -164,12 +166,21 @@ class ResidentFeatures:
             items.append({"captions": caps, "image_id": int(r["image_id"]), "refs": r["captions"], "key": r["key"],
                           "index": i})
         rows = torch.tensor(indices, device=self.device)
-        return {"features": self.features.index_select(0, rows), **collate_captions(items, vocab)}  # (B, L, D)
+        n, L, D = len(indices), *self.features.shape[1:]
+        # pinned features gathered into pinned memory, so that the copy to the GPU is asynchronous
+        out = torch.empty((n, L, D), dtype=self.features.dtype, pin_memory=True) if self.features.is_pinned() else None
+        return {"features": torch.index_select(self.features, 0, rows, out=out), **collate_captions(items, vocab)}  # (B, L, D)
 
 
 def resident_batches(resident: ResidentFeatures, vocab: Vocab, *, batch_size: int, seq_per_img: int, max_length: int,
-                     seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
+                     seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1, ahead: int = 0):
     """This process's batches of the epoch from batch `start` on: the streaming path's sampler
-    (one permutation dealt to the processes), the grids from memory."""
-    for indices in EpochBatches(len(resident), batch_size, rank, world, seed, epoch, start=start):
-        yield resident.batch(indices, vocab, seq_per_img, max_length, seed, epoch)
+    (one permutation dealt to the processes), the grids from memory. `ahead`: that many batches
+    made ahead in a thread of their own while the model trains (training on a GPU: the captions
+    sampled and padded, the grids gathered, off the step's thread); the same batches."""
+    def made():
+        if ahead > 0 and resident.target.type == "cuda":
+            torch.cuda.set_device(resident.target)  # the thread's CUDA calls on this process's GPU, not GPU 0
+        for indices in EpochBatches(len(resident), batch_size, rank, world, seed, epoch, start=start):
+            yield resident.batch(indices, vocab, seq_per_img, max_length, seed, epoch)
+    return ReadAhead(made(), limit=ahead) if ahead > 0 else made()

@@ -254,7 +254,13 @@ def train_loop(job: Training) -> bool:
         if job.net.encoder.reads_images and p.step == 0 and resume_dir(job.run) is None:
             validate_and_save(job)  # step 0: the cached run's decoder on grids from the same backbone
         while p.epoch < tcfg.max_epochs and not stopped_early(job):
-            if not train_one_epoch(job, job.batches(p.epoch, p.batch)):
+            batches = job.batches(p.epoch, p.batch)
+            try:
+                more = train_one_epoch(job, batches)
+            finally:
+                if hasattr(batches, "close"):  # batches made ahead in a thread: it stops
+                    batches.close()
+            if not more:
                 break  # max_steps or early stopping
             p.epoch, p.batch = p.epoch + 1, 0
             if not tcfg.save_checkpoint_every:
@@ -376,8 +382,9 @@ def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Capt
     train = data["train"]
     resident = load_resident(cfg, train, accelerator)
     if resident is not None:
+        ahead = 2 if accelerator.device.type == "cuda" else 0  # on a GPU the step is shorter than making a batch
         return lambda epoch, start: resident_batches(resident, vocab, epoch=epoch, start=start, rank=rank, world=world,
-                                                     **common)
+                                                     ahead=ahead, **common)
     if net.encoder.reads_images:
         entries = train.entries_in_store()  # the images the cached run trained on (no failures, --limit)
         size = int(train.manifest["image_size"])

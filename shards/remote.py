@@ -25,7 +25,6 @@ import socket
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +35,7 @@ import braceexpand
 import numpy as np
 import webdataset as wds
 
+from shards.ahead import ReadAhead
 from shards.format import StoreError
 
 TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
@@ -296,62 +296,6 @@ def _members(f, url: str, max_member: int, end: dict) -> Iterator[tuple[str, np.
             yield name, data
 
 
-class _ReadAhead:
-    """An iterator of (name, array) run in a thread of its own: its items wait in order, at most
-    `limit` bytes of them (or one item), and its error comes after the items before it. Closing
-    stops the thread at its next item (one blocked in a read ends with that read or its timeout)."""
-
-    def __init__(self, items: Iterator[tuple[str, np.ndarray]], limit: int):
-        self.limit, self.held, self.waiting = limit, 0, []
-        self.done, self.closed, self.error = False, False, None
-        self.cv = threading.Condition()
-        self.thread = threading.Thread(target=self._run, args=(items,), name="shard-read-ahead", daemon=True)
-        self.thread.start()
-
-    def _run(self, items) -> None:
-        try:
-            for name, data in items:
-                with self.cv:
-                    while self.held >= self.limit and not self.closed:
-                        self.cv.wait()
-                    if self.closed:
-                        break
-                    if not self.waiting:
-                        self.cv.notify()  # the consumer may be waiting for this one
-                    self.waiting.append((name, data))
-                    self.held += data.nbytes
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            self.error = e
-        finally:
-            items.close()  # the stream (a socket, a command) is closed in this thread
-            with self.cv:
-                self.done = True
-                self.cv.notify_all()
-
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        try:
-            while True:
-                with self.cv:  # everything waiting is taken at once: one lock per batch of members
-                    while not self.waiting and not self.done:
-                        self.cv.wait()
-                    batch, self.waiting = self.waiting, []
-                    if not batch and self.error is not None:
-                        raise self.error
-                    self.cv.notify()  # room again for a producer held at the limit
-                if not batch:
-                    return
-                for name, data in batch:
-                    with self.cv:
-                        self.held -= data.nbytes
-                        if self.held < self.limit:
-                            self.cv.notify()
-                    yield name, data
-        finally:
-            with self.cv:
-                self.closed = True
-                self.cv.notify_all()
-
-
 def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_MEMBER,
                 read_ahead: bool | None = None) -> Iterator[dict]:
     """webdataset's file samples ({"fname", "data", "__url__"}) of a tar streamed from `url`,
@@ -360,7 +304,7 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
     `read_ahead` (default READ_AHEAD): received and parsed in a thread of its own."""
     items = _tar_members(url, timeout, max_member)
     if READ_AHEAD if read_ahead is None else read_ahead:
-        items = iter(_ReadAhead(items, READ_AHEAD_BYTES))
+        items = iter(ReadAhead(items, READ_AHEAD_BYTES, cost=lambda member: member[1].nbytes))
     for name, data in items:
         yield {"fname": name, "data": data, "__url__": url}
 

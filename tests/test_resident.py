@@ -3,6 +3,7 @@ bit for bit; the same trained weights; resume mid-epoch; a machine's processes s
 (tests/test_recipe.py runs 2 processes on it); a budget too small is a message, not a crash."""
 
 import re
+import time
 
 import pytest
 import torch
@@ -40,9 +41,26 @@ def test_resident_batches_are_the_streamed_batches(shapes, tiny_features, tmp_pa
     for epoch, start in ((0, 0), (1, 0), (2, 5)):  # two shuffles, and a resumed epoch from batch 5
         streamed = list(train_batches(open_store(tiny_features / "train"), vocab, epoch=epoch, start=start, **kw)[1])
         held = list(resident_batches(resident, vocab, epoch=epoch, start=start, **kw))
-        assert len(held) == len(streamed) == 96 // 8 - start
-        for a, b in zip(held, streamed):
+        ahead = list(resident_batches(resident, vocab, epoch=epoch, start=start, ahead=2, **kw))  # as on a GPU
+        assert len(held) == len(ahead) == len(streamed) == 96 // 8 - start
+        for a, b, c in zip(held, streamed, ahead):
             assert_same_batches(a, b)
+            assert_same_batches(c, b)
+
+
+def test_batches_made_ahead_stop_with_the_epoch(tiny_features, shapes):
+    """Batches made ahead in a thread (training on a GPU) stay at most `ahead` batches ahead,
+    and an epoch ended early (max_steps) stops the thread."""
+    vocab = build_from_split_file(shapes / "dataset.json", 2)
+    resident = ResidentFeatures(open_store(tiny_features / "train"), "ram", CPU, progress=False)
+    batches = resident_batches(resident, vocab, batch_size=8, seq_per_img=3, max_length=6, seed=7, epoch=0, ahead=2)
+    first = next(batches)
+    assert first["features"].shape == (8, 196, 256)  # (B, L, D)
+    time.sleep(0.5)
+    assert len(batches.waiting) <= 2
+    batches.close()
+    batches.thread.join(timeout=10)
+    assert not batches.thread.is_alive()
 
 
 def test_the_budget_is_checked_before_loading(tmp_path):

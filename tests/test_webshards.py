@@ -184,7 +184,8 @@ def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
     """The thread stays at most `limit` bytes (or one member) ahead of a slow consumer; when the
     consumer stops early it ends at its next member and closes its stream; an error comes after
     the members before it."""
-    from shards.remote import _ReadAhead
+    from shards.ahead import ReadAhead
+    nbytes = lambda member: member[1].nbytes  # noqa: E731
     made, closed = [], threading.Event()
 
     def members(n, fail=False):
@@ -198,7 +199,7 @@ def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
             closed.set()
 
     got = []
-    for name, data in _ReadAhead(members(100), limit=3500):
+    for name, data in ReadAhead(members(100), limit=3500, cost=nbytes):
         time.sleep(0.01)  # a slow consumer
         # 1 in hand, 4 waiting (each added while fewer than 3,500 bytes wait), 1 read and held back
         assert len(made) - len(got) <= 6, (len(made), len(got))
@@ -207,7 +208,7 @@ def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
 
     made.clear()
     closed.clear()
-    reader = _ReadAhead(members(10_000), limit=3500)
+    reader = ReadAhead(members(10_000), limit=3500, cost=nbytes)
     it = iter(reader)
     assert next(it)[0] == "m0"
     it.close()
@@ -216,7 +217,7 @@ def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
 
     out = []
     with pytest.raises(StoreError, match="x.tar: torn"):
-        for name, _ in _ReadAhead(members(7, fail=True), limit=1 << 20):
+        for name, _ in ReadAhead(members(7, fail=True), limit=1 << 20, cost=nbytes):
             out.append(name)
     assert out == [f"m{i}" for i in range(7)]
 
