@@ -8,7 +8,8 @@ an image id and a file name per record; 4,096 records per shard), then, each in 
 **open** (`open_store` and `len`, best of 3), **first record** (one record's metadata by index:
 its shard's JSON read) and, as the baseline in the same
 process, **all metadata** (a pass that reads every record's metadata and keeps it, as opening a
-store did before the index was read shard by shard). Prints seconds and peak RSS growth (MiB)
+store did before the index was read shard by shard); then the vocabulary's word counts over
+every caption, in the process and in one process per core (`caption.vocab.count_store_words`). Prints seconds and peak RSS growth (MiB)
 over the process before opening (its modules loaded), per size, and the ratios across sizes.
 """
 
@@ -50,8 +51,19 @@ held = list(store.records)  # every record's metadata in memory: what opening co
 every, every_rss = time.perf_counter() - t, rss() - base
 with open("/proc/self/status") as f:
     peak = next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM"))
+del held
+gc.collect()
+import os
+from caption.vocab import count_store_words
+cores = len(os.sched_getaffinity(0))
+t = time.perf_counter()
+one = count_store_words([store], workers=1)  # the vocabulary's counts, in this process
+words_1 = time.perf_counter() - t
+t = time.perf_counter()
+assert count_store_words([store], workers=cores) == one  # the same, in one process per core
+words_n = time.perf_counter() - t
 print(json.dumps({"records": n, "open_s": opened, "first_s": first, "open_mib": opened_rss, "all_s": every, "all_mib": every_rss,
-                  "base_mib": base, "peak_mib": peak}))
+                  "base_mib": base, "peak_mib": peak, "words_1_s": words_1, "words_n_s": words_n, "cores": cores}))
 """
 
 
@@ -90,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{a.backend}, {a.shard_size} records per shard; RSS growth over the process before opening "
           f"(modules loaded: {rows[0]['base_mib']:.0f} MiB)\n")
     print("| records | shards | shard JSON MB | open s | first record s | open + first record: RSS growth MiB | "
-          "all metadata s | all metadata: RSS growth MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"all metadata s | all metadata: RSS growth MiB | vocabulary counts s: 1 process, {rows[0]['cores']} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['records']:,} | {r['shards']:,} | {r['json_mb']:.0f} | {r['open_s']:.4f} | {r['first_s']:.3f} | "
-              f"{r['open_mib']:.1f} | {r['all_s']:.1f} | {r['all_mib']:.0f} |")
+              f"{r['open_mib']:.1f} | {r['all_s']:.1f} | {r['all_mib']:.0f} | {r['words_1_s']:.1f}, {r['words_n_s']:.1f} "
+              f"({r['words_1_s'] / r['words_n_s']:.2f}x) |")
     if len(rows) > 1:
         lo, hi = rows[0], rows[-1]
         print(f"\n{hi['records'] // lo['records']}x the records: open time x{hi['open_s'] / lo['open_s']:.2f}, open memory "

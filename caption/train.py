@@ -53,7 +53,7 @@ from caption.run import (check_compatible, features_dir, load_into, load_progres
                          resume_dir, run_features, save_state, save_weights)
 from caption.scst import CiderD, reward_references
 from caption.splits import Split, check_split, from_records, open_split
-from caption.vocab import Vocab, build_from_split_file
+from caption.vocab import Vocab, build_from_split_file, count_store_words
 from common import config as C
 from common.cli import command
 from common.errors import UserError
@@ -544,8 +544,8 @@ def build_vocab(cfg: C.Config, run: Path, data: dict[str, Split], accelerator: A
     if not path.exists() and accelerator.is_main_process:
         if data["train"].from_records:  # the records' captions
             splits = ("train", "val") if cfg.train.count_splits == "all" else ("train",)
-            Vocab.build((c for s in splits for caps in data[s].token_references() for c in caps),
-                        cfg.train.word_count_threshold).save(path)
+            counts = count_store_words([data[s].store for s in splits])  # shard by shard, in processes when large
+            Vocab.from_counts(counts, cfg.train.word_count_threshold).save(path)
         else:
             build_from_split_file(cfg.data.input_json, cfg.train.word_count_threshold, cfg.train.count_splits,
                                   cfg.data.restval_in_train).save(path)

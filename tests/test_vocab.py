@@ -47,3 +47,25 @@ def test_cli_and_count_splits(shapes, tmp_path, capsys):
     everything = build_from_split_file(shapes / "dataset.json", 2, "all")
     assert set(v.words) <= set(everything.words)
     assert "circle" in v.index and "red" in v.index
+
+
+@pytest.mark.parametrize("backend", ["zarr", "wds"])
+def test_a_stores_words_counted_in_processes_are_the_same_counts(tiny_features, tmp_path, backend):
+    """The vocabulary of a store made from input shards counts its records' captions shard by
+    shard; in several (forkserver) processes the counts, and so the vocabulary, are the same."""
+    from collections import Counter
+
+    from caption.vocab import count_store_words
+    from shards import open_store
+    from shards.__main__ import convert
+    root = tiny_features / "train"
+    if backend == "wds":
+        convert(root, tmp_path / "train", "wds", shard_size=16)
+        root = tmp_path / "train"
+    stores = [open_store(root), open_store(tiny_features / "val")]
+    assert len(stores[0].manifest["shards"]) > 2
+    want = Counter(w for s in stores for r in s.records for cap in r["captions"] for w in cap)
+    assert count_store_words(stores, workers=1) == want
+    assert count_store_words(stores, workers=2) == want
+    assert count_store_words(stores[:1]) == Counter(w for r in stores[0].records for cap in r["captions"] for w in cap)
+    assert Vocab.from_counts(want, 2) == Vocab.build((cap for s in stores for r in s.records for cap in r["captions"]), 2)
