@@ -5,7 +5,7 @@
 
 Writes one store per size (tiny 2x2x8 grids, COCO-like metadata: 5 captions of 10 words, a key,
 an image id and a file name per record; 4,096 records per shard), then, each in a fresh process:
-**open** (`open_store` and `len`, best of 3), **first record** (one record's metadata by index:
+**open** (`open_store` and `len`, best of 20), **first record** (one record's metadata by index:
 its shard's JSON read) and, as the baseline in the same
 process, **all metadata** (a pass that reads every record's metadata and keeps it, as opening a
 store did before the index was read shard by shard); then the vocabulary's word counts over
@@ -38,7 +38,7 @@ def rss():  # resident set size now, MiB (Linux)
 gc.collect()
 base = rss()
 opened = first = float("inf")
-for _ in range(3):  # best of 3: the open alone, then the first record's metadata (one shard's JSON read)
+for _ in range(20):  # best of 20: the open alone, then the first record's metadata (one shard's JSON read)
     t = time.perf_counter()
     store = open_store(sys.argv[1])
     n = len(store)

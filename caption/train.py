@@ -368,8 +368,8 @@ def objective_at(tcfg: C.TrainConfig, epoch: int) -> str:
 def build_cider(cfg: C.Config, vocab: Vocab, train: Split) -> CiderD:
     """CIDEr-D's document frequencies from the training references, as the reward reads them."""
     tcfg = cfg.train
-    return CiderD([reward_references(refs, vocab, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
-                   for refs in train.token_references()])
+    return CiderD(reward_references(refs, vocab, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
+                  for refs in train.token_references())  # one record's references at a time: memory in n-grams, not records
 
 
 def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Captioner, accelerator: Accelerator):
