@@ -118,6 +118,23 @@ def test_counts_rows_and_keys_are_cross_checked(tmp_path, backend):
     assert len(open_store(root)) == 8 and verify(root, progress=False) == []
 
 
+@pytest.mark.parametrize("collide", [False, True])
+def test_repeated_keys_across_shards_are_found_by_their_hashes(tmp_path, monkeypatch, collide):
+    """`shards verify` finds keys repeated across shards from 8 bytes per record (the keys'
+    hashes), then names them in a second pass; keys that only share a hash (here, with `collide`,
+    every key's) are not repeats."""
+    import shards.__main__ as tool
+    write(tmp_path / "s", make_records(12), "wds")
+    root = tmp_path / "s"
+    assert tool.repeated_keys(open_store(root)) == []
+    edit_json(root / "shards" / "000001.json", lambda m: m["records"][2].update(key="rec_00001"))
+    edit_json(root / "shards" / "000002.json", lambda m: (m["records"][0].update(key="rec_00001"),
+                                                          m["records"][3].update(key="rec_00005")))
+    if collide:
+        monkeypatch.setattr(tool, "hash", lambda key: 7, raising=False)
+    assert tool.repeated_keys(open_store(root)) == [("rec_00001", 1), ("rec_00001", 2), ("rec_00005", 2)]
+
+
 @pytest.mark.parametrize("codec", ["none", "blosc-zstd", "lz4"])
 def test_swapped_zarr_shard_files_are_an_error(tmp_path, codec):
     """Two full shard files swapped (with --codec none every full shard file has the same size, so
