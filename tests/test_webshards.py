@@ -278,6 +278,32 @@ def test_short_http_body_is_named(served):
         server.kill()
 
 
+@pytest.mark.usefixtures("read_ahead")
+def test_a_server_that_stops_mid_member_times_out(tmp_path):
+    """A server that sends the headers and part of a large member, then nothing, keeping the
+    connection open: the member's read ends at the timeout, a StoreError naming the URL and the
+    member before, not a hang (read on the consumer's thread and in the read-ahead thread)."""
+    big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    write_image_text_shards(iter([("k0", {"jpg": b"x" * 100, "txt": b"a"}), ("k1", {"jpg": big, "txt": b"b"})]),
+                            tmp_path, 16)
+    data = (tmp_path / "00000.tar").read_bytes()
+    port = free_port()
+    code = ("import socket,sys,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n"
+            "d=open(sys.argv[1],'rb').read()\n"
+            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(d) + d[:len(d) // 2])\n"
+            "time.sleep(600)")
+    server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "00000.tar")])
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match=r"x\.tar: the transfer (failed after k0\.txt \(.*timed out|has stalled)"):
+            list(tar_samples(f"http://127.0.0.1:{port}/x.tar", timeout=1.0))
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.kill()
+
+
 @pytest.mark.slow
 def test_bad_samples_are_listed_failures(served, shapes, tmp_path, copy_backbone, both):
     """A .pyd member, a caption that is not UTF-8, a sample without an image, one without a
