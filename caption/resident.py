@@ -172,6 +172,13 @@ class ResidentFeatures:
         return {"features": torch.index_select(self.features, 0, rows, out=out), **collate_captions(items, vocab)}  # (B, L, D)
 
 
+def batches_ahead(device: torch.device) -> int:
+    """Batches made ahead in a thread when training on `device`: 2 on a GPU, whose step is shorter
+    than making a batch on the main thread (an H200 waited 33-40% of the time for them); none on
+    a CPU, where the thread takes the cores the step uses (bench/RESULTS.md)."""
+    return 2 if device.type == "cuda" else 0
+
+
 def resident_batches(resident: ResidentFeatures, vocab: Vocab, *, batch_size: int, seq_per_img: int, max_length: int,
                      seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1, ahead: int = 0):
     """This process's batches of the epoch from batch `start` on: the streaming path's sampler

@@ -48,7 +48,8 @@ from caption.metrics import score
 from caption.model import Decoder, sequence_loss
 from caption.noise import RowNoise
 from caption.objective import CrossEntropy, HardAttention, SelfCritical, TrainStep
-from caption.resident import WHERE, MemoryBudgetError, ResidentFeatures, choose, resident_batches, shared_path
+from caption.resident import (WHERE, MemoryBudgetError, ResidentFeatures, batches_ahead, choose, resident_batches,
+                              shared_path)
 from caption.run import (check_compatible, features_dir, load_into, load_progress, load_weights, record_features,
                          resume_dir, run_features, save_state, save_weights)
 from caption.scst import CiderD, reward_references
@@ -382,7 +383,7 @@ def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Capt
     train = data["train"]
     resident = load_resident(cfg, train, accelerator)
     if resident is not None:
-        ahead = 2 if accelerator.device.type == "cuda" else 0  # on a GPU the step is shorter than making a batch
+        ahead = batches_ahead(accelerator.device)
         return lambda epoch, start: resident_batches(resident, vocab, epoch=epoch, start=start, rank=rank, world=world,
                                                      ahead=ahead, **common)
     if net.encoder.reads_images:

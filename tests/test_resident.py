@@ -105,15 +105,23 @@ def test_one_shared_copy_per_machine(tiny_features, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, tmp_path, capsys):
+def test_training_in_memory_equals_streaming_and_resumes(shapes, tiny_features, tmp_path, capsys, monkeypatch):
+    """Held in memory, the same weights as streamed; stopped mid-epoch and resumed with the batches
+    made ahead in a thread (as on a GPU), the same again, and the thread gone at the end."""
+    import threading
     common = ("--dropout", "0.3", "--max_epochs", "2", "--save_checkpoint_every", "0")
     a, b, c = tmp_path / "streamed", tmp_path / "held", tmp_path / "held_resumed"
     args = lambda run, *extra: tiny_args(shapes, tiny_features, "--checkpoint_path", str(run), *common, *extra)  # noqa: E731
     assert train.main(args(a, "--max_steps", "40")) == 0
     assert train.main(args(b, "--max_steps", "40", "--features_in_memory", "ram")) == 0
     assert "holds all 96 train images (9633792 bytes)" in capsys.readouterr().out  # 96 x 196 x 256 x 2
+    monkeypatch.setattr(train, "batches_ahead", lambda device: 2)
+    made, real = [], train.resident_batches
+    monkeypatch.setattr(train, "resident_batches", lambda *a, **k: made.append(k["ahead"]) or real(*a, **k))
     assert train.main(args(c, "--max_steps", "15", "--features_in_memory", "auto")) == 0  # stops mid-epoch (24 per epoch)
     assert train.main(args(c, "--max_steps", "40", "--features_in_memory", "auto", "--resume", "true")) == 0
+    time.sleep(0.5)
+    assert made == [2, 2, 2] and not [t for t in threading.enumerate() if t.name == "read-ahead"]  # epoch 0; 0 again, 1
     wa, wb, wc = (load_file(str(r / "last.safetensors")) for r in (a, b, c))
     for k in wa:
         assert torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]), k
@@ -150,7 +158,7 @@ def test_the_end_to_end_benchmark_runs(capsys, monkeypatch, tmp_path):
                            "--batch_images", "4", "--steps", "2", "--rounds", "1", "--num_workers", "0"]) == 0
     out = capsys.readouterr().out
     for label in ("model (batches ready", "zarr-blosc-zstd, streamed", "zarr-none, streamed", "wds, streamed",
-                  "ram, resident"):
+                  "ram, resident", "ram-ahead, resident"):
         assert re.search(re.escape(label) + r".* captions/s .*x the model step .*waiting", out), label
     assert "device, resident" not in out  # no GPU here: that path is left out
 
