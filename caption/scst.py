@@ -42,12 +42,23 @@ class CiderD:
     """
 
     def __init__(self, references: Iterable[Sequence[Tokens]], n: int = 4, sigma: float = 6.0):
-        self.n, self.sigma = n, sigma
-        self.df: Counter = Counter()
+        df: Counter = Counter()
         count = 0
         for refs in references:
-            self.df.update(set(g for r in refs for g in ngrams(r, n)))
+            df.update(document_ngrams(refs, n))
             count += 1
+        self._set(df, count, n, sigma)
+
+    @classmethod
+    def from_counts(cls, df: Counter, count: int, n: int = 4, sigma: float = 6.0) -> "CiderD":
+        """From document frequencies counted elsewhere (per shard: `reward_document_counts`) over
+        `count` images."""
+        cider = cls.__new__(cls)
+        cider._set(df, count, n, sigma)
+        return cider
+
+    def _set(self, df: Counter, count: int, n: int, sigma: float) -> None:
+        self.n, self.sigma, self.df = n, sigma, df
         self.ref_len = math.log(float(count))
         self._cache: dict = {}
 
@@ -94,6 +105,21 @@ def words_of(tokens: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, eos: boo
     T = tokens.shape[1]
     return [[vocab.words[int(i)] for i in tokens[r, : int(lengths[r])]] + ([vocab.words[vocab.eos_id]]
             if eos and int(lengths[r]) < T else []) for r in range(tokens.shape[0])]
+
+
+def document_ngrams(references: Sequence[Tokens], n: int = 4) -> set:
+    """The n-grams an image's references hold, each once (its share of the document frequencies)."""
+    return set(g for r in references for g in ngrams(r, n))
+
+
+def reward_document_counts(records: list[dict], vocab: Vocab, max_length: int, labels: bool, eos: bool,
+                           n: int = 4) -> Counter:
+    """These records' share of CIDEr-D's document frequencies, their references as the reward
+    sees them (shards.passes.count_records adds the shards' shares up)."""
+    df: Counter = Counter()
+    for r in records:
+        df.update(document_ngrams(reward_references(r["captions"], vocab, max_length, labels, eos), n))
+    return df
 
 
 def reward_references(captions: Sequence[Tokens], vocab: Vocab, max_length: int, labels: bool = True,

@@ -77,11 +77,6 @@ class Split:
                 self._refs = raw_references(self.file_entries())
         return self._refs if image_ids is None else {i: self._refs[i] for i in image_ids}
 
-    def token_references(self) -> Iterator[list[list[str]]]:
-        """Every record's reference token lists, in store order (CIDEr-D's document frequencies,
-        the vocabulary's counts), read shard by shard."""
-        return (r["captions"] for r in self.store.records)
-
     def records(self, rank: int = 0, world: int = 1, limit: int = -1) -> Iterator[Record]:
         """The store's records in order, this rank's share (i % world == rank), the first `limit` overall."""
         return share(self.store.iter_records(), rank, world, limit)

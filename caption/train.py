@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -52,7 +53,7 @@ from caption.resident import (WHERE, MemoryBudgetError, ResidentFeatures, batche
                               shared_path)
 from caption.run import (check_compatible, features_dir, load_into, load_progress, load_weights, record_features,
                          resume_dir, run_features, save_state, save_weights)
-from caption.scst import CiderD, reward_references
+from caption.scst import CiderD, reward_document_counts
 from caption.splits import Split, check_split, from_records, open_split
 from caption.vocab import Vocab, build_from_split_file, count_store_words
 from common import config as C
@@ -63,6 +64,7 @@ from common.log import get_logger
 from common.tensors import default_device
 from shards.karpathy import load_split
 from shards.manifest import identity
+from shards.passes import count_records
 
 
 log = get_logger(__name__)  # the main process's lines, unless asked of every one (common/log.py)
@@ -369,8 +371,10 @@ def objective_at(tcfg: C.TrainConfig, epoch: int) -> str:
 def build_cider(cfg: C.Config, vocab: Vocab, train: Split) -> CiderD:
     """CIDEr-D's document frequencies from the training references, as the reward reads them."""
     tcfg = cfg.train
-    return CiderD(reward_references(refs, vocab, tcfg.max_length, tcfg.sc_references == "labels", tcfg.sc_eos)
-                  for refs in train.token_references())  # one record's references at a time: memory in n-grams, not records
+    count = functools.partial(reward_document_counts, vocab=vocab, max_length=tcfg.max_length,
+                              labels=tcfg.sc_references == "labels", eos=tcfg.sc_eos)
+    df = count_records([train.store], count)  # shard by shard, in one process per core when large
+    return CiderD.from_counts(df, train.store.manifest["count"])
 
 
 def build_batches(cfg: C.Config, data: dict[str, Split], vocab: Vocab, net: Captioner, accelerator: Accelerator):

@@ -8,10 +8,7 @@
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,10 +18,10 @@ from common.errors import UserError
 from common.files import read_json
 from common.files import atomic_write_json
 from shards.karpathy import load_split
+from shards.passes import count_records
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-PARALLEL_RECORDS = 200_000  # a store's words counted in several processes above this many records (the pool starts in ~3 s)
 
 
 class VocabError(UserError):
@@ -102,45 +99,16 @@ def build_from_split_file(input_json: str | Path, word_count_threshold: int = 5,
     return Vocab.build((t for img in images for t in img.tokens), word_count_threshold)
 
 
-def _store_words(stores: Sequence, where: tuple[int, int]) -> Counter:
-    """The word counts of one shard's captions: (store, shard) indices into `stores`."""
-    i, k = where
-    return Counter(w for r in stores[i].records.shard(k) for cap in r["captions"] for w in cap)
-
-
-_POOL_STORES: Sequence = ()
-
-
-def _pool_init(stores: Sequence) -> None:
-    global _POOL_STORES
-    _POOL_STORES = stores
-
-
-def _pool_words(where: tuple[int, int]) -> Counter:
-    return _store_words(_POOL_STORES, where)
+def caption_words(records: list[dict]) -> Counter:
+    """The words of these records' captions, counted (`count_store_words`, per shard)."""
+    return Counter(w for r in records for cap in r["captions"] for w in cap)
 
 
 def count_store_words(stores: Sequence, workers: int | None = None) -> Counter:
-    """Every caption's word counts of these opened stores, shard by shard (one shard's records in
-    memory at a time per process), in `workers` processes (None: one per core this process may
-    run on, for stores of more than PARALLEL_RECORDS records; 0 or 1: this process). The same
-    counts either way (tests/test_vocab.py); at 1M records a pass on one core takes ~40 s."""
-    where = [(i, k) for i, s in enumerate(stores) for k in range(len(s.manifest["shards"]))]
-    if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = cores if sum(s.manifest["count"] for s in stores) > PARALLEL_RECORDS else 1
-    workers = min(workers, len(where))
-    counts: Counter = Counter()
-    if workers <= 1:
-        for w in where:
-            counts.update(_store_words(stores, w))
-        return counts
-    # forkserver: workers that do not inherit a training process's threads or CUDA state
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                             initializer=_pool_init, initargs=(list(stores),)) as pool:
-        for shard_counts in pool.map(_pool_words, where):
-            counts.update(shard_counts)
-    return counts
+    """Every caption's word counts of these opened stores, shard by shard, in one process per core
+    above shards.passes.PARALLEL_RECORDS records (`workers`: that many; 0 or 1: this process).
+    The same counts either way (tests/test_vocab.py)."""
+    return count_records(stores, caption_words, workers)
 
 
 def unk_rate(vocab: Vocab, captions: Iterable[Sequence[str]]) -> float:

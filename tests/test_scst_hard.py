@@ -43,6 +43,26 @@ def tiny_model(attention="soft"):
                                  dropout=0.0, attention=attention)), Vocab(words)
 
 
+@pytest.mark.parametrize("labels, eos", [(True, True), (False, False)])
+def test_document_frequencies_counted_per_shard_are_the_whole_passs(tiny_features, shapes, labels, eos):
+    """The reward's CIDEr-D document frequencies, counted shard by shard (in 1 or 2 processes) as
+    training counts them, equal those of one pass over every record's references."""
+    import functools
+    from caption.scst import reward_document_counts, reward_references
+    from caption.vocab import build_from_split_file
+    from shards import open_store
+    from shards.passes import count_records
+    vocab = build_from_split_file(shapes / "dataset.json", 2)
+    store = open_store(tiny_features / "train")
+    whole = CiderD(reward_references(r["captions"], vocab, 6, labels, eos) for r in store.records)
+    count = functools.partial(reward_document_counts, vocab=vocab, max_length=6, labels=labels, eos=eos)
+    for workers in (1, 2):
+        per_shard = CiderD.from_counts(count_records([store], count, workers), store.manifest["count"])
+        assert per_shard.df == whole.df and per_shard.ref_len == whole.ref_len and len(whole.df) > 100
+    refs = [reward_references(r["captions"], vocab, 6, labels, eos) for r in store.records[:3]]
+    assert per_shard.score(refs[0][0], refs[1]) == whole.score(refs[0][0], refs[1])
+
+
 def test_scst_mean_baseline_skips_the_greedy_decode_off_log_steps():
     model, vocab = tiny_model()
     feats = torch.randn(2, 196, 6)
