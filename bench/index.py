@@ -53,9 +53,9 @@ with open("/proc/self/status") as f:
     peak = next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM"))
 del held
 gc.collect()
-import os
 from caption.vocab import count_store_words
-cores = len(os.sched_getaffinity(0))
+from common.machine import cores
+cores = cores()
 t = time.perf_counter()
 one = count_store_words([store], workers=1)  # the vocabulary's counts, in this process
 words_1 = time.perf_counter() - t

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.machine import cores
 from shards import open_store, write_records
 from shards.imagetext import write_image_text_shards
 from shards import remote
@@ -149,10 +150,9 @@ def main(argv=None) -> int:
             server.terminate()
             server.wait()
     mb = 14 * 14 * 2048 * 2 / 1e6
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{a.images} grids of 14x14x2048 float16 ({mb:.2f} MB each) in {a.shards} tar shards; "
           f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds; server: {server_name}; "
-          f"{cores} cores, load {load:.2f} before")
+          f"{cores()} cores, load {load:.2f} before")
     on_off = lambda on: "read-ahead thread" if on else "no read-ahead thread"  # noqa: E731
     print(f"http: {on_off(default)} (this machine's default); 'other': {on_off(not default)}")
     s = best["server alone"]

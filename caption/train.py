@@ -373,7 +373,7 @@ def build_cider(cfg: C.Config, vocab: Vocab, train: Split) -> CiderD:
     tcfg = cfg.train
     count = functools.partial(reward_document_counts, vocab=vocab, max_length=tcfg.max_length,
                               labels=tcfg.sc_references == "labels", eos=tcfg.sc_eos)
-    df = count_records([train.store], count)  # shard by shard, in one process per core when large
+    df = count_records([train.store], count)  # every process: shard by shard, in its share of the cores when large
     return CiderD.from_counts(df, train.store.manifest["count"])
 
 
@@ -549,7 +549,8 @@ def build_vocab(cfg: C.Config, run: Path, data: dict[str, Split], accelerator: A
     if not path.exists() and accelerator.is_main_process:
         if data["train"].from_records:  # the records' captions
             splits = ("train", "val") if cfg.train.count_splits == "all" else ("train",)
-            counts = count_store_words([data[s].store for s in splits])  # shard by shard, in processes when large
+            # shard by shard, in processes when large: every core, the other processes wait for vocab.json
+            counts = count_store_words([data[s].store for s in splits], alone=True)
             Vocab.from_counts(counts, cfg.train.word_count_threshold).save(path)
         else:
             build_from_split_file(cfg.data.input_json, cfg.train.word_count_threshold, cfg.train.count_splits,

@@ -104,11 +104,11 @@ def caption_words(records: list[dict]) -> Counter:
     return Counter(w for r in records for cap in r["captions"] for w in cap)
 
 
-def count_store_words(stores: Sequence, workers: int | None = None) -> Counter:
-    """Every caption's word counts of these opened stores, shard by shard, in one process per core
-    above shards.passes.PARALLEL_RECORDS records (`workers`: that many; 0 or 1: this process).
-    The same counts either way (tests/test_vocab.py)."""
-    return count_records(stores, caption_words, workers)
+def count_store_words(stores: Sequence, workers: int | None = None, alone: bool = False) -> Counter:
+    """Every caption's word counts of these opened stores, shard by shard, in several processes
+    above shards.passes.PARALLEL_RECORDS records (`count_records`: `workers`, `alone`). The same
+    counts either way (tests/test_vocab.py)."""
+    return count_records(stores, caption_words, workers, alone)
 
 
 def unk_rate(vocab: Vocab, captions: Iterable[Sequence[str]]) -> float:

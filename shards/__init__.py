@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+from common.machine import cores_per_process
 from shards.format import Record, RecordError, validate
 from shards import manifest as _manifest
 from shards.manifest import StoreError, WriterLock, done_shards, make_plan, merge_shards, shard_range, write_manifest
@@ -75,14 +75,7 @@ def writer_threads(n: int = 0) -> int:
     may run on (its affinity mask), the cores shared among the processes a launcher started on
     this machine (LOCAL_WORLD_SIZE, e.g. one per GPU), at most 16. Encoding (numpy, blosc, zstd,
     crc32c), hashing and file writes release the GIL."""
-    if n:
-        return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, min(16, cores // local))
+    return n or min(16, cores_per_process())
 
 
 def write_records(root: str | Path, records: Iterable[Record], *, backend: str, num_records: int, grid: int,

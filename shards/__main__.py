@@ -25,7 +25,7 @@ def repeated_keys(store) -> list[tuple[str, int]]:
     per record (each key's hash; 240 MB at 30M records, where a set of the keys took ~3 GB), then
     the keys of the repeated hashes only, found in a second pass (a hash shared by two keys is not
     a repeat)."""
-    n = len(store.records.starts) - 1
+    n = len(store.paths)  # shards
     hashes = np.concatenate([np.fromiter((hash(r["key"]) for r in store.records.shard(k)), np.int64)
                              for k in range(n)] or [np.zeros(0, np.int64)])
     hashes.sort()

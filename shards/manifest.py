@@ -181,19 +181,21 @@ def check_shard_list(root: Path, manifest: dict) -> list[int]:
     shards, S = manifest["shards"], manifest.get("shard_size")
     if not isinstance(shards, list) or not isinstance(S, int) or S < 1 or len(shards) != manifest.get("num_shards", len(shards)):
         raise StoreError(f"{mpath}: the shard list does not match num_shards / shard_size")
-    try:  # the common case in three passes at C speed; any doubt goes to the entry-by-entry check below
+    try:  # the common case in three passes at C speed
         counts = [s["count"] for s in shards]
         fine = [s["index"] for s in shards] == list(range(len(shards))) and set(map(type, counts)) <= {int} \
             and (not counts or 0 <= min(counts) and max(counts) <= S)
     except (TypeError, KeyError):
         fine = False
-    if not fine:
+    if not fine:  # entry by entry, to name the first fault
+        counts = []
         for k, s in enumerate(shards):
             if not isinstance(s, dict) or s.get("index") != k:
                 raise StoreError(f"{mpath}: shard entry {k} is not shard {k}")
             count = s.get("count")
             if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= S:
                 raise StoreError(f"{mpath}: shard {k} has count {count!r}, not 0..{S}")
+            counts.append(count)
     if sum(counts) != manifest["count"]:
         raise StoreError(f"{mpath}: count {manifest['count']}, the shards hold {sum(counts)} records")
     return counts

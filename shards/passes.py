@@ -1,11 +1,12 @@
 """Passes over every record's metadata of opened stores, shard by shard, in one process per core.
 
-    words = count_records(stores, caption_words)          # a Counter over every record
-    df = count_records([store], partial(record_ngrams, n=4))
+    words = count_records(stores, caption_words)          # caption.vocab: a Counter over every record
+    df = count_records([store], partial(reward_document_counts, vocab=vocab, ...))   # caption.scst
 
 `count(records) -> Counter` is applied to each shard's records (one shard's records in memory at
 a time per process) and the counts are added up: the same result in one process or many. Above
-PARALLEL_RECORDS records the shards go to one forkserver process per core (reading and parsing
+PARALLEL_RECORDS records the shards go to forkserver processes, one per core of this process's
+share (or of the machine, `alone`: the launcher's other processes wait meanwhile) (reading and parsing
 the shard JSONs runs at ~21,000-26,000 records/s on one core; 1M records: ~40 s in one process,
 ~25 s in two; bench/index.py). `count` must be picklable (a module-level function, or a
 functools.partial of one).
@@ -14,19 +15,15 @@ functools.partial of one).
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Sequence
 
+from common.machine import cores, cores_per_process
+
 PARALLEL_RECORDS = 200_000  # more processes above this many records (their pool starts in ~3 s)
 
 _POOL: tuple = ()  # a worker's (stores, count)
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _shard_counts(stores: Sequence, count: Callable, where: tuple[int, int]) -> Counter:
@@ -43,13 +40,16 @@ def _pool_counts(where: tuple[int, int]) -> Counter:
     return _shard_counts(*_POOL, where)
 
 
-def count_records(stores: Sequence, count: Callable[[list[dict]], Counter], workers: int | None = None) -> Counter:
+def count_records(stores: Sequence, count: Callable[[list[dict]], Counter], workers: int | None = None,
+                  alone: bool = False) -> Counter:
     """The sum of `count` over every shard's records of these opened stores, in `workers`
-    processes (None: one per core for stores of more than PARALLEL_RECORDS records, else this
-    process; 0 or 1: this process)."""
+    processes (None: for stores of more than PARALLEL_RECORDS records one per core of this
+    process's share, or of the machine when it runs `alone`; else this process; 0 or 1: this
+    process)."""
     where = [(i, k) for i, s in enumerate(stores) for k in range(len(s.manifest["shards"]))]
     if workers is None:
-        workers = cores() if sum(s.manifest["count"] for s in stores) > PARALLEL_RECORDS else 1
+        large = sum(s.manifest["count"] for s in stores) > PARALLEL_RECORDS
+        workers = (cores() if alone else cores_per_process()) if large else 1
     workers = min(workers, len(where))
     total: Counter = Counter()
     if workers <= 1:

@@ -35,6 +35,7 @@ import braceexpand
 import numpy as np
 import webdataset as wds
 
+from common.machine import cores
 from shards.ahead import ReadAhead
 from shards.format import StoreError
 
@@ -48,8 +49,9 @@ _SCHEMES = ("http://", "https://", "pipe:", "file:")
 # while its members are used, with at most READ_AHEAD_BYTES of them waiting. Only where the process
 # has more than two cores: with 16, grids streamed at 0.70 of the local read with it, 0.54 without;
 # with two, where the thread competes with the server and the consumer, 0.50 against 0.57
-# (bench/RESULTS.md, "Streaming over HTTP").
-READ_AHEAD = len(os.sched_getaffinity(0)) > 2 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 2
+# (bench/RESULTS.md, "Streaming over HTTP"). SHARDS_READ_AHEAD=1 or 0 in the environment decides
+# instead (every process and DataLoader worker of a run reads it).
+READ_AHEAD = {"1": True, "0": False}.get(os.environ.get("SHARDS_READ_AHEAD", ""), cores() > 2)
 READ_AHEAD_BYTES = 32 << 20
 
 

@@ -69,3 +69,40 @@ def test_a_stores_words_counted_in_processes_are_the_same_counts(tiny_features, 
     assert count_store_words(stores, workers=2) == want
     assert count_store_words(stores[:1]) == Counter(w for r in stores[0].records for cap in r["captions"] for w in cap)
     assert Vocab.from_counts(want, 2) == Vocab.build((cap for s in stores for r in s.records for cap in r["captions"]), 2)
+
+
+def test_a_pass_over_a_large_store_takes_its_share_of_the_cores(tiny_features, monkeypatch):
+    """Above PARALLEL_RECORDS records a pass runs in one process per core of this process's share
+    (LOCAL_WORLD_SIZE processes on the machine split its cores: each does the pass, as SCST's
+    document frequencies), or per core of the machine when it runs alone (the vocabulary: the other
+    processes wait for vocab.json); at most one process per shard."""
+    import os
+    import shards.passes as passes
+    from caption.vocab import caption_words
+    from shards import open_store
+    store = open_store(tiny_features / "train")
+    shards = len(store.manifest["shards"])
+    asked = []
+
+    class InProcess:  # the pool's arithmetic, without starting processes
+        def __init__(self, workers, mp_context, initializer, initargs):
+            asked.append(workers)
+            initializer(*initargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items):
+            return map(fn, items)
+
+    monkeypatch.setattr(passes, "ProcessPoolExecutor", InProcess)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2 * shards)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(shards))
+    want = passes.count_records([store], caption_words, workers=1)
+    assert passes.count_records([store], caption_words) == want and asked == []  # 96 records: in this process
+    monkeypatch.setattr(passes, "PARALLEL_RECORDS", 10)
+    assert passes.count_records([store], caption_words) == want and asked == [2]  # 2 x shards cores / shards processes
+    assert passes.count_records([store], caption_words, alone=True) == want and asked == [2, shards]  # one per shard

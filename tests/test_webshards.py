@@ -14,7 +14,9 @@ import sys
 import tarfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -74,8 +76,23 @@ def served(shapes, tmp_path_factory):
     server.wait(timeout=10)
 
 
-def featurize(args: list[str], processes: int = 1) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+@contextmanager
+def one_reply_server(reply: str, *argv: str) -> Iterator[str]:
+    """A misbehaving HTTP server: it takes one request, then runs `reply` (Python: the connection is
+    `c`, its arguments `sys.argv`; socket, sys and time imported). Yields its base URL; killed after."""
+    port = free_port()
+    code = ("import socket,sys,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n" + reply)
+    server = subprocess.Popen([sys.executable, "-c", code, *argv])
+    try:
+        time.sleep(0.5)  # listening (a probe would take its one connection)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+
+
+def featurize(args: list[str], processes: int = 1, read_ahead: bool = False) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHARDS_READ_AHEAD": "1" if read_ahead else "0"}
     if processes == 1:
         cmd = [sys.executable, "-m", "featurize", *args]
     else:
@@ -87,8 +104,9 @@ def featurize(args: list[str], processes: int = 1) -> None:
 
 @pytest.fixture(scope="module")
 def both(served, tmp_path_factory):
-    """The same shards featurized from local paths (1 process) and through http:// (2 processes,
-    2 workers each), with one backbone (calibrated on the shards' first images, then copied)."""
+    """The same shards featurized from local paths (1 process, read on its thread) and through
+    http:// (2 processes, 2 workers each, each shard read ahead in a thread: many-core hosts'
+    default), with one backbone (calibrated on the shards' first images, then copied)."""
     root, base = served
     local, http = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("http")
     for split, n in (("train", 6), ("val", 1)):
@@ -99,7 +117,7 @@ def both(served, tmp_path_factory):
             for f in ("backbone.safetensors", "backbone.json"):
                 (http / f).write_bytes((local / f).read_bytes())
         featurize([*TINY, "--features", str(http), "--split", split, "--shards_split", split, "--num_workers", "2",
-                   "--input_shards", f"{base}/in/{split}/{{00000..{last}}}.tar"], processes=2)
+                   "--input_shards", f"{base}/in/{split}/{{00000..{last}}}.tar"], processes=2, read_ahead=True)
     return local, http
 
 
@@ -120,15 +138,18 @@ def test_http_featurize_two_processes_equals_local(both):
 
 
 @pytest.mark.slow
-def test_train_from_http_feature_shards_equals_local(both, served, tmp_path):
+def test_train_from_http_feature_shards_equals_local(both, served, tmp_path, monkeypatch):
     """Feature shards served over HTTP stream into training (no Karpathy file: vocabulary and
-    validation references from the records); same weights and the same evaluation as from the folder."""
+    validation references from the records; each shard read ahead in a thread); same weights and
+    the same evaluation as from the folder."""
+    import shards.remote as remote
     from caption import evaluate, train
     local, _ = both
     root, base = served
     (root / "features").symlink_to(local, target_is_directory=True)
     runs = {}
     for name, features in (("local", str(local)), ("http", f"{base}/features")):
+        monkeypatch.setattr(remote, "READ_AHEAD", name == "http")
         run = tmp_path / name
         assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--features", features, "--input_json", "",
                            "--checkpoint_path", str(run), "--max_epochs", "2", "--batch_size", "8",
@@ -264,18 +285,11 @@ def test_short_http_body_is_named(served):
     """A whole tar sent by a server that promised more bytes (Content-Length) and closed: the tar
     parses, its end blocks are there, and the transfer is still named as cut short."""
     root, _ = served
-    port = free_port()
-    code = ("import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n"
-            "d=open(sys.argv[1],'rb').read()\n"
-            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % (len(d) + 5000) + d);c.close()")
-    server = subprocess.Popen([sys.executable, "-c", code, str(root / "in" / "train" / "00000.tar")])
-    try:
-        time.sleep(0.5)
+    reply = ("d=open(sys.argv[1],'rb').read()\n"
+             "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % (len(d) + 5000) + d);c.close()")
+    with one_reply_server(reply, str(root / "in" / "train" / "00000.tar")) as base:
         with pytest.raises(StoreError, match=r"x\.tar: the transfer was cut short \(5000 bytes"):
-            list(tar_samples(f"http://127.0.0.1:{port}/x.tar", timeout=10))
-    finally:
-        server.kill()
+            list(tar_samples(f"{base}/x.tar", timeout=10))
 
 
 @pytest.mark.usefixtures("read_ahead")
@@ -286,22 +300,14 @@ def test_a_server_that_stops_mid_member_times_out(tmp_path):
     big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
     write_image_text_shards(iter([("k0", {"jpg": b"x" * 100, "txt": b"a"}), ("k1", {"jpg": big, "txt": b"b"})]),
                             tmp_path, 16)
-    data = (tmp_path / "00000.tar").read_bytes()
-    port = free_port()
-    code = ("import socket,sys,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n"
-            "d=open(sys.argv[1],'rb').read()\n"
-            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(d) + d[:len(d) // 2])\n"
-            "time.sleep(600)")
-    server = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "00000.tar")])
-    try:
-        time.sleep(0.5)
+    reply = ("d=open(sys.argv[1],'rb').read()\n"
+             "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(d) + d[:len(d) // 2])\n"
+             "time.sleep(600)")
+    with one_reply_server(reply, str(tmp_path / "00000.tar")) as base:
         t0 = time.monotonic()
         with pytest.raises(StoreError, match=r"x\.tar: the transfer (failed after k0\.txt \(.*timed out|has stalled)"):
-            list(tar_samples(f"http://127.0.0.1:{port}/x.tar", timeout=1.0))
+            list(tar_samples(f"{base}/x.tar", timeout=1.0))
         assert time.monotonic() - t0 < 10
-    finally:
-        server.kill()
 
 
 @pytest.mark.slow
@@ -563,20 +569,13 @@ def test_stalls_and_huge_members_are_errors_not_hangs(tmp_path):
     """Probe D2, D3, D8, each made here: a server that drips a byte every 0.05 s (a per-read timeout
     never fires), a `pipe:` command that writes nothing and never exits, and a tar member that
     claims 10 GB: each a StoreError naming the URL within a few timeouts, nothing read whole."""
-    port = free_port()
-    code = ("import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-            f"s.bind(('127.0.0.1',{port}));s.listen(1)\nc,_=s.accept();c.recv(65536)\n"
-            "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 100000000\\r\\n\\r\\n')\n"
-            "while True:\n    c.sendall(b'x'); time.sleep(0.05)\n")
-    server = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        time.sleep(0.5)
+    reply = ("c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 100000000\\r\\n\\r\\n')\n"
+             "while True:\n    c.sendall(b'x'); time.sleep(0.05)\n")
+    with one_reply_server(reply) as base:
         t0 = time.monotonic()
         with pytest.raises(StoreError, match=r"drip\.json: the transfer has stalled"):
-            read_bytes(f"http://127.0.0.1:{port}/drip.json", timeout=1.0)
+            read_bytes(f"{base}/drip.json", timeout=1.0)
         assert time.monotonic() - t0 < 10
-    finally:
-        server.kill()
     t0 = time.monotonic()
     with pytest.raises(StoreError, match=r"pipe:sleep 600: the command wrote nothing for 1 s"):
         list(tar_samples("pipe:sleep 600", timeout=1.0))
