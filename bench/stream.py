@@ -1,7 +1,7 @@
 """Streaming reads over HTTP against reading the same shards from the local folder, in one run.
 
     python -m bench.stream                    # 256 COCO-size grids (14x14x2048) in 4 tar shards
-    python -m bench.stream --images 1024 --rounds 5
+    python -m bench.stream --images 1024 --rounds 9
 
 A real HTTP server process on 127.0.0.1 serves the folder, standing in for an object store:
 nginx when it is installed (`apt install nginx`; started and stopped here with its own config,
@@ -9,8 +9,9 @@ sendfile on), else `python -m http.server` (`--server` chooses); the server alon
 too (a plain client reading each shard's body in 1 MiB reads, nothing parsed). Both paths read
 every record through the same reader (`shards.wds.stream`: tar parsed, every grid's CRC-32C
 checked), local files memory-mapped, HTTP streamed by `shards.remote`. Also the image-text input
-shards' raw reads (tar members grouped by key, no decoding). Rounds alternate local and HTTP;
-each prints img/s and the ratio HTTP/local (best of the rounds). Loopback has no network limit:
+shards' raw reads (tar members grouped by key, no decoding). Each round times every path,
+local and HTTP back to back; printed: the best round's img/s, and the median (and range) of the
+rounds' HTTP/local ratios. Loopback has no network limit:
 the ratio is the cost of the HTTP path itself (server, sockets, stream parsing), an upper bound
 on what a real network gives.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,11 +95,18 @@ def timed(fn) -> float:
     return n / (time.perf_counter() - t)
 
 
+def paired(http: list[float], local: list[float]) -> str:
+    """The median of each round's HTTP/local ratio, and their range: on a shared machine whose speed
+    drifts, a ratio within a round says more than the best of each path."""
+    ratios = sorted(h / lo for h, lo in zip(http, local))
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--server", default="auto", choices=("auto", "nginx", "python"))
     a = p.parse_args(argv)
     load = os.getloadavg()[0]
@@ -129,21 +138,21 @@ def main(argv=None) -> int:
             ins_http = [f"{base}/in/{Path(u).name}" for u in ins]
             feats = lambda urls: sum(1 for _ in stream(urls, grid=14, channels=2048, require_checksum=True))  # noqa: E731
             raw = lambda urls: sum(1 for u in urls for _ in tar_samples(u))  # noqa: E731
-            best = {k: 0.0 for k in ("grids local", "grids http", "images local", "images http", "server alone",
-                                     "grids http other", "images http other")}
+            rates: dict[str, list[float]] = {k: [] for k in (
+                "grids local", "grids http", "images local", "images http", "server alone", "grids http other",
+                "images http other")}
             records_per_byte = a.images / sum(body_bytes(u) for u in http)
             default = remote.READ_AHEAD
-            for _ in range(a.rounds):
-                best["server alone"] = max(best["server alone"],
-                                           timed(lambda: sum(body_bytes(u) for u in http) * records_per_byte))
-                best["grids local"] = max(best["grids local"], timed(lambda: feats(local)))
-                best["grids http"] = max(best["grids http"], timed(lambda: feats(http)))
-                best["images local"] = max(best["images local"], timed(lambda: raw(ins)))
-                best["images http"] = max(best["images http"], timed(lambda: raw(ins_http)))
+            for _ in range(a.rounds):  # each round times every path once, local and HTTP back to back
+                rates["server alone"].append(timed(lambda: sum(body_bytes(u) for u in http) * records_per_byte))
+                rates["grids local"].append(timed(lambda: feats(local)))
+                rates["grids http"].append(timed(lambda: feats(http)))
+                rates["images local"].append(timed(lambda: raw(ins)))
+                rates["images http"].append(timed(lambda: raw(ins_http)))
                 remote.READ_AHEAD = not default  # the other setting, in the same rounds
                 try:
-                    best["grids http other"] = max(best["grids http other"], timed(lambda: feats(http)))
-                    best["images http other"] = max(best["images http other"], timed(lambda: raw(ins_http)))
+                    rates["grids http other"].append(timed(lambda: feats(http)))
+                    rates["images http other"].append(timed(lambda: raw(ins_http)))
                 finally:
                     remote.READ_AHEAD = default
         finally:
@@ -151,16 +160,20 @@ def main(argv=None) -> int:
             server.wait()
     mb = 14 * 14 * 2048 * 2 / 1e6
     print(f"{a.images} grids of 14x14x2048 float16 ({mb:.2f} MB each) in {a.shards} tar shards; "
-          f"{a.images * 8} 50 kB images in {a.shards} input shards; best of {a.rounds} rounds; server: {server_name}; "
+          f"{a.images * 8} 50 kB images in {a.shards} input shards; {a.rounds} rounds; server: {server_name}; "
           f"{cores()} cores, load {load:.2f} before")
     on_off = lambda on: "read-ahead thread" if on else "no read-ahead thread"  # noqa: E731
     print(f"http: {on_off(default)} (this machine's default); 'other': {on_off(not default)}")
-    s = best["server alone"]
+    print("ratios: HTTP over local in the same round, the median of the rounds (lowest-highest); "
+          "rates: the best round")
+    s = max(rates["server alone"])
     print(f"server  alone (a plain client, nothing parsed): {s:9,.0f} grids/s ({s * mb:6,.0f} MB/s)")
     for what, size in (("grids", mb), ("images", 0.05)):
-        lo, hi = best[f"{what} local"], best[f"{what} http"]
+        lo, hi = max(rates[f"{what} local"]), max(rates[f"{what} http"])
+        ratio = paired(rates[f"{what} http"], rates[f"{what} local"])
+        other = paired(rates[f"{what} http other"], rates[f"{what} local"])
         print(f"{what:6s}  local {lo:9,.0f} img/s ({lo * size:6,.0f} MB/s)   http {hi:9,.0f} img/s "
-              f"({hi * size:6,.0f} MB/s)   http/local {hi / lo:.2f}   other {best[f'{what} http other'] / lo:.2f}")
+              f"({hi * size:6,.0f} MB/s)   http/local {ratio}   other {other}")
     return 0
 
 

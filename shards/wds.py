@@ -139,23 +139,21 @@ def map_shard(path: str) -> mmap.mmap:
 
 
 def local_tar_members(path: str, data: mmap.mmap) -> Iterator[dict]:
-    """webdataset's file samples ({"fname", "data", "__url__"}) of a mapped local tar shard:
-    tarfile parses the headers, each member's data is a view of the map (no 10 KB stream
-    reads, no copies). A member that runs past the end, or a shard cut at a header, is torn."""
-    size, view = len(data), memoryview(data)
+    """webdataset's file samples ({"fname", "data", "__url__"}) of a mapped local tar shard: read
+    as a streamed one is (`remote.read_members`: its header parser), each member's data a view of
+    the map (no copies). A member that runs past the end, or a shard cut at a header or before its
+    end-of-archive blocks, is torn."""
+    tar, end = remote.MappedTar(data), {}
     try:
-        with tarfile.open(fileobj=data, mode="r:") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                if info.offset_data + info.size > size:
-                    raise StoreError(f"{path}: torn shard ({info.name} runs past the end of the file)")
-                yield {"fname": info.name, "data": view[info.offset_data:info.offset_data + info.size], "__url__": path}
-            end = tar.offset  # tarfile stops quietly at a header cut short: the end blocks must be there
-            if size < end + 2 * tarfile.BLOCKSIZE or any(view[end:end + 2 * tarfile.BLOCKSIZE]):
-                raise StoreError(f"{path}: torn shard (no end-of-archive blocks after byte {end})")
+        for name, member in remote.read_members(tar, tar.take, path, 1 << 62, end):  # a shard's size bounds a member
+            yield {"fname": name, "data": member, "__url__": path}
+    except tarfile.ReadError as e:
+        raise StoreError(f"{path}: torn shard ({e})") from None
     except tarfile.TarError as e:
         raise StoreError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+    at = tar.pos - (tarfile.BLOCKSIZE if end else 0)  # where the end-of-archive blocks should begin
+    if not end or tar.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise StoreError(f"{path}: torn shard (no end-of-archive blocks after byte {at})")
 
 
 def _local_path(url: str) -> str | None:

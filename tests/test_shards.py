@@ -454,6 +454,49 @@ def test_streamed_tars_read_as_tarfile_reads_them(tmp_path, form):
     assert got == want and len(got) == 6
 
 
+def test_tar_header_reads_every_header_as_tarfile_does():
+    """The streamed reader's header parser gives tarfile's (name, size, type) for the headers
+    tarfile writes in each format (long, prefixed, non-ASCII names; PAX and GNU headers; a V7
+    directory; sizes past what 11 octal digits hold; every member type) and for a checksum made
+    with signed bytes; a header with a byte changed is refused as tarfile refuses it."""
+    from shards.remote import tar_header
+    rng = np.random.default_rng(0)
+    names = ["k1.features.npy", "d/" + "x" * 90 + ".jpg", "a/" * 60 + "b.txt", "café/é.json", "v7dir/", ""]
+    kinds = [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE]
+    seen = 0
+    for form in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for name in names:
+            for kind in kinds:
+                for size in (0, 1, 511, 512, 802_944, 8 << 30 if form != tarfile.USTAR_FORMAT else 7 << 30):
+                    info = tarfile.TarInfo(name)
+                    info.type, info.size = kind, size
+                    try:
+                        buf = info.tobuf(form, "utf-8", "surrogateescape")
+                    except ValueError:  # a name or size this format cannot hold
+                        continue
+                    blocks = [buf[i:i + 512] for i in range(0, len(buf), 512)]
+                    for block in (blocks[0], blocks[-1]):  # an extended header (if any) and the member's own
+                        want = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                        assert tar_header(block) == (want.name, want.size, want.type), (form, name, kind, size)
+                        seen += 1
+                    bad = bytearray(blocks[-1])
+                    at = int(rng.integers(0, 512))
+                    bad[at] ^= 1 << int(rng.integers(0, 8))
+                    try:
+                        want = tarfile.TarInfo.frombuf(bytes(bad), "utf-8", "surrogateescape")
+                    except tarfile.TarError:
+                        with pytest.raises(tarfile.TarError):
+                            tar_header(bytes(bad))
+                    else:  # a change tarfile accepts (an unused byte whose checksum still agrees): read alike
+                        assert tar_header(bytes(bad)) == (want.name, want.size, want.type)
+    assert seen > 300
+    signed = bytearray(tarfile.TarInfo("é" * 20).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    signed[148:156] = b" " * 8
+    total = sum(b - 256 if b > 127 else b for b in signed)  # as Sun's and NeXT's tars summed
+    signed[148:156] = b"%06o\0 " % total
+    assert tar_header(bytes(signed)) == ("é" * 20, 0, tarfile.REGTYPE)
+
+
 @pytest.mark.usefixtures("read_ahead")
 def test_a_streamed_member_of_any_type_claiming_too_much_is_refused(tmp_path):
     """A non-regular member (here a character device) whose header claims 10 GB is refused before

@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -199,6 +200,33 @@ def test_read_ahead_gives_every_member_in_order_bit_equal(served):
     inline = [(m["fname"], bytes(m["data"])) for m in tar_members(url, read_ahead=False)]
     ahead = [(m["fname"], bytes(m["data"])) for m in tar_members(url, read_ahead=True)]
     assert ahead == inline and len(inline) == 3 * 16  # 16 samples: an image, a caption, a .json
+
+
+def test_an_http_shard_gets_a_wide_receive_buffer_as_far_as_the_system_allows(served, monkeypatch):
+    """Each HTTP shard's socket gets RECEIVE_BUFFER bytes of receive buffer (the kernel doubles
+    it) up to net.core.rmem_max, below 1 MiB of allowance the kernel's own sizing; 0 leaves it to
+    the kernel; the bytes read are the same either way."""
+    from shards import remote
+    _, base = served
+    url = f"{base}/in/train/00000.tar"
+
+    def opened(size: int) -> tuple[int, bytes]:
+        monkeypatch.setattr(remote, "RECEIVE_BUFFER", size)
+        with remote.open_stream(url) as response:
+            with socket.socket(fileno=os.dup(response.fileno())) as sock:
+                buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            return buffer, response.read()
+
+    kernel, data = opened(0)
+    allowed = remote._system_receive_limit()
+    wide, same = opened(4 << 20)
+    assert same == data and len(data) > 0
+    if allowed >= 1 << 20:
+        assert wide == 2 * min(4 << 20, allowed) != kernel
+    else:
+        assert wide == kernel
+    monkeypatch.setattr(remote, "_system_receive_limit", lambda: 512 << 10)  # a system allowing less
+    assert opened(4 << 20)[0] == kernel
 
 
 def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
