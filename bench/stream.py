@@ -2,6 +2,7 @@
 
     python -m bench.stream                    # 256 COCO-size grids (14x14x2048) in 4 tar shards
     python -m bench.stream --images 1024 --rounds 9
+    python -m bench.stream --other receive_buffer   # 'other': the kernel's own receive buffer
 
 A real HTTP server process on 127.0.0.1 serves the folder, standing in for an object store:
 nginx when it is installed (`apt install nginx`; started and stopped here with its own config,
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--server", default="auto", choices=("auto", "nginx", "python"))
+    p.add_argument("--other", default="read_ahead", choices=("read_ahead", "receive_buffer"),
+                   help="the setting the 'other' column changes: the read-ahead thread (on where it is off, "
+                        "off where on) or the socket's receive buffer (left to the kernel)")
     a = p.parse_args(argv)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,19 +146,21 @@ def main(argv=None) -> int:
                 "grids local", "grids http", "images local", "images http", "server alone", "grids http other",
                 "images http other")}
             records_per_byte = a.images / sum(body_bytes(u) for u in http)
-            default = remote.READ_AHEAD
+            setting = {"read_ahead": "READ_AHEAD", "receive_buffer": "RECEIVE_BUFFER"}[a.other]
+            default = getattr(remote, setting)
+            other_value = (not default) if a.other == "read_ahead" else 0
             for _ in range(a.rounds):  # each round times every path once, local and HTTP back to back
                 rates["server alone"].append(timed(lambda: sum(body_bytes(u) for u in http) * records_per_byte))
                 rates["grids local"].append(timed(lambda: feats(local)))
                 rates["grids http"].append(timed(lambda: feats(http)))
                 rates["images local"].append(timed(lambda: raw(ins)))
                 rates["images http"].append(timed(lambda: raw(ins_http)))
-                remote.READ_AHEAD = not default  # the other setting, in the same rounds
+                setattr(remote, setting, other_value)  # the other setting, in the same rounds
                 try:
                     rates["grids http other"].append(timed(lambda: feats(http)))
                     rates["images http other"].append(timed(lambda: raw(ins_http)))
                 finally:
-                    remote.READ_AHEAD = default
+                    setattr(remote, setting, default)
         finally:
             server.terminate()
             server.wait()
@@ -162,8 +168,13 @@ def main(argv=None) -> int:
     print(f"{a.images} grids of 14x14x2048 float16 ({mb:.2f} MB each) in {a.shards} tar shards; "
           f"{a.images * 8} 50 kB images in {a.shards} input shards; {a.rounds} rounds; server: {server_name}; "
           f"{cores()} cores, load {load:.2f} before")
-    on_off = lambda on: "read-ahead thread" if on else "no read-ahead thread"  # noqa: E731
-    print(f"http: {on_off(default)} (this machine's default); 'other': {on_off(not default)}")
+    if a.other == "read_ahead":
+        on_off = lambda on: "read-ahead thread" if on else "no read-ahead thread"  # noqa: E731
+        print(f"http: {on_off(default)} (this machine's default); 'other': {on_off(not default)}")
+    else:
+        print(f"http: receive buffer {default >> 20} MiB asked (this machine's default: "
+              f"{'used' if min(default, remote._system_receive_limit()) >= 1 << 20 else 'not allowed, kernel-sized'}); "
+              "'other': kernel-sized (SHARDS_RECEIVE_BUFFER=0)")
     print("ratios: HTTP over local in the same round, the median of the rounds (lowest-highest); "
           "rates: the best round")
     s = max(rates["server alone"])
