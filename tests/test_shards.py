@@ -455,10 +455,10 @@ def test_streamed_tars_read_as_tarfile_reads_them(tmp_path, form):
 
 
 def test_tar_header_reads_every_header_as_tarfile_does():
-    """The streamed reader's header parser gives tarfile's (name, size, type) for the headers
-    tarfile writes in each format (long, prefixed, non-ASCII names; PAX and GNU headers; a V7
-    directory; sizes past what 11 octal digits hold; every member type) and for a checksum made
-    with signed bytes; a header with a byte changed is refused as tarfile refuses it."""
+    """The tar header parser (of streamed and mapped shards alike) gives tarfile's (name, size,
+    type) for the headers tarfile writes in each format (long, prefixed, non-ASCII names; PAX and
+    GNU headers; a V7 directory; sizes past what 11 octal digits hold; every member type) and for
+    a checksum made with signed bytes; a header with a bit flipped is refused as tarfile refuses it."""
     from shards.remote import tar_header
     rng = np.random.default_rng(0)
     names = ["k1.features.npy", "d/" + "x" * 90 + ".jpg", "a/" * 60 + "b.txt", "café/é.json", "v7dir/", ""]

@@ -230,10 +230,10 @@ def test_an_http_shard_gets_a_wide_receive_buffer_as_far_as_the_system_allows(se
     script = ("import os, socket, sys; from shards import remote\n"
               "with remote.open_stream(sys.argv[1]) as r, socket.socket(fileno=os.dup(r.fileno())) as s:\n"
               "    print(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))")
-    for env, want in (("0", kernel), ("", wide)):  # SHARDS_RECEIVE_BUFFER=0 as the README says; unset: the default
-        out = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "SHARDS_RECEIVE_BUFFER": env} if env else
-                             {k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT)}.items() if k != "SHARDS_RECEIVE_BUFFER"})
+    env = {k: v for k, v in os.environ.items() if k != "SHARDS_RECEIVE_BUFFER"} | {"PYTHONPATH": str(ROOT)}
+    for setting, want in (({"SHARDS_RECEIVE_BUFFER": "0"}, kernel), ({}, wide)):  # as the README says; the default
+        out = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, check=True,
+                             cwd=ROOT, env=env | setting)
         assert int(out.stdout) == want
 
 
