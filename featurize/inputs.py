@@ -34,7 +34,6 @@ import io
 import itertools
 import json
 import re
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from shards.format import StoreError
 from shards.imagetext import InputSample, parse_sample
 from shards.manifest import shard_meta_path
 from shards.remote import _reraise, local_path, read_bytes, tar_samples
+from shards.wds import local_tar_members, map_shard
 
 INPUTS = "inputs"  # features/<split>/inputs/NNNNNN.json: input shard i done
 
@@ -76,16 +76,18 @@ def stats_count(url: str, timeout: float = 60.0) -> int | None:
 
 def count_local(url: str) -> int | None:
     """The samples of a local tar (None: not a local file), grouped by webdataset's own rule as
-    featurize will read them, from the member headers alone (tarfile seeks over the data)."""
+    featurize will read them: its members through the same tar reader, from the headers alone
+    (the file mapped, the members' data never touched)."""
     if url.startswith(("pipe:", "http:", "https:")):
         return None
     path = local_path(url)
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            headers = [{"fname": m.name, "data": b"", "__url__": url} for m in tar if m.isreg()]
-    except (OSError, tarfile.TarError) as e:
+        members = local_tar_members(path, map_shard(path, populate=False))
+        return sum(1 for _ in wds.tariterators.group_by_keys(members, handler=_reraise))
+    except OSError as e:
         raise StoreError(f"{path}: cannot count its samples ({type(e).__name__}: {e})") from None
-    return sum(1 for _ in wds.tariterators.group_by_keys(iter(headers), handler=_reraise))
+    except StoreError as e:  # a torn or unreadable shard, named as featurize would name it
+        raise StoreError(f"{path}: cannot count its samples ({str(e).removeprefix(f'{path}: ')})") from None
 
 
 @dataclass(frozen=True)

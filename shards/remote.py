@@ -45,7 +45,6 @@ TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
 MIN_PROGRESS = 1 << 16  # bytes a transfer must deliver in every `timeout` seconds (else it has stalled)
 MAX_INPUT_MEMBER = 256 << 20  # an input sample's member (an image, a caption): larger is refused, not read
 _AFTER_END = 1 << 20  # zero bytes accepted after the end-of-archive blocks begin (record padding)
-_READ = 1 << 20  # bytes asked of a stream per read
 # A streamed tar is received into a reused buffer of this size and each member copied out of it:
 # the kernel's copy into memory in the cache costs less than into each member's new array (2 cores,
 # the same rounds: 376 µs a grid against 415 with a 64 KiB buffer, whose larger reads go straight
@@ -404,7 +403,7 @@ def _tar_members(url: str, timeout: float, max_member: int) -> Iterator[tuple[st
                 last = name
                 yield name, data
             rest = tarfile.BLOCKSIZE if end else 0  # bytes from the end-of-archive blocks on, all zeros
-            while chunk := buf.read(_READ):  # the second block, the record padding, a body's missing bytes
+            while chunk := buf.read(_BUFFER):  # the second block, the record padding, a body's missing bytes
                 rest += len(chunk)
                 if chunk.count(0) != len(chunk) or rest > _AFTER_END:
                     raise StoreError(f"{url}: data after the end of the archive")

@@ -129,13 +129,15 @@ def _npy_header(head: bytes) -> tuple:
     return shape, fortran, dtype
 
 
-def map_shard(path: str) -> mmap.mmap:
+def map_shard(path: str, populate: bool = True) -> mmap.mmap:
     """A local shard mapped read-only with its pages read in now (MAP_POPULATE: one sequential read
-    at the disk's speed instead of a page fault per 4 KB); releases the GIL while it reads."""
+    at the disk's speed instead of a page fault per 4 KB; releases the GIL while it reads), or as
+    they are touched (`populate=False`: reading only the headers)."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise StoreError(f"{path}: empty shard")
-        return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
 
 
 def local_tar_members(path: str, data: mmap.mmap) -> Iterator[dict]:

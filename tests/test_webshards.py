@@ -544,6 +544,11 @@ def test_without_stats_local_tars_are_counted_and_urls_reserve_rows(shapes, tmp_
         f.unlink()
     lay = layout([str(t) for t in tars], 10_000, 6)
     assert lay.exact and lay.counts == (16,) * 6 and lay.source == "counts of the local tars"
+    assert lay.counts[0] == sum(1 for _ in tar_samples(str(tars[0])))  # counted as the reader reads
+    torn = tmp_path / "torn.tar"
+    torn.write_bytes(tars[0].read_bytes()[:tars[0].stat().st_size // 2])
+    with pytest.raises(StoreError, match=r"torn.tar: cannot count its samples \(torn shard"):
+        layout([str(torn)], 10_000, 6)
     piped = layout([f"pipe:cat {t}" for t in tars], 10_000, 6)
     assert not piped.exact and piped.counts == (10_002,) * 6  # whole output shards of 6
     import featurize.__main__ as fz
