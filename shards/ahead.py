@@ -1,18 +1,21 @@
-"""An iterator run in a thread of its own, a bounded amount ahead of its consumer.
+"""Work done in a thread of its own, a bounded amount ahead of its consumer.
 
-    for member in ReadAhead(tar_members(url), limit=32 << 20, cost=lambda m: m[1].nbytes): ...
-    for batch in ReadAhead(resident_batches(...), limit=2): ...
+    for batch in ReadAhead(resident_batches(...), limit=2): ...      # an iterator's items
+    with ReceiveAhead(response, size=4 << 20, buffers=2) as f: f.read(512); f.readinto(array)
 
-Streamed tars are received and parsed this way while their members are used (shards.remote),
-and training batches held in memory are made while the model trains on the previous ones
-(caption.resident). The producer's work overlaps the consumer's where it releases the GIL
-(socket reads, torch ops, copies).
+Training batches held in memory are made while the model trains on the previous ones
+(caption.resident, `ReadAhead`); a streamed shard's bytes are received while the previous ones
+are parsed and checked (shards.remote, `ReceiveAhead`). The producer's work overlaps the
+consumer's where it releases the GIL (socket reads, torch ops, copies).
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Callable, Iterator, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -86,3 +89,114 @@ class ReadAhead(Iterator[T]):
         """Stop the thread at its next item (and close `items` there)."""
         self._stop()
         self._out.close()
+
+
+_SPARE: dict[int, list[np.ndarray]] = {}  # size -> buffers a finished ReceiveAhead left for the next
+_SPARE_LOCK = threading.Lock()
+_KEEP = 4  # spare buffers kept per size
+
+
+def _spare(size: int, n: int) -> list[np.ndarray]:
+    """n receive buffers of `size` bytes: those the previous streams left (their pages already in
+    memory: a new one's are faulted in by the first read into it), else new, not zero-filled."""
+    with _SPARE_LOCK:
+        kept = _SPARE.setdefault(size, [])
+        got = [kept.pop() for _ in range(min(n, len(kept)))]
+    return got + [np.empty(size, np.uint8) for _ in range(n - len(got))]
+
+
+def _return(size: int, buffers: list[np.ndarray]) -> None:
+    with _SPARE_LOCK:
+        kept = _SPARE.setdefault(size, [])
+        kept.extend(buffers[:max(0, _KEEP - len(kept))])
+
+
+class ReceiveAhead:
+    """A byte stream (`raw.readinto`) received by a thread of its own into `buffers` reused buffers
+    of `size` bytes, and read here in order: `read(n)` (bytes) and `readinto(b)` (copied with the
+    GIL released). The thread does nothing else: one read per buffer (the kernel's copy out of a
+    socket, the GIL released), so the receiving overlaps the consumer's parsing and checking, and
+    the two hand over the GIL once per buffer, not per item. At most `buffers` buffers are
+    received ahead; an error raised there comes after the bytes before it. `close()` (or the end
+    of a `with`) stops the thread: at its next buffer, or at once through `interrupt` (something
+    that wakes a read blocked on the source, e.g. a socket shut down) when it is inside a read."""
+
+    def __init__(self, raw, size: int, buffers: int, interrupt: Callable[[], None] = lambda: None):
+        self.raw, self.interrupt, self.size = raw, interrupt, size
+        self.free: queue.SimpleQueue = queue.SimpleQueue()  # buffers the thread may fill; None: stop
+        self.full: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, bytes in it) in order; (None, error)
+        self.owned = _spare(size, buffers)
+        for buf in self.owned:
+            self.free.put(buf)
+        self.buf: np.ndarray | None = None  # the buffer being read here, its bytes pos:end
+        self.pos = self.end = 0
+        self.ended = self.closed = False
+        self.thread = threading.Thread(target=self._run, name="receive-ahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (buf := self.free.get()) is not None:
+                n = self.raw.readinto(buf)
+                self.full.put((buf, n))
+                if not n:
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self.full.put((None, e))
+
+    def _next(self) -> bool:
+        """The next received buffer made current (the one read to its end handed back); False at the end."""
+        if self.buf is not None:
+            self.free.put(self.buf)
+            self.buf = None
+        if self.ended:
+            return False
+        buf, n = self.full.get()
+        if buf is None:
+            self.ended = True
+            raise n
+        if not n:
+            self.ended = True
+            return False
+        self.buf, self.pos, self.end = buf, 0, n
+        return True
+
+    def readinto(self, b) -> int:
+        """len(b) bytes into b (fewer only at the end of the stream); how many."""
+        out = np.frombuffer(b, np.uint8)
+        want, got = len(out), 0
+        while got < want:
+            if self.pos == self.end and not self._next():
+                break
+            k = min(want - got, self.end - self.pos)
+            np.copyto(out[got:got + k], self.buf[self.pos:self.pos + k])  # releases the GIL: the thread's turn
+            self.pos += k
+            got += k
+        return got
+
+    def read(self, n: int) -> bytes:
+        """n bytes (fewer only at the end of the stream)."""
+        if self.end - self.pos >= n:
+            out = self.buf[self.pos:self.pos + n].tobytes()
+            self.pos += n
+            return out
+        out = bytearray(n)
+        return bytes(memoryview(out)[:self.readinto(out)])
+
+    def close(self) -> None:
+        """The thread stopped (woken by `interrupt` if it is inside a read) and waited for."""
+        if self.closed:
+            return
+        self.closed = True
+        self.free.put(None)
+        if self.thread.is_alive() and not self.ended:
+            self.interrupt()
+        self.thread.join(timeout=1)  # a read that cannot be woken ends by itself (its stream closed, a timeout)
+        if not self.thread.is_alive():
+            _return(self.size, self.owned)
+
+    def __enter__(self) -> "ReceiveAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -38,17 +38,18 @@ import numpy as np
 import webdataset as wds
 
 from common.machine import cores
-from shards.ahead import ReadAhead
+from shards.ahead import ReceiveAhead
 from shards.format import StoreError
 
 TIMEOUT = 60.0  # seconds per connect and per read of an HTTP shard
 MIN_PROGRESS = 1 << 16  # bytes a transfer must deliver in every `timeout` seconds (else it has stalled)
 MAX_INPUT_MEMBER = 256 << 20  # an input sample's member (an image, a caption): larger is refused, not read
 _AFTER_END = 1 << 20  # zero bytes accepted after the end-of-archive blocks begin (record padding)
-# A streamed tar is received into a reused buffer of this size and each member copied out of it:
-# the kernel's copy into memory in the cache costs less than into each member's new array (2 cores,
-# the same rounds: 376 µs a grid against 415 with a 64 KiB buffer, whose larger reads go straight
-# into the member's array, and 418 with 16 KiB; bench/RESULTS.md).
+# Without the receiving thread (READ_AHEAD off), a streamed tar is received into a reused buffer of
+# this size and each member copied out of it: the kernel's copy into memory in the cache costs less
+# than into each member's new array (2 cores, the same rounds: 376 µs a grid against 415 with a
+# 64 KiB buffer, whose larger reads go straight into the member's array, and 418 with 16 KiB;
+# bench/RESULTS.md).
 _BUFFER = 1 << 20
 # An HTTP shard's socket gets a receive buffer of this many bytes (the kernel doubles it), as far as
 # net.core.rmem_max allows (at least 1 MiB, else the kernel's own sizing is kept): on 2 cores a grid
@@ -58,14 +59,16 @@ _BUFFER = 1 << 20
 # SHARDS_RECEIVE_BUFFER=0 leaves it to the kernel.
 RECEIVE_BUFFER = int(os.environ.get("SHARDS_RECEIVE_BUFFER", 4 << 20))
 _SCHEMES = ("http://", "https://", "pipe:", "file:")
-# A streamed tar is received and parsed in a thread of its own (the socket's copy releases the GIL)
-# while its members are used, with at most READ_AHEAD_BYTES of them waiting. Only where the process
-# has more than two cores: with 16, grids streamed at 0.70 of the local read with it, 0.54 without;
-# with two, where the thread competes with the server and the consumer, 0.50 against 0.57
-# (bench/RESULTS.md, "Streaming over HTTP"). SHARDS_READ_AHEAD=1 or 0 in the environment decides
-# instead (every process and DataLoader worker of a run reads it).
-READ_AHEAD = {"1": True, "0": False}.get(os.environ.get("SHARDS_READ_AHEAD", ""), cores() > 2)
-READ_AHEAD_BYTES = 32 << 20
+# A streamed tar is received by a thread of its own (shards.ahead.ReceiveAhead) into AHEAD_BUFFERS
+# reused buffers of AHEAD_SIZE bytes while the consumer parses and checks the bytes before: the
+# kernel's copy out of the socket (the GIL released) overlaps the consumer's work, the GIL changing
+# hands once per buffer. On 2 cores, with the server on the same two, grids in shards of featurize's
+# size streamed at 0.80-0.90 of the local read with it and 0.69-0.77 without (the same rounds;
+# bench/RESULTS.md, "Streaming over HTTP"); the earlier thread, which also parsed the tar, 0.49.
+# Not on one core, where there is nothing to overlap. SHARDS_READ_AHEAD=1 or 0 in the environment
+# decides instead (every process and DataLoader worker of a run reads it).
+READ_AHEAD = {"1": True, "0": False}.get(os.environ.get("SHARDS_READ_AHEAD", ""), cores() > 1)
+AHEAD_SIZE, AHEAD_BUFFERS = 4 << 20, 2
 
 
 def is_url(location) -> bool:
@@ -383,20 +386,20 @@ def tar_members(url: str, timeout: float = TIMEOUT, max_member: int = MAX_INPUT_
     """webdataset's file samples ({"fname", "data", "__url__"}) of a tar streamed from `url`,
     each member read whole (one larger than `max_member` bytes is an error, before it is read); a
     cut-short or unreadable tar is a StoreError naming the URL and the last member read.
-    `read_ahead` (default READ_AHEAD): received and parsed in a thread of its own."""
-    items = _tar_members(url, timeout, max_member)
-    if READ_AHEAD if read_ahead is None else read_ahead:
-        items = iter(ReadAhead(items, READ_AHEAD_BYTES, cost=lambda member: member[1].nbytes))
-    for name, data in items:
+    `read_ahead` (default READ_AHEAD): the bytes received by a thread of its own."""
+    for name, data in _tar_members(url, timeout, max_member, READ_AHEAD if read_ahead is None else read_ahead):
         yield {"fname": name, "data": data, "__url__": url}
 
 
-def _tar_members(url: str, timeout: float, max_member: int) -> Iterator[tuple[str, np.ndarray]]:
+def _tar_members(url: str, timeout: float, max_member: int, read_ahead: bool) -> Iterator[tuple[str, np.ndarray]]:
     """(name, data) of each regular member of the tar streamed from `url`, every fault a StoreError."""
     last = "the first member"
     with open_stream(url, timeout) as raw:
         f = _Counted(raw, url, timeout)
-        buf = io.BufferedReader(f, _BUFFER)  # received here; headers read and members copied out of it
+        if read_ahead:  # received in a thread, members copied out of its buffers
+            buf = ReceiveAhead(f, AHEAD_SIZE, AHEAD_BUFFERS, interrupt=functools.partial(_interrupt, raw))
+        else:  # received here; headers read and members copied out of it
+            buf = io.BufferedReader(f, _BUFFER)
         end: dict = {}
         try:
             for name, data in read_members(buf, functools.partial(_exactly, buf), url, max_member, end):
@@ -411,16 +414,29 @@ def _tar_members(url: str, timeout: float, max_member: int) -> Iterator[tuple[st
             raise
         except (tarfile.TarError, EOFError, ValueError) as e:
             if isinstance(raw, _PipeStream):  # a command that failed says why better than its empty output
+                buf.close()
                 raw.finish()
             raise StoreError(f"{url}: torn or unreadable tar after {last} ({e})") from None
         except (OSError, http.client.HTTPException, socket.timeout) as e:
             raise StoreError(f"{url}: the transfer failed after {last} ({type(e).__name__}: {e})") from None
+        finally:
+            buf.close()  # the receiving thread stopped before its stream is closed
         _short_body(raw, url)
         if rest < 2 * tarfile.BLOCKSIZE:
             if isinstance(raw, _PipeStream):  # a command that failed says why better than its short output
                 raw.finish()
             raise StoreError(f"{url}: torn tar: it ends after {last} without its end-of-archive blocks "
                              f"(cut short in transit?)")
+
+
+def _interrupt(raw) -> None:
+    """A read blocked on an HTTP response woken: its socket shut down (the connection is not reused;
+    a `pipe:` command's reads end when the command is stopped, as its stream is closed)."""
+    try:
+        with socket.socket(fileno=os.dup(raw.fileno())) as sock:  # the same socket, another descriptor
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a socket: its reads end by themselves
 
 
 def _reraise(exn: Exception) -> bool:

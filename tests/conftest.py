@@ -46,8 +46,8 @@ def free_port() -> str:
 
 @pytest.fixture(params=[False, True], ids=["inline", "read-ahead"])
 def read_ahead(request, monkeypatch) -> bool:
-    """Streamed tars read on the consumer's thread, then in a read-ahead thread (the default on
-    machines of more than two cores, not on CI's two): a test using this runs both ways."""
+    """Streamed tars received on the consumer's thread, then by a thread of their own (the default
+    wherever a process has more than one core): a test using this runs both ways."""
     import shards.remote as remote
     monkeypatch.setattr(remote, "READ_AHEAD", request.param)
     return request.param

@@ -106,8 +106,7 @@ def featurize(args: list[str], processes: int = 1, read_ahead: bool = False) -> 
 @pytest.fixture(scope="module")
 def both(served, tmp_path_factory):
     """The same shards featurized from local paths (1 process, read on its thread) and through
-    http:// (2 processes, 2 workers each, each shard read ahead in a thread: many-core hosts'
-    default), with one backbone (calibrated on the shards' first images, then copied)."""
+    http:// (2 processes, 2 workers each, each shard received by a thread of its own), with one backbone (calibrated on the shards' first images, then copied)."""
     root, base = served
     local, http = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("http")
     for split, n in (("train", 6), ("val", 1)):
@@ -141,7 +140,7 @@ def test_http_featurize_two_processes_equals_local(both):
 @pytest.mark.slow
 def test_train_from_http_feature_shards_equals_local(both, served, tmp_path, monkeypatch):
     """Feature shards served over HTTP stream into training (no Karpathy file: vocabulary and
-    validation references from the records; each shard read ahead in a thread); same weights and
+    validation references from the records; each shard received by a thread of its own); same weights and
     the same evaluation as from the folder."""
     import shards.remote as remote
     from caption import evaluate, train
@@ -193,7 +192,7 @@ def test_resume_by_input_shard(served, tmp_path, copy_backbone, both):
 
 # ---- reading ahead -------------------------------------------------------------------------------
 def test_read_ahead_gives_every_member_in_order_bit_equal(served):
-    """A streamed tar read ahead in a thread gives what the consumer's own reads give, in order."""
+    """A streamed tar received by a thread gives what the consumer's own reads give, in order."""
     from shards.remote import tar_members
     _, base = served
     url = f"{base}/in/train/00000.tar"
@@ -279,6 +278,80 @@ def test_read_ahead_holds_at_most_its_limit_and_stops_with_its_consumer():
     assert out == [f"m{i}" for i in range(7)]
 
 
+def test_receive_ahead_gives_the_bytes_in_order_and_holds_at_most_its_buffers():
+    """Bytes received by the thread come out as the source gave them, whatever the reads' sizes on
+    either side; a slow consumer has at most `buffers` buffers received ahead; an error comes
+    after the reads before it; a finished stream's buffers serve the next one."""
+    from shards import ahead
+    from shards.ahead import ReceiveAhead
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+
+    class Source:
+        def __init__(self, fail_at=None):
+            self.at, self.fail_at = 0, fail_at
+
+        def readinto(self, b):
+            if self.fail_at is not None and self.at >= self.fail_at:
+                raise StoreError("x.tar: the transfer has stalled")
+            k = min(len(b), int(rng.integers(1, 3000)), len(data) - self.at)
+            if self.fail_at is not None:
+                k = min(k, self.fail_at - self.at)
+            memoryview(b)[:k] = data[self.at:self.at + k]
+            self.at += k
+            return k
+
+    source = Source()
+    got = bytearray()
+    with ReceiveAhead(source, size=4096, buffers=2) as f:
+        got += f.read(1)
+        time.sleep(0.2)  # a slow consumer: one buffer in hand, one received and waiting
+        assert source.at <= 2 * 4096
+        while True:
+            n = int(rng.integers(1, 10_000))
+            if rng.random() < 0.5:
+                chunk = f.read(n)
+            else:
+                out = np.empty(n, np.uint8)
+                chunk = out[:f.readinto(out)].tobytes()
+            got += chunk
+            if len(chunk) < n:
+                break
+        assert f.read(10) == b""
+    assert bytes(got) == data
+    assert not f.thread.is_alive()
+    kept = [id(b) for b in ahead._SPARE[4096]]
+    with ReceiveAhead(Source(), size=4096, buffers=2) as g:
+        assert {id(b) for b in g.owned} <= set(kept) and len(g.owned) == 2  # the same memory again
+
+    got = bytearray()
+    with pytest.raises(StoreError, match="stalled"):
+        with ReceiveAhead(Source(fail_at=10_000), size=4096, buffers=2) as f:
+            while chunk := f.read(777):
+                got += chunk
+    assert data.startswith(bytes(got)) and len(got) > 10_000 - 777  # every whole read before the error
+
+
+def test_receive_ahead_stops_at_once_when_its_consumer_stops_on_a_stalled_server(tmp_path):
+    """The consumer stopping while the thread waits in a read on a server that sent part of a shard
+    and then nothing: the thread woken (its socket shut down) and gone at once, not at the
+    timeout (without the wake-up: the 60 s timeout)."""
+    from shards.remote import tar_members
+    big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    write_image_text_shards(iter([("k0", {"jpg": b"x" * 100, "txt": b"a"}), ("k1", {"jpg": big, "txt": b"b"})]),
+                            tmp_path, 16)
+    reply = ("d=open(sys.argv[1],'rb').read()\n"  # k0's members; a second later the start of k1's; then nothing
+             "c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(d) + d[:2048])\n"
+             "time.sleep(1);c.sendall(d[2048:12288]);time.sleep(600)")
+    with one_reply_server(reply, str(tmp_path / "00000.tar")) as base:
+        members = tar_members(f"{base}/x.tar", timeout=60, read_ahead=True)  # k0 in the first buffer, held here
+        assert next(members)["fname"] == "k0.jpg"
+        t0 = time.monotonic()
+        members.close()
+        assert time.monotonic() - t0 < 5
+    assert not [t for t in threading.enumerate() if t.name == "receive-ahead"]
+
+
 # ---- faults in transit --------------------------------------------------------------------------
 @pytest.mark.usefixtures("read_ahead")
 def test_404_and_refused_name_the_url(served):
@@ -332,7 +405,7 @@ def test_short_http_body_is_named(served):
 def test_a_server_that_stops_mid_member_times_out(tmp_path):
     """A server that sends the headers and part of a large member, then nothing, keeping the
     connection open: the member's read ends at the timeout, a StoreError naming the URL and the
-    member before, not a hang (read on the consumer's thread and in the read-ahead thread)."""
+    member before, not a hang (received on the consumer's thread and by a thread of its own)."""
     big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
     write_image_text_shards(iter([("k0", {"jpg": b"x" * 100, "txt": b"a"}), ("k1", {"jpg": big, "txt": b"b"})]),
                             tmp_path, 16)
@@ -574,8 +647,8 @@ def test_url_timeout_reaches_the_index_and_every_stream(served, tiny_features, s
     read_bytes, tar_members = remote_store.read_bytes, remote._tar_members
     monkeypatch.setattr(remote_store, "read_bytes", lambda url, timeout: seen.append(("json", timeout)) or
                         read_bytes(url, timeout))
-    monkeypatch.setattr(remote, "_tar_members", lambda url, timeout, cap: seen.append(("tar", timeout)) or
-                        tar_members(url, timeout, cap))
+    monkeypatch.setattr(remote, "_tar_members", lambda url, timeout, *rest: seen.append(("tar", timeout)) or
+                        tar_members(url, timeout, *rest))
     split = open_split(f"{base}/wds_t/val", "val", url_timeout=7.5)
     assert len(list(split.records())) == 12
     vocab = build_from_split_file(shapes / "dataset.json", 0)
