@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU row of bench/RESULTS.md that is missing or stale, in prepared runs on one lent GPU
-# (H100/H200 or any CUDA machine); the steps' limits add up to ~11 minutes, so as two calls:
-#   STEPS="1 3 5" bash bench/gpu.sh  # not measured yet: streaming, resident batches ahead, bench.train (<= 7.5 min)
+# (H100/H200 or any CUDA machine); the steps' limits add up to ~11.5 minutes, so as two calls:
+#   STEPS="1 3 5" bash bench/gpu.sh  # not measured yet: streaming, resident batches ahead, bench.train (<= 8 min)
 #   STEPS="2 4" bash bench/gpu.sh    # the rest (<= 3.5 min); one log per RESULTS row group in $OUT
 # Python packages the machine lacks can sit as wheels in .whl/ (zarr, numcodecs, webdataset, ...);
 # an nginx the machine lacks in .nginx/ (the binary and its libraries, `.nginx/nginx` a wrapper).
@@ -16,10 +16,11 @@ STEPS=${STEPS:-1 2 3 4 5}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 run() { local log=$1 limit=$2; shift 2; echo "+ $*" | tee -a "$OUT/$log"
         timeout "$limit" "$@" 2>&1 | grep -v "it/s\]\|Warning\|np.save\|warn" | tail -40 | tee -a "$OUT/$log"; }
-# 1. HTTP streaming against local reads with this host's cores (nginx when .nginx/ or the host has it)
-#    (CPU only): RESULTS "Streaming over HTTP" (stream.txt)
-want 1 && run stream.txt 75 python3 -m bench.stream --images 512 --shards 4 --rounds 7
-want 1 && run stream-rcv.txt 75 python3 -m bench.stream --images 512 --shards 4 --rounds 7 --other receive_buffer
+# 1. HTTP streaming against local reads with this host's cores (nginx when .nginx/ or the host has it),
+#    grid shards of featurize's size, the receiving thread on and off in the same rounds, then the
+#    receive buffer (CPU only): RESULTS "Streaming over HTTP" (stream.txt, stream-rcv.txt)
+want 1 && run stream.txt 90 python3 -m bench.stream --images 1024 --rounds 7
+want 1 && run stream-rcv.txt 90 python3 -m bench.stream --images 1024 --rounds 7 --other receive_buffer
 F="python3 -m bench.featurize --backbone resnet101 --layer layer4 --image_size 448 --batch_size 128 --precision bf16"
 # 2. featurize, with batches prepared ahead in a thread (decode_ahead 2) and, alternating in the
 #    same run, on the main thread (decode_ahead 0): RESULTS "Batches prepared ahead" (featurize6.txt)

@@ -1,8 +1,12 @@
 """Streaming reads over HTTP against reading the same shards from the local folder, in one run.
 
-    python -m bench.stream                    # 256 COCO-size grids (14x14x2048) in 4 tar shards
-    python -m bench.stream --images 1024 --rounds 9
+    python -m bench.stream                    # 1,024 COCO-size grids (14x14x2048) in 4 tar shards
+    python -m bench.stream --images 256 --rounds 9  # 4 shards of 64
     python -m bench.stream --other receive_buffer   # 'other': the kernel's own receive buffer
+
+The grid shards are the size featurize writes (256 grids, ~205 MB: `shard_images`,
+`shard_bytes`), unless --shards says how many: a stream's start and end (a connection, the
+receiving thread's first and last buffers) weigh more in smaller shards.
 
 A real HTTP server process on 127.0.0.1 serves the folder, standing in for an object store:
 nginx when it is installed (`apt install nginx`; started and stopped here with its own config,
@@ -32,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import FeaturizeConfig
 from common.machine import cores
+from featurize.extract import shard_size
 from shards import open_store, write_records
 from shards.imagetext import write_image_text_shards
 from shards import remote
@@ -105,14 +111,17 @@ def paired(http: list[float], local: list[float]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--shards", type=int, default=0, help="grid shards (0: of featurize's size, 256 COCO-size grids)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--server", default="auto", choices=("auto", "nginx", "python"))
     p.add_argument("--other", default="read_ahead", choices=("read_ahead", "receive_buffer"),
-                   help="the setting the 'other' column changes: the read-ahead thread (on where it is off, "
-                        "off where on) or the socket's receive buffer (left to the kernel)")
+                   help="the setting the 'other' column changes: the receiving thread (remote.READ_AHEAD: on where "
+                        "it is off, off where on) or the socket's receive buffer (left to the kernel)")
     a = p.parse_args(argv)
+    if not a.shards:
+        fcfg = FeaturizeConfig()
+        a.shards = -(-a.images // shard_size(fcfg, "wds", 2048))
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -169,7 +178,7 @@ def main(argv=None) -> int:
           f"{a.images * 8} 50 kB images in {a.shards} input shards; {a.rounds} rounds; server: {server_name}; "
           f"{cores()} cores, load {load:.2f} before")
     if a.other == "read_ahead":
-        on_off = lambda on: "read-ahead thread" if on else "no read-ahead thread"  # noqa: E731
+        on_off = lambda on: "received by a thread" if on else "received on the reading thread"  # noqa: E731
         print(f"http: {on_off(default)} (this machine's default); 'other': {on_off(not default)}")
     else:
         print(f"http: receive buffer {default >> 20} MiB asked (this machine's default: "

@@ -700,3 +700,15 @@ def test_stalls_and_huge_members_are_errors_not_hangs(tmp_path):
     huge.write_bytes(header.tobuf(format=tarfile.PAX_FORMAT) + b"\xff\xd8" * 1000)
     with pytest.raises(StoreError, match=r"member 000000000\.jpg says it holds 10737418240 bytes"):
         list(tar_samples(str(huge)))
+
+
+def test_the_streaming_benchmark_runs(capsys):
+    """bench/stream on a few grids and Python's server: every path read, each ratio printed (no
+    timing asserted)."""
+    from bench import stream as bench_stream
+    assert bench_stream.main(["--images", "8", "--rounds", "1", "--server", "python"]) == 0
+    out = capsys.readouterr().out
+    assert "8 grids of 14x14x2048 float16" in out and "in 1 tar shards" in out and "server: python -m http.server" in out
+    for what in ("grids ", "images "):
+        line = next(line for line in out.splitlines() if line.startswith(what))
+        assert "local" in line and "http/local" in line and "other" in line
