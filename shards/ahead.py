@@ -117,7 +117,8 @@ class ReceiveAhead:
     GIL released). The thread does nothing else: one read per buffer (the kernel's copy out of a
     socket, the GIL released), so the receiving overlaps the consumer's parsing and checking, and
     the two hand over the GIL once per buffer, not per item. At most `buffers` buffers are
-    received ahead; an error raised there comes after the bytes before it. `close()` (or the end
+    received ahead; an error raised there is raised by the read here that reaches it, every byte
+    before it having been read. `close()` (or the end
     of a `with`) stops the thread: at its next buffer, or at once through `interrupt` (something
     that wakes a read blocked on the source, e.g. a socket shut down) when it is inside a read."""
 
