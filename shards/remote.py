@@ -52,9 +52,10 @@ _AFTER_END = 1 << 20  # zero bytes accepted after the end-of-archive blocks begi
 # bench/RESULTS.md).
 _BUFFER = 1 << 20
 # An HTTP shard's socket gets a receive buffer of this many bytes (the kernel doubles it), as far as
-# net.core.rmem_max allows (at least 1 MiB, else the kernel's own sizing is kept): on 2 cores a grid
-# streamed in 376-408 µs with 4 MiB against 418-450 with the kernel's growing buffer (the same
-# rounds; the kernel's time per grid 117-137 µs against 156-176). A fixed window bounds one stream
+# net.core.rmem_max allows (at least 1 MiB, else the kernel's own sizing is kept): on 2 cores grids
+# streamed at 0.89 of the local read with 4 MiB against 0.63 with the kernel's growing buffer (the
+# same rounds, received by the thread below; on the reading thread 376-408 µs a grid against
+# 418-450, the kernel's time per grid 117-137 µs against 156-176). A fixed window bounds one stream
 # to about 8 MiB per round trip: 8 GB/s at 1 ms, 80 MB/s at 100 ms (another region):
 # SHARDS_RECEIVE_BUFFER=0 leaves it to the kernel.
 RECEIVE_BUFFER = int(os.environ.get("SHARDS_RECEIVE_BUFFER", 4 << 20))
