@@ -64,8 +64,9 @@ _SCHEMES = ("http://", "https://", "pipe:", "file:")
 # reused buffers of AHEAD_SIZE bytes while the consumer parses and checks the bytes before: the
 # kernel's copy out of the socket (the GIL released) overlaps the consumer's work, the GIL changing
 # hands once per buffer. On 2 cores, with the server on the same two, grids in shards of featurize's
-# size streamed at 0.80-0.90 of the local read with it and 0.69-0.77 without (the same rounds;
-# bench/RESULTS.md, "Streaming over HTTP"); the earlier thread, which also parsed the tar, 0.49.
+# size streamed at 0.77-0.90 of the local read with it (median 0.82 over six runs) and 0.69-0.77
+# without (the same rounds; bench/RESULTS.md, "Streaming over HTTP"); the earlier thread, which
+# also parsed the tar, 0.49.
 # Not on one core, where there is nothing to overlap. SHARDS_READ_AHEAD=1 or 0 in the environment
 # decides instead (every process and DataLoader worker of a run reads it).
 READ_AHEAD = {"1": True, "0": False}.get(os.environ.get("SHARDS_READ_AHEAD", ""), cores() > 1)
@@ -186,13 +187,18 @@ def _widen_receive_buffer(response) -> None:
     """The response's socket given RECEIVE_BUFFER bytes of receive buffer, as far as the system
     allows (where it allows less than 1 MiB, or RECEIVE_BUFFER is 0, the kernel's sizing is kept)."""
     size = min(RECEIVE_BUFFER, _system_receive_limit())
-    if size < (1 << 20):
-        return
+    if size >= (1 << 20):
+        _on_socket(response, lambda sock: sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size))
+
+
+def _on_socket(stream, act) -> None:
+    """`act(sock)` on the socket under an HTTP response (through another descriptor of it); nothing
+    where there is none (a pipe, a file)."""
     try:
-        with socket.socket(fileno=os.dup(response.fileno())) as sock:  # the same socket, another descriptor
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        with socket.socket(fileno=os.dup(stream.fileno())) as sock:
+            act(sock)
     except (OSError, ValueError, AttributeError):
-        pass  # not a plain socket: left as it is
+        pass
 
 
 def _short_body(f, url: str) -> None:
@@ -415,7 +421,7 @@ def _tar_members(url: str, timeout: float, max_member: int, read_ahead: bool) ->
             raise
         except (tarfile.TarError, EOFError, ValueError) as e:
             if isinstance(raw, _PipeStream):  # a command that failed says why better than its empty output
-                buf.close()
+                buf.close()  # the receiving thread stopped before the command's output is closed
                 raw.finish()
             raise StoreError(f"{url}: torn or unreadable tar after {last} ({e})") from None
         except (OSError, http.client.HTTPException, socket.timeout) as e:
@@ -433,11 +439,7 @@ def _tar_members(url: str, timeout: float, max_member: int, read_ahead: bool) ->
 def _interrupt(raw) -> None:
     """A read blocked on an HTTP response woken: its socket shut down (the connection is not reused;
     a `pipe:` command's reads end when the command is stopped, as its stream is closed)."""
-    try:
-        with socket.socket(fileno=os.dup(raw.fileno())) as sock:  # the same socket, another descriptor
-            sock.shutdown(socket.SHUT_RDWR)
-    except (OSError, ValueError, AttributeError):
-        pass  # not a socket: its reads end by themselves
+    _on_socket(raw, lambda sock: sock.shutdown(socket.SHUT_RDWR))
 
 
 def _reraise(exn: Exception) -> bool:

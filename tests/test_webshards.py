@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -170,6 +171,39 @@ def test_train_from_http_feature_shards_equals_local(both, served, tmp_path, mon
     assert "input_shards" not in card.text and "image-text shards" in card.text and "dataset.json" not in card.text
     result = card.data.eval_results[0]
     assert result.dataset_split == "validation" and result.metric_name in ("CIDEr", "Bleu_4")
+
+
+@pytest.mark.slow
+def test_http_features_in_forkserver_workers_stop_at_sigterm_and_resume(both, served, tmp_path):
+    """What a cluster runs on a web store: training streamed from http:// in a DataLoader worker that
+    forkserver started, each shard received by a thread of its own in that worker; SIGTERM mid-run
+    saves and stops (exit 143), and `--resume auto` finishes with the steps in order."""
+    local, _ = both
+    root, base = served
+    (root / "features_signal").symlink_to(local, target_is_directory=True)
+    run = tmp_path / "run"
+    script = ("import multiprocessing, sys\nmultiprocessing.set_start_method('forkserver', force=True)\n"
+              "from caption import train\nraise SystemExit(train.main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", script, "--config", str(ROOT / "configs" / "tiny.yaml"), "--features",
+           f"{base}/features_signal", "--input_json", "", "--checkpoint_path", str(run), "--max_epochs", "4",
+           "--batch_size", "8", "--num_workers", "1", "--log_every", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SHARDS_READ_AHEAD": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline and not (
+            metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.01)
+    assert p.poll() is None, p.communicate()[0][-3000:]
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out[-3000:]
+    stopped = json.loads((run / "state" / "progress.json").read_text())["step"]
+    assert 0 < stopped < 4 * 96 // 8, stopped
+    r = subprocess.run([*cmd, "--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] > stopped and (run / "last.safetensors").exists()
+    assert json.loads((run / "state" / "progress.json").read_text())["step"] == 4 * 96 // 8
 
 
 @pytest.mark.slow
